@@ -1,0 +1,114 @@
+"""The 4-bit checkpoint file (docs/FORMAT.md): safetensors + a format declaration in the header.
+
+Saving is atomic (temporary file beside the target, then rename). Loading validates every
+quantized layer against the declaration and names the file and tensor at fault.
+"""
+import json
+import os
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_NAME = "svdquant"
+FORMAT_VERSION = 1
+LAYER_FORMAT = "svdquant_w4a4"
+QUANT_META_KEY = "_quantization_metadata"  # ComfyUI's per-layer declaration key
+FILE_META_KEY = "svdquant"
+
+
+class CheckpointError(ValueError):
+    """A 4-bit file that cannot be used; the message names the file and what is wrong."""
+
+
+def build_metadata(layers: dict, family: str, source_dtype: torch.dtype, group_size: int = 64,
+                   model_class: str | None = None, unet_config: dict | None = None, extra: dict | None = None) -> dict:
+    """layers: name -> {"rank": r, ...}. Returns the string→string header metadata."""
+    qmeta = {"format_version": "1.0",
+             "layers": {n: {"format": LAYER_FORMAT, "rank": int(v["rank"]), "group_size": group_size}
+                        for n, v in layers.items()}}
+    fmeta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "weight_bits": 4, "act_bits": 4,
+             "weight_dtype": "int4", "group_size": group_size, "family": family,
+             "source_dtype": str(source_dtype).replace("torch.", ""), "model_class": model_class,
+             "unet_config": unet_config or {}, **(extra or {})}
+    return {QUANT_META_KEY: json.dumps(qmeta), FILE_META_KEY: json.dumps(fmeta)}
+
+
+def save_checkpoint(path: str, tensors: dict, metadata: dict) -> None:
+    """Write atomically: a failure at any point leaves no file at `path` (and no temp file)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".svdq-", suffix=".safetensors.tmp", dir=d)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _expected_shapes(n: int, k: int, rank: int, group_size: int) -> dict:
+    return {"qweight": (n, k // 2), "wscales": (k // group_size, n), "smooth_factor": (k,),
+            "proj_down": (k, rank), "proj_up": (n, rank), "bias": (n,)}
+
+
+def read_metadata(path: str) -> dict:
+    """Header metadata of a safetensors file; CheckpointError if it is not one."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def load_checkpoint(path: str, device="cpu"):
+    """Returns (state_dict, file_meta, layer_meta). Every quantized layer is checked."""
+    meta = read_metadata(path)
+    if FILE_META_KEY not in meta or QUANT_META_KEY not in meta:
+        raise CheckpointError(f"{path}: not an SVDQuant 4-bit file (no '{FILE_META_KEY}' declaration in its header)")
+    try:
+        fmeta = json.loads(meta[FILE_META_KEY])
+        layers = json.loads(meta[QUANT_META_KEY])["layers"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: malformed SVDQuant declaration in the header ({e})") from e
+    if fmeta.get("format") != FORMAT_NAME or fmeta.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format {fmeta.get('format')!r} version {fmeta.get('version')!r} "
+                              f"is not supported (this pack reads {FORMAT_NAME!r} version {FORMAT_VERSION})")
+    g = int(fmeta.get("group_size", 0))
+    if g != 64:
+        raise CheckpointError(f"{path}: group size {g} is not supported (INT4 group 64 only)")
+    sd = {}
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for k in f.keys():
+                sd[k] = f.get_tensor(k)
+    except Exception as e:
+        raise CheckpointError(f"{path}: truncated or corrupt tensor data ({e})") from e
+    for name, lm in layers.items():
+        if lm.get("format") != LAYER_FORMAT:
+            raise CheckpointError(f"{path}: layer {name} has format {lm.get('format')!r}, expected {LAYER_FORMAT!r}")
+        qw = sd.get(f"{name}.qweight")
+        if qw is None:
+            raise CheckpointError(f"{path}: tensor {name}.qweight is missing")
+        if qw.dtype != torch.int8 or qw.ndim != 2:
+            raise CheckpointError(f"{path}: tensor {name}.qweight must be 2-D int8, got {qw.dtype} {tuple(qw.shape)}")
+        n, k = qw.shape[0], qw.shape[1] * 2
+        exp = _expected_shapes(n, k, int(lm["rank"]), g)
+        for t, shape in exp.items():
+            key = f"{name}.{t}"
+            if key not in sd:
+                if t == "bias":
+                    continue
+                raise CheckpointError(f"{path}: tensor {key} is missing")
+            if tuple(sd[key].shape) != shape:
+                raise CheckpointError(f"{path}: tensor {key} has shape {tuple(sd[key].shape)}, expected {shape}")
+            if t != "qweight" and not sd[key].is_floating_point():
+                raise CheckpointError(f"{path}: tensor {key} must be floating point, got {sd[key].dtype}")
+    return sd, fmeta, layers

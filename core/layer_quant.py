@@ -1,0 +1,179 @@
+"""Quantize one linear layer the SVDQuant way, scored by the layer's output error.
+
+Given W (N×K), calibration statistics of its input and a rank, find the smoothing factor λ,
+the low-rank branch and the 4-bit residual that minimise ||X Wᵀ − Ŷ|| / ||X Wᵀ|| on the
+calibration sample, with both weights and activations quantized (the real run-time error).
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from ..kernels import reference as ref
+from .config import QuantConfig
+from .lowrank import top_svd
+
+
+@dataclass
+class QuantizedLinear:
+    """The tensors of docs/FORMAT.md for one layer (natural layout), plus what was chosen."""
+    qweight: torch.Tensor
+    wscales: torch.Tensor
+    smooth_factor: torch.Tensor
+    proj_down: torch.Tensor
+    proj_up: torch.Tensor
+    bias: torch.Tensor | None
+    rank: int
+    alpha: float | None
+    report: dict = field(default_factory=dict)
+
+    def tensors(self) -> dict:
+        t = {"qweight": self.qweight, "wscales": self.wscales, "smooth_factor": self.smooth_factor,
+             "proj_down": self.proj_down, "proj_up": self.proj_up}
+        if self.bias is not None:
+            t["bias"] = self.bias
+        return t
+
+
+def smoothing_factor(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float | None) -> torch.Tensor:
+    """λ = max|x|^α / max|w|^(1−α), normalised to geometric mean 1; None = no smoothing (λ = 1).
+
+    A channel that never fired (max|x| = 0) keeps λ = 1: it carries nothing to migrate.
+    """
+    if alpha is None:
+        return torch.ones_like(x_absmax, dtype=torch.float32)
+    xa = x_absmax.float()
+    wa = w_absmax.float().clamp_min(1e-8)
+    lam = xa.clamp_min(1e-8).pow(alpha) / wa.pow(1.0 - alpha)
+    lam = torch.where(xa > 0, lam, torch.ones_like(lam))
+    lam = lam / lam.log().mean().exp()
+    return lam.clamp(1e-4, 1e4)
+
+
+def quantize_residual(r: torch.Tensor, group_size: int):
+    """R (N×K) → (codes int8 N×K, scales fp32 N×K/G)."""
+    return ref.quantize_groups(r, group_size)
+
+
+def _split(w_hat: torch.Tensor, rank: int, iters: int, group_size: int, score=None):
+    """Low-rank split with optional refinement L ← SVD_r(Ŵ − Q(Ŵ − L)); keeps the best by `score`."""
+    l_up, l_down = top_svd(w_hat, rank)
+    best = (l_up, l_down)
+    if iters <= 1 or rank == 0:
+        return best
+    best_err = score(l_up, l_down) if score else None
+    for _ in range(iters - 1):
+        r = w_hat - l_up @ l_down
+        codes, scales = quantize_residual(r, group_size)
+        q_err = r - ref.dequantize_groups(codes, scales, group_size)
+        l_up, l_down = top_svd(w_hat - q_err, rank)
+        if score is None:
+            best = (l_up, l_down)
+            continue
+        err = score(l_up, l_down)
+        if err >= best_err:
+            break
+        best, best_err = (l_up, l_down), err
+    return best
+
+
+def _simulate(x, w_hat, lam, l_up, l_down, group_size):
+    """Fake-quantized output of the 4-bit layer on rows x (no bias), fp32."""
+    r = w_hat - l_up @ l_down
+    codes, scales = quantize_residual(r, group_size)
+    w_deq = ref.dequantize_groups(codes, scales, group_size)
+    xs = x / lam
+    a_codes, a_scales = ref.quantize_groups(xs, group_size)
+    x_deq = ref.dequantize_groups(a_codes, a_scales, group_size)
+    y = x_deq @ w_deq.t()
+    if l_up.shape[1]:
+        y = y + (xs @ l_down.t()) @ l_up.t()
+    return y
+
+
+def relative_error(y: torch.Tensor, y_ref: torch.Tensor) -> float:
+    den = y_ref.float().pow(2).sum().clamp_min(1e-30)
+    return float(((y.float() - y_ref.float()).pow(2).sum() / den).sqrt())
+
+
+class LayerProblem:
+    """One layer's weight and calibration sample, with the pieces every candidate reuses."""
+
+    def __init__(self, weight: torch.Tensor, x_absmax: torch.Tensor, x_sample: torch.Tensor, cfg: QuantConfig, name: str = ""):
+        self.name = name
+        self.cfg = cfg
+        self.w = weight.detach().float()
+        n, k = self.w.shape
+        if k % cfg.group_size:
+            raise ValueError(f"layer {name}: in_features {k} is not a multiple of group size {cfg.group_size}")
+        if x_sample.shape[0] == 0:
+            raise ValueError(f"layer {name}: no calibration rows were captured (0 samples)")
+        self.x = x_sample.float().to(self.w.device)
+        self.x_absmax = x_absmax.float().to(self.w.device)
+        self.w_absmax = self.w.abs().amax(dim=0)
+        self.y_ref = self.x @ self.w.t()
+
+    def error(self, lam, rank, iters=1):
+        w_hat = self.w * lam
+        score = (lambda u, d: relative_error(_simulate(self.x, w_hat, lam, u, d, self.cfg.group_size), self.y_ref))
+        l_up, l_down = _split(w_hat, rank, iters, self.cfg.group_size, score)
+        err = score(l_up, l_down)
+        return err, (l_up, l_down)
+
+    def search_alpha(self, rank):
+        """Best α on the grid (None = no smoothing) at this rank, by output error."""
+        best = (None, *self.error(smoothing_factor(self.x_absmax, self.w_absmax, None), rank))
+        for a in self.cfg.alpha_grid:
+            lam = smoothing_factor(self.x_absmax, self.w_absmax, a)
+            err, lr = self.error(lam, rank)
+            if err < best[1]:
+                best = (a, err, lr)
+        return best
+
+    def rank_curve(self, alpha, ranks):
+        """Output error at each rank for a fixed α (one SVD of the largest rank serves all)."""
+        lam = smoothing_factor(self.x_absmax, self.w_absmax, alpha)
+        w_hat = self.w * lam
+        top = max(ranks)
+        u, d = top_svd(w_hat, top)
+        return {r: relative_error(_simulate(self.x, w_hat, lam, u[:, :r], d[:r], self.cfg.group_size), self.y_ref)
+                for r in ranks}
+
+    def finish(self, alpha, rank, bias, out_dtype) -> QuantizedLinear:
+        """Build the stored tensors for the chosen α and rank (with refinement if configured)."""
+        g = self.cfg.group_size
+        lam = smoothing_factor(self.x_absmax, self.w_absmax, alpha)
+        err, (l_up, l_down) = self.error(lam, rank, self.cfg.lowrank_iters)
+        w_hat = self.w * lam
+        codes, scales = quantize_residual(w_hat - l_up @ l_down, g)
+        naive = relative_error(_simulate(self.x, self.w, torch.ones_like(lam), self.w.new_zeros(self.w.shape[0], 0),
+                                         self.w.new_zeros(0, self.w.shape[1]), g), self.y_ref)
+        n, k = self.w.shape
+        q = QuantizedLinear(
+            qweight=ref.pack_int4(codes).cpu(),
+            wscales=scales.t().contiguous().to(out_dtype).cpu(),
+            smooth_factor=lam.to(out_dtype).cpu(),
+            proj_down=(l_down / lam).t().contiguous().to(out_dtype).cpu(),
+            proj_up=l_up.contiguous().to(out_dtype).cpu(),
+            bias=None if bias is None else bias.detach().to(out_dtype).cpu(),
+            rank=rank,
+            alpha=alpha,
+        )
+        elt = torch.finfo(out_dtype).bits // 8
+        q.report = {
+            "layer": self.name, "in": k, "out": n, "rank": rank,
+            "alpha": alpha, "error_naive_w4a4": naive, "error": err,
+            "bytes_16bit": n * k * elt + (n * elt if bias is not None else 0),
+            "bytes_4bit": sum(t.numel() * t.element_size() for t in q.tensors().values()),
+        }
+        return q
+
+
+def quantize_linear(weight, bias, x_absmax, x_sample, cfg: QuantConfig, rank: int, name: str = "",
+                    out_dtype=None) -> QuantizedLinear:
+    """Smoothing search at `rank`, then the final split; the one-layer entry point."""
+    n, k = weight.shape
+    if rank > min(n, k):
+        raise ValueError(f"layer {name}: rank {rank} is larger than the layer allows (min(out, in) = {min(n, k)})")
+    prob = LayerProblem(weight, x_absmax, x_sample, cfg, name)
+    alpha, _, _ = prob.search_alpha(rank)
+    return prob.finish(alpha, rank, bias, out_dtype or weight.dtype)
