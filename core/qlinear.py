@@ -1,4 +1,10 @@
-"""The 4-bit linear layer: holds the tensors of docs/FORMAT.md and calls the kernels."""
+"""The 4-bit linear layer: holds the tensors of docs/FORMAT.md and calls the kernels.
+
+`QuantizedLinearMixin` carries the whole behaviour so that the plain `SVDQuantLinear` (tests,
+scripts) and ComfyUI's operation class (wrappers/ops.py) share one implementation.
+Tensors are frozen Parameters rather than buffers: ComfyUI's ModelPatcher moves, counts and
+offloads a module by its parameters.
+"""
 import torch
 from torch import nn
 
@@ -7,51 +13,64 @@ from .. import kernels
 TENSOR_NAMES = ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up")
 
 
-class SVDQuantLinear(nn.Module):
+class QuantizedLinearMixin:
+    group_size = 64
+    quantized = False
+
+    def set_quantized(self, tensors: dict, group_size: int = 64) -> None:
+        """Become 4-bit with these natural-layout tensors (bias optional)."""
+        n, k2 = tensors["qweight"].shape
+        self.out_features, self.in_features = n, k2 * 2
+        self.rank = tensors["proj_down"].shape[1]
+        self.group_size = group_size
+        self.register_parameter("weight", None)
+        for name in TENSOR_NAMES:
+            self.register_parameter(name, nn.Parameter(tensors[name], requires_grad=False))
+        b = tensors.get("bias")
+        self.register_parameter("bias", None if b is None else nn.Parameter(b, requires_grad=False))
+        self.quantized = True
+        self._prepared = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._prepared = None  # cached kernel-ready tensors belong to the old device
+        return super()._apply(fn, *args, **kwargs)
+
+    def kernel_tensors(self, dtype, device) -> dict:
+        """Tensors in the compute dtype, prepared for the kernel on `device`.
+
+        Cached while the weights live on `device`; when they are offloaded elsewhere (ComfyUI's
+        low-VRAM mode), they are moved for this call only.
+        """
+        key = (device, dtype)
+        cached = getattr(self, "_prepared", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        t = {n: getattr(self, n).to(device, non_blocking=True) for n in TENSOR_NAMES}
+        for n in ("wscales", "smooth_factor", "proj_down", "proj_up"):
+            t[n] = t[n].to(dtype)
+        t["bias"] = None if self.bias is None else self.bias.to(device, dtype)
+        prepared = kernels.prepare_weights(t, device)
+        if self.qweight.device == device:
+            self._prepared = (key, prepared)
+        return prepared
+
+    def forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.kernel_tensors(x.dtype, x.device), self.group_size)
+
+
+class SVDQuantLinear(QuantizedLinearMixin, nn.Module):
     """Y = Q(X/λ)·Q(R)ᵀ + (X·proj_down)·proj_upᵀ + b, a drop-in for nn.Linear(K, N)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 group_size: int = 64, dtype=torch.bfloat16, device=None):
+    def __init__(self, tensors: dict, group_size: int = 64):
         super().__init__()
-        if in_features % group_size:
-            raise ValueError(f"in_features {in_features} is not a multiple of group size {group_size}")
-        self.in_features, self.out_features, self.rank, self.group_size = in_features, out_features, rank, group_size
-        g = in_features // group_size
-        kw = {"device": device}
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.int8, **kw))
-        self.register_buffer("wscales", torch.zeros(g, out_features, dtype=dtype, **kw))
-        self.register_buffer("smooth_factor", torch.ones(in_features, dtype=dtype, **kw))
-        self.register_buffer("proj_down", torch.zeros(in_features, rank, dtype=dtype, **kw))
-        self.register_buffer("proj_up", torch.zeros(out_features, rank, dtype=dtype, **kw))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw) if bias else None)
-        self._prepared = None  # (device, dtype) -> kernel-ready tensors; rebuilt after .to()
+        self.set_quantized(tensors, group_size)
 
     @classmethod
     def from_tensors(cls, tensors: dict, group_size: int = 64) -> "SVDQuantLinear":
-        n, k2 = tensors["qweight"].shape
-        m = cls(k2 * 2, n, tensors["proj_down"].shape[1], bias=tensors.get("bias") is not None,
-                group_size=group_size, dtype=tensors["wscales"].dtype, device="meta")
-        for name in TENSOR_NAMES + ("bias",):
-            if tensors.get(name) is not None:
-                setattr(m, name, tensors[name])
-        return m
+        return cls(tensors, group_size)
 
-    def _apply(self, fn, *args, **kwargs):
-        self._prepared = None
-        return super()._apply(fn, *args, **kwargs)
-
-    def kernel_tensors(self, dtype) -> dict:
-        key = (self.qweight.device, dtype)
-        if self._prepared is None or self._prepared[0] != key:
-            t = {n: getattr(self, n) for n in TENSOR_NAMES}
-            for n in ("wscales", "smooth_factor", "proj_down", "proj_up"):
-                t[n] = t[n].to(dtype)
-            t["bias"] = None if self.bias is None else self.bias.to(dtype)
-            self._prepared = (key, kernels.prepare_weights(t, self.qweight.device))
-        return self._prepared[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.kernel_tensors(x.dtype), self.group_size)
+    def forward(self, x):
+        return self.forward_quantized(x)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

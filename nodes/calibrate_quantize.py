@@ -1,0 +1,80 @@
+import comfy.samplers
+
+from ..core.config import QuantConfig, RankPolicy
+from ..wrappers.quantize import calibrate_and_quantize, unique_path
+from . import folders
+
+DEFAULT_ALPHAS = QuantConfig().alpha_grid
+
+
+def _conditionings(positive, negative, clip, prompts, samples):
+    """Per calibration sample a (positive, negative) pair: the given ones, or prompts encoded with `clip`."""
+    lines = [p.strip() for p in (prompts or "").splitlines() if p.strip()]
+    if lines:
+        if clip is None:
+            raise ValueError("prompts were given but no CLIP is connected to encode them")
+        def enc(t):
+            return clip.encode_from_tokens_scheduled(clip.tokenize(t))
+        empty = enc("")
+        encoded = [enc(t) for t in lines]
+        return [(encoded[i % len(encoded)], empty) for i in range(samples)]
+    if positive is None:
+        raise ValueError("connect positive/negative conditioning, or a CLIP and some prompts")
+    return [(positive, negative if negative is not None else positive)] * samples
+
+
+class CalibrateAndQuantize:
+    DESCRIPTION = ("Runs a few denoising passes of the model with ComfyUI's sampler to capture each linear layer's "
+                   "inputs, then quantizes the layers to 4 bits the SVDQuant way (smoothing + 16-bit low-rank branch "
+                   "+ INT4 residual). Returns the 4-bit MODEL at once (the input model stays intact) and can save it.")
+    CATEGORY = "SVDQuant"
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "report")
+    OUTPUT_TOOLTIPS = ("The 4-bit model.", "Per-layer rank, smoothing, error before (naive W4A4) and after, bytes.")
+    FUNCTION = "quantize"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The 16-bit model to quantize (from Load Checkpoint or Load Diffusion Model)."}),
+                "calibration_samples": ("INT", {"default": 4, "min": 0, "max": 1024, "tooltip": "Sampler runs whose activations calibrate the quantizer."}),
+                "steps": ("INT", {"default": 8, "min": 1, "max": 200, "tooltip": "Denoising steps per calibration run: activations of every step are captured."}),
+                "cfg": ("FLOAT", {"default": 4.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance of the calibration runs (use 1.0 for FLUX)."}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler"}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "normal"}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": "Seed of the calibration noise and of the row sampling."}),
+                "width": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8}),
+                "height": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8}),
+                "rank": ("INT", {"default": 32, "min": 0, "max": 1024, "step": 8, "tooltip": "Low-rank components per layer (ignored when a rank_policy is connected)."}),
+                "smoothing": (["search", "off"], {"default": "search", "tooltip": "search: pick the migration strength α per layer by its output error; off: no smoothing."}),
+                "lowrank_iters": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Refinements of the low-rank branch against the 4-bit residual error (1 = one SVD)."}),
+                "skip_layers": ("STRING", {"default": "", "tooltip": "Comma-separated name patterns (fnmatch) of linears to keep 16-bit, on top of the family's defaults."}),
+                "save": ("BOOLEAN", {"default": False, "tooltip": "Also save the 4-bit model to models/svdquant (never overwrites)."}),
+                "filename_prefix": ("STRING", {"default": "model_svdq_int4", "tooltip": "File name under models/svdquant; a counter is appended."}),
+            },
+            "optional": {
+                "positive": ("CONDITIONING", {"tooltip": "Calibration prompt conditioning."}),
+                "negative": ("CONDITIONING",),
+                "rank_policy": ("SVDQUANT_RANK_POLICY", {"tooltip": "From Low-Rank Rank Selector; overrides rank."}),
+                "clip": ("CLIP", {"tooltip": "Encodes `prompts` when no conditioning is connected."}),
+                "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "One calibration prompt per line (needs clip)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def quantize(self, model, calibration_samples, steps, cfg, sampler_name, scheduler, seed, width, height, rank,
+                 smoothing, lowrank_iters, skip_layers, save, filename_prefix, positive=None, negative=None,
+                 rank_policy=None, clip=None, prompts="", unique_id=None):
+        if calibration_samples < 1:
+            raise ValueError("calibration_samples is 0: at least one calibration sample is needed")
+        policy = rank_policy if rank_policy is not None else RankPolicy("fixed", rank=rank)
+        qcfg = QuantConfig(rank=policy, alpha_grid=DEFAULT_ALPHAS if smoothing == "search" else (),
+                           lowrank_iters=lowrank_iters,
+                           skip_patterns=tuple(p.strip() for p in skip_layers.split(",") if p.strip()))
+        conds = _conditionings(positive, negative, clip, prompts, calibration_samples)
+        path = unique_path(folders.save_folder(), filename_prefix.strip()) if save else None
+        qmodel, text, _ = calibrate_and_quantize(model, conds, qcfg, steps, cfg, sampler_name, scheduler, seed,
+                                                 width, height, save_path=path, node_id=unique_id)
+        return {"ui": {"text": [text]}, "result": (qmodel, text)}

@@ -1,0 +1,1 @@
+"""ComfyUI glue: operation classes, loading, calibration through ComfyUI's sampler, saving."""

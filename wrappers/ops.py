@@ -1,0 +1,60 @@
+"""ComfyUI operation classes whose Linear becomes 4-bit when its weights are SVDQuant tensors.
+
+Used two ways: as `custom_operations` when the loader builds a model from a 4-bit file (each
+Linear reads its own state dict and becomes 4-bit if it finds `qweight`), and directly
+(`Linear.from_quantized`) as the object patch that replaces a 16-bit linear after calibration.
+Linears are created on the meta device and receive real tensors from the state dict, so a model
+is never materialised in 16 bits before its 4-bit weights arrive.
+"""
+import torch
+from torch import nn
+
+import comfy.ops
+
+from ..core.qlinear import TENSOR_NAMES, QuantizedLinearMixin
+
+
+class SVDQuantOps(comfy.ops.manual_cast):
+    class Linear(QuantizedLinearMixin, comfy.ops.manual_cast.Linear):
+        def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+            super().__init__(in_features, out_features, bias=bias, device="meta", dtype=dtype)
+            self.load_dtype = dtype
+            self.load_device = device
+
+        @classmethod
+        def from_quantized(cls, tensors: dict, group_size: int = 64) -> "SVDQuantOps.Linear":
+            n, k2 = tensors["qweight"].shape
+            m = cls(k2 * 2, n, bias=tensors.get("bias") is not None, dtype=tensors["wscales"].dtype)
+            m.set_quantized(tensors, group_size)
+            return m
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs):
+            def take(name):
+                return state_dict.pop(prefix + name, None)
+
+            if prefix + "qweight" in state_dict:
+                tensors = {n: take(n) for n in TENSOR_NAMES}
+                for n in ("wscales", "smooth_factor", "proj_down", "proj_up"):
+                    if self.load_dtype is not None:
+                        tensors[n] = tensors[n].to(self.load_dtype)
+                tensors["bias"] = take("bias")
+                if tensors["bias"] is not None and self.load_dtype is not None:
+                    tensors["bias"] = tensors["bias"].to(self.load_dtype)
+                self.set_quantized(tensors, local_metadata.get("svdquant_group_size", 64))
+                return
+            for name in ("weight", "bias"):
+                if getattr(self, name) is None:
+                    continue
+                t = take(name)
+                if t is None:
+                    missing_keys.append(prefix + name)
+                    continue
+                if self.load_dtype is not None:
+                    t = t.to(self.load_dtype)
+                setattr(self, name, nn.Parameter(t, requires_grad=False))
+
+        def forward(self, *args, **kwargs):
+            if self.quantized:
+                return self.forward_quantized(args[0])
+            return super().forward(*args, **kwargs)

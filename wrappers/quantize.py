@@ -1,0 +1,116 @@
+"""Calibrate & quantize a ComfyUI MODEL: calibration passes through ComfyUI's own sampler,
+layer-by-layer quantization, a patched clone of the ModelPatcher, and an optional atomic save."""
+import json
+import logging
+import os
+
+import torch
+
+import comfy.model_management as mm
+import comfy.sample
+import comfy.utils
+
+from ..core import checkpoint as ckpt
+from ..core.calibrate import capture_inputs, find_target_linears, format_report, quantize_layers, summarize
+from ..core.config import QuantConfig
+from .families import DEFAULT_SKIP, family_of
+from .ops import SVDQuantOps
+
+
+def run_calibration(model, conds, steps, cfg, sampler_name, scheduler, seed, width, height, pbar=None):
+    """One sampler run per (positive, negative) pair; the activations are what we keep, not the images."""
+    for i, (positive, negative) in enumerate(conds):
+        latent = torch.zeros(1, 4, height // 8, width // 8)
+        latent = comfy.sample.fix_empty_latent_channels(model, latent)
+        noise = comfy.sample.prepare_noise(latent, seed + i)
+        comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent,
+                            disable_pbar=True, seed=seed + i)
+        if pbar:
+            pbar(i + 1, len(conds))
+
+
+def save_dtype_for(model_config, model_dtype):
+    """16-bit dtype for the saved file: the model's own if 16-bit, else the first the family supports."""
+    if model_dtype in (torch.float16, torch.bfloat16):
+        return model_dtype
+    for dt in model_config.supported_inference_dtypes:
+        if dt in (torch.bfloat16, torch.float16):
+            return dt
+    return torch.float16
+
+
+def quantized_state_dict(diffusion_model, results: dict, dtype) -> dict:
+    """The 16-bit state dict with every quantized layer's weight/bias replaced by its 4-bit tensors."""
+    sd = {}
+    for k, v in diffusion_model.state_dict().items():
+        layer, _, leaf = k.rpartition(".")
+        if layer in results and leaf in ("weight", "bias"):
+            continue
+        sd[k] = v.to(dtype) if v.is_floating_point() else v
+    for name, q in results.items():
+        for t, v in q.tensors().items():
+            sd[f"{name}.{t}"] = v.to(dtype) if (v.is_floating_point()) else v
+    return sd
+
+
+def unique_path(folder: str, prefix: str) -> str:
+    """`<prefix>_00001.safetensors`, the first number not taken: never overwrites."""
+    if not prefix or os.path.isabs(prefix) or ".." in prefix.replace("\\", "/").split("/"):
+        raise ValueError(f"filename_prefix {prefix!r} must be a relative name inside the models folder")
+    base = os.path.join(folder, prefix)
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    i = 1
+    while os.path.exists(f"{base}_{i:05d}.safetensors"):
+        i += 1
+    return f"{base}_{i:05d}.safetensors"
+
+
+def calibrate_and_quantize(model, conds, qcfg: QuantConfig, steps, cfg, sampler_name, scheduler, seed,
+                           width, height, save_path=None, node_id=None):
+    """Returns (quantized ModelPatcher clone, report text, report dict). `model` is left untouched."""
+    if not conds:
+        raise ValueError("calibration_samples must be at least 1: no calibration data, nothing to quantize with")
+    base = model.model
+    family = family_of(base.model_config)
+    qcfg.skip_patterns = tuple(DEFAULT_SKIP[family]) + tuple(qcfg.skip_patterns)
+    dm = base.diffusion_model
+    layers = find_target_linears(dm, qcfg)
+    if not layers:
+        raise ValueError("no linear layer of this model can be quantized with these settings "
+                         f"(skip patterns {qcfg.skip_patterns}, group size {qcfg.group_size})")
+    logging.info(f"[svdquant] calibrating {len(layers)} linears of a {family} model on {len(conds)} samples "
+                 f"x {steps} steps; rank policy: {qcfg.rank.describe()}")
+
+    total = len(conds) + len(layers) * (2 if qcfg.rank.mode == "size" else 1)
+    bar = comfy.utils.ProgressBar(total, node_id=node_id)
+    with capture_inputs(layers, qcfg, seed) as stats:
+        run_calibration(model, conds, steps, cfg, sampler_name, scheduler, seed, width, height,
+                        pbar=lambda d, t: bar.update_absolute(d, total))
+    device = mm.get_torch_device()
+    # The in-memory model gets exactly the tensors the file gets, so save -> load reproduces it.
+    out_dtype = save_dtype_for(base.model_config, base.get_dtype())
+    results = quantize_layers(layers, stats, qcfg, device=device, out_dtype=out_dtype,
+                              progress=lambda d, t, n: bar.update_absolute(len(conds) + d, total),
+                              log=logging.info)
+    outliers = {n: stats[n].outlier_report() for n in layers}
+    del stats
+
+    qmodel = model.clone()
+    for name, q in results.items():
+        qmodel.add_object_patch(f"diffusion_model.{name}", SVDQuantOps.Linear.from_quantized(q.tensors(), qcfg.group_size))
+
+    report = {"family": family, "policy": qcfg.rank.describe(), "summary": summarize(results),
+              "layers": {n: {**q.report, **outliers[n]} for n, q in results.items()}}
+    text = format_report(results)
+    if save_path:
+        dtype = out_dtype
+        meta = ckpt.build_metadata({n: {"rank": q.rank} for n, q in results.items()}, family=family,
+                                   source_dtype=dtype, group_size=qcfg.group_size,
+                                   model_class=type(base.model_config).__name__,
+                                   unet_config=json.loads(json.dumps(base.model_config.unet_config, default=str)))
+        ckpt.save_checkpoint(save_path, quantized_state_dict(dm, results, dtype), meta)
+        with open(os.path.splitext(save_path)[0] + ".report.json", "w") as f:
+            json.dump(report, f, indent=1, default=str)
+        text += f"\nsaved: {save_path}"
+        logging.info(f"[svdquant] saved {save_path}")
+    return qmodel, text, report
