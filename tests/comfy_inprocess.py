@@ -1,7 +1,7 @@
 """ComfyUI imported into the test process (no server): fast checks of the glue in wrappers/.
 
 Builds tiny SD1.5 / FLUX models with ComfyUI's own classes in memory. Weights are rounded to
-fp16 so a saved 16-bit file holds exactly what the in-memory model used.
+values exact in both fp16 and bf16, so a saved 16-bit file holds exactly what the in-memory model used.
 """
 import sys
 
@@ -28,7 +28,7 @@ SD15_UNET = {"model_channels": 320, "in_channels": 4, "out_channels": 4, "num_re
 
 
 def random_init(module: torch.nn.Module, seed: int = 0) -> None:
-    """std 1/sqrt(fan_in) matrices, unit norm weights, zero biases; fp16-representable values."""
+    """std 1/sqrt(fan_in) matrices, unit norm weights, zero biases; values exact in fp16 and bf16."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -38,7 +38,7 @@ def random_init(module: torch.nn.Module, seed: int = 0) -> None:
                 p.fill_(1)
             else:
                 p.zero_()
-            p.copy_(p.half().float())
+            p.copy_(torch.where(p.abs() < 1e-4, 0, p).bfloat16().half().float())
 
 
 def tiny_sd15_patcher(seed: int = 0):
@@ -64,3 +64,37 @@ def denoise_once(patcher, x, sigma, cond):
     mm.load_models_gpu([patcher])
     with torch.no_grad():
         return patcher.model.apply_model(x, sigma, c_crossattn=cond[0][0])
+
+
+# FLUX with hidden 256 (2 heads of 128, so the RoPE axes still sum to the head width). Only our own
+# loader can rebuild it (it reads this config from the file); UNETLoader's detection assumes 24 heads.
+FLUX_TINY = {"image_model": "flux", "guidance_embed": True, "axes_dim": [16, 56, 56], "num_heads": 2,
+             "mlp_ratio": 4.0, "theta": 10000, "out_channels": 16, "qkv_bias": True, "in_channels": 16,
+             "hidden_size": 256, "context_in_dim": 64, "patch_size": 2, "vec_in_dim": 64, "depth": 1,
+             "depth_single_blocks": 1}
+
+
+def tiny_flux_patcher(seed: int = 0):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    mc = sm.Flux(dict(FLUX_TINY))
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({})
+    random_init(model.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def flux_conds(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    extra = {"pooled_output": torch.randn(1, 64, generator=g), "guidance": 3.5}
+    return [[torch.randn(1, 16, 64, generator=g), extra]], [[torch.zeros(1, 16, 64), dict(extra)]]
+
+
+def denoise_once_flux(patcher, x, sigma, cond):
+    import comfy.model_management as mm
+    mm.load_models_gpu([patcher])
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigma, c_crossattn=cond[0][0], y=cond[0][1]["pooled_output"],
+                                         guidance=torch.tensor([3.5]))

@@ -87,3 +87,28 @@ def test_zero_samples_and_too_large_rank_are_refused(comfy):
     with pytest.raises(ValueError, match="rank 4096 is larger than layer"):
         calibrate_and_quantize(mp, [(pos, neg)], QuantConfig(rank=RankPolicy("fixed", 4096)), 1, 1.0,
                                "euler", "normal", 0, 64, 64)
+
+
+def test_flux_quantize_save_load(comfy, tmp_path):
+    from comfyui_svdquant.core.config import QuantConfig, RankPolicy
+    from comfyui_svdquant.wrappers.loader import load_svdquant_model
+    from comfyui_svdquant.wrappers.quantize import calibrate_and_quantize
+    mp = comfy.tiny_flux_patcher()
+    pos, neg = comfy.flux_conds()
+    path = str(tmp_path / "tiny_flux.safetensors")
+    qm, text, report = calibrate_and_quantize(mp, [(pos, neg)], QuantConfig(rank=RankPolicy("fixed", 16), alpha_grid=(0.5,)),
+                                              2, 1.0, "euler", "simple", 0, 64, 64, save_path=path)
+    assert report["family"] == "flux"
+    names = set(report["layers"])
+    # embedders and the final layer stay 16-bit; attention, MLP and modulation linears are 4-bit
+    assert not names & {"img_in", "txt_in", "final_layer.linear"}
+    assert {"double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "double_blocks.0.img_mod.lin"} <= names
+    lm, meta = load_svdquant_model(path, expected_family="flux")
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    s = torch.tensor([0.7])
+    y16 = comfy.denoise_once_flux(mp, x, s, pos)
+    y_mem = comfy.denoise_once_flux(qm, x, s, pos)
+    y_file = comfy.denoise_once_flux(lm, x, s, pos)
+    assert torch.allclose(y_mem, y_file, rtol=0, atol=1e-5)
+    rel = float((y_mem - y16).norm() / y16.norm())
+    assert 1e-4 < rel < 0.4, rel
