@@ -29,10 +29,17 @@ def run_calibration(model, conds, steps, cfg, sampler_name, scheduler, seed, wid
             pbar(i + 1, len(conds))
 
 
-def save_dtype_for(model_config, model_dtype):
-    """16-bit dtype for the saved file: the model's own if 16-bit, else the first the family supports."""
-    if model_dtype in (torch.float16, torch.bfloat16):
-        return model_dtype
+def save_dtype_for(model_config, diffusion_model):
+    """16-bit dtype of the 4-bit file's 16-bit parts: the model's own if 16-bit; for a model
+    upcast to fp32 (ComfyUI on CPU), the 16-bit dtype its weights came from when they are all
+    exact in it (lossless), else the first 16-bit dtype the family supports."""
+    params = [p for p in diffusion_model.parameters() if p.is_floating_point()]
+    dtype = params[0].dtype if params else torch.float32
+    if dtype in (torch.float16, torch.bfloat16):
+        return dtype
+    for dt in (torch.float16, torch.bfloat16):
+        if dt in model_config.supported_inference_dtypes and all(torch.equal(p, p.to(dt).to(p.dtype)) for p in params):
+            return dt
     for dt in model_config.supported_inference_dtypes:
         if dt in (torch.bfloat16, torch.float16):
             return dt
@@ -88,7 +95,7 @@ def calibrate_and_quantize(model, conds, qcfg: QuantConfig, steps, cfg, sampler_
                         pbar=lambda d, t: bar.update_absolute(d, total))
     device = mm.get_torch_device()
     # The in-memory model gets exactly the tensors the file gets, so save -> load reproduces it.
-    out_dtype = save_dtype_for(base.model_config, base.get_dtype())
+    out_dtype = save_dtype_for(base.model_config, dm)
     results = quantize_layers(layers, stats, qcfg, device=device, out_dtype=out_dtype,
                               progress=lambda d, t, n: bar.update_absolute(len(conds) + d, total),
                               log=logging.info)
