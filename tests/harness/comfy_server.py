@@ -85,6 +85,16 @@ class PromptResult:
                 f"{e.get('exception_message')}\n{tb}")
 
 
+def _die_with_parent():
+    """Runs in the child before exec: SIGTERM it when the test process dies, even by SIGKILL,
+    so a killed pytest leaves no 2 GB server spinning on the machine (Linux only)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,7 +171,8 @@ class ComfyServer:
         self._log_file.flush()
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(cmd, cwd=self.comfyui, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.proc.poll() is not None:
