@@ -176,7 +176,10 @@ class ComfyServer:
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.proc.poll() is not None:
-                raise ServerDied(f"ComfyUI exited with rc {self.proc.returncode} during startup",
+                rc, self.proc = self.proc.returncode, None
+                self._log_file.close()
+                self._log_file = None
+                raise ServerDied(f"ComfyUI exited with rc {rc} during startup (log: {self.log_path})",
                                  log_tail=self.log_tail())
             try:
                 self._request("GET", "/object_info", timeout=30)
