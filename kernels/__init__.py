@@ -2,26 +2,129 @@
 
 Callers use `prepare_weights` once per device (any re-layout a kernel wants happens here, from the
 natural layout of docs/FORMAT.md) and `linear` on every forward. The backend is chosen here, never
-by callers: the compiled CUDA library when it is present and supports the device, else the
-pure-torch reference (CPU included).
-"""
-from . import reference
+by callers: the compiled CUDA library (kernels/csrc, loaded by ctypes, see _lib.py) when it is
+present and supports the device, else the pure-torch reference (CPU included).
 
+Backends: "cuda-sm90a" (Hopper: e4m3 wgmma GEMM), "cuda-mma-int4" (sm_80/86/89/120: INT4
+mma.sync), "reference". `SVDQ_BACKEND=reference` forces the reference.
+"""
+import logging
+import os
+
+from . import reference
+from . import _lib
+
+log = logging.getLogger(__name__)
 _BACKEND_LOGGED = set()
+_NAMES = {90: "cuda-sm90a", 80: "cuda-mma-int4"}
+MAX_RANK = 128
+_ops = None
+
+
+def _get_ops():
+    global _ops
+    if _ops is None:
+        from . import ops as _o  # imports torch and registers the custom ops
+        _ops = _o
+    return _ops
+
+
+def _device_path(device) -> int:
+    """The CUDA path for `device` (90/80), or 0 for the reference."""
+    if os.environ.get("SVDQ_BACKEND", "").lower() == "reference":
+        return 0
+    try:
+        import torch
+
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return 0
+        if _lib.load() is None:
+            return 0
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _lib.device_path(index)
+    except Exception as e:  # a broken library must never break the reference path
+        log.warning("svdquant: CUDA kernels unavailable (%s); using the reference", e)
+        return 0
 
 
 def backend_name(device) -> str:
     """Name of the backend that `linear` will use on `device`."""
-    return "reference"
+    return _NAMES.get(_device_path(device), "reference")
+
+
+def _e4m3_from_packed(qweight):
+    """packed int4 (N, K/2) -> e4m3 bytes (N, K) of the same integer codes (exact)."""
+    import torch
+
+    codes = reference.unpack_int4(qweight).to(torch.int64)  # (N, K) in [-8, 7]
+    lut = torch.tensor([0x00, 0x38, 0x40, 0x44, 0x48, 0x4A, 0x4C, 0x4E, 0x50], dtype=torch.uint8,
+                       device=qweight.device)
+    mag = lut[codes.abs()]
+    return torch.where(codes < 0, mag | 0x80, mag).contiguous()
 
 
 def prepare_weights(tensors: dict, device) -> dict:
-    """Per-device weight preparation; the reference path reads the natural layout as is."""
-    return dict(tensors)
+    """Per-device weight preparation. The natural tensors stay (the reference reads them); the CUDA
+    path adds its own: `_qw` (Hopper: e4m3 bytes (N, K); else the packed int4 as is), fp32 scales,
+    rank padded to a multiple of 32."""
+    import torch
+    import torch.nn.functional as F
+
+    out = dict(tensors)
+    out["_path"] = 0
+    path = _device_path(device)
+    if not path:
+        return out
+    qweight = tensors["qweight"]
+    n, k2 = qweight.shape
+    k = 2 * k2
+    proj_up, proj_down = tensors.get("proj_up"), tensors.get("proj_down")
+    r = 0 if proj_up is None else proj_up.shape[1]
+    rp = (r + 31) // 32 * 32
+    if k % 64 or n % 64 or rp > MAX_RANK:
+        return out  # stays on the reference
+    dev = torch.device(device)
+    qweight = qweight.to(dev)
+    out["_qw"] = (_e4m3_from_packed(qweight) if path == 90 else qweight.contiguous()).view(torch.uint8)
+    out["_wscales"] = tensors["wscales"].to(dev, torch.float32).contiguous()
+    out["_smooth"] = tensors["smooth_factor"].to(dev, torch.float32).contiguous()
+    if r:
+        out["_proj_down"] = F.pad(proj_down.to(dev), (0, rp - r)).contiguous()
+        out["_proj_up"] = F.pad(proj_up.to(dev, torch.float32), (0, rp - r)).contiguous()
+    else:
+        out["_proj_down"] = None
+        out["_proj_up"] = torch.empty((n, 0), dtype=torch.float32, device=dev)
+    b = tensors.get("bias")
+    out["_bias"] = None if b is None else b.to(dev, torch.float32).contiguous()
+    out["_rp"] = rp
+    out["_path"] = path
+    return out
+
+
+def _use_cuda(x, prepared) -> bool:
+    import torch
+
+    if not prepared.get("_path") or x.device.type != "cuda" or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return prepared["_qw"].device == x.device
 
 
 def linear(x, prepared: dict, group_size: int = 64):
     """Y = 4-bit linear of x (..., K) with the layer tensors from `prepare_weights`."""
+    if group_size == 64 and _use_cuda(x, prepared):
+        key = ("cuda", x.device, prepared["_path"])
+        if key not in _BACKEND_LOGGED:
+            _BACKEND_LOGGED.add(key)
+            log.info("svdquant: %s kernels on %s", _NAMES[prepared["_path"]], x.device)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] == 0:
+            return x.new_empty((*lead, prepared["_qw"].shape[0]))
+        if not x2.is_contiguous() or x2.data_ptr() % 16:
+            x2 = x2.contiguous().clone() if x2.data_ptr() % 16 else x2.contiguous()
+        y = _get_ops().linear(x2, prepared)
+        return y.reshape(*lead, y.shape[-1])
     return reference.svdquant_linear(
         x,
         prepared["qweight"],

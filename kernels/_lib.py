@@ -1,0 +1,106 @@
+"""ctypes binding of the compiled CUDA library (kernels/csrc/svdq.cu): a C ABI, no libtorch.
+
+Where the library is looked for, first hit wins:
+1. `$SVDQ_KERNELS_LIB` (a file path);
+2. `kernels/_build/libsvdq_kernels.so` (kernels/build.sh);
+3. the `svdquant_kernels` wheel (kernels/build_wheel.py), if installed.
+Nothing here imports torch at module import; nothing raises when the library is absent:
+`load()` returns None and the callers fall back to the pure-torch reference.
+"""
+import ctypes
+import os
+import pathlib
+import threading
+
+LIB_NAME = "libsvdq_kernels.so"
+ABI_VERSION = 1
+DT_F16, DT_BF16 = 0, 1
+FMT_INT4, FMT_E4M3 = 0, 1
+
+_lock = threading.Lock()
+_lib = None
+_load_error = None
+_tried = False
+
+
+def _candidates():
+    env = os.environ.get("SVDQ_KERNELS_LIB")
+    if env:
+        yield pathlib.Path(env)
+    yield pathlib.Path(__file__).resolve().parent / "_build" / LIB_NAME
+    try:
+        import svdquant_kernels  # the wheel built by kernels/build_wheel.py
+
+        yield pathlib.Path(svdquant_kernels.library_path())
+    except Exception:
+        pass
+
+
+def _bind(lib):
+    c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
+    lib.svdq_abi_version.restype = c_int
+    lib.svdq_abi_version.argtypes = []
+    lib.svdq_error_string.restype = ctypes.c_char_p
+    lib.svdq_error_string.argtypes = [c_int]
+    lib.svdq_device_path.restype = c_int
+    lib.svdq_device_path.argtypes = [c_int]
+    lib.svdq_quantize_act_lora_down.restype = c_int
+    lib.svdq_quantize_act_lora_down.argtypes = [c_void_p] * 6 + [c_int] * 7 + [c_void_p]
+    lib.svdq_w4a4_gemm.restype = c_int
+    lib.svdq_w4a4_gemm.argtypes = [c_void_p] * 8 + [c_int] * 9 + [c_void_p]
+    return lib
+
+
+def load():
+    """The loaded library, or None (see `load_error()`)."""
+    global _lib, _load_error, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        errors = []
+        for path in _candidates():
+            if not path.is_file():
+                errors.append(f"{path}: not found")
+                continue
+            try:
+                lib = _bind(ctypes.CDLL(str(path)))
+                if lib.svdq_abi_version() != ABI_VERSION:
+                    errors.append(f"{path}: ABI {lib.svdq_abi_version()} != {ABI_VERSION}")
+                    continue
+                _lib = lib
+                break
+            except (OSError, AttributeError) as e:
+                errors.append(f"{path}: {e}")
+        _load_error = None if _lib is not None else "; ".join(errors)
+        _tried = True
+        return _lib
+
+
+def load_error():
+    load()
+    return _load_error
+
+
+class KernelError(RuntimeError):
+    pass
+
+
+def check(code: int, what: str):
+    if code != 0:
+        msg = _lib.svdq_error_string(code).decode() if _lib is not None else str(code)
+        raise KernelError(f"{what} failed: {msg} (code {code})")
+
+
+_paths = {}
+
+
+def device_path(index: int) -> int:
+    """90: sm_90a wgmma path; 80: INT4 mma.sync path; 0: no CUDA path for this device."""
+    lib = load()
+    if lib is None:
+        return 0
+    if index not in _paths:
+        _paths[index] = int(lib.svdq_device_path(int(index)))
+    return _paths[index]

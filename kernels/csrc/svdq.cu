@@ -1,0 +1,675 @@
+// SVDQuant W4A4 kernels behind a plain C ABI (no libtorch): loaded with ctypes by kernels/_lib.py.
+//
+// Kernel 1  quantize_act_lora_down: one pass over X (M x K, bf16/fp16): X/lambda -> per-(token, 64-group)
+//           absmax INT4 codes (emitted as packed int4 or as e4m3 bytes) + fp32 scales, and X . proj_down
+//           (bf16/fp16 mma.sync, fp32 accumulate) reduced into lora_act (fp32, atomics across K-splits).
+// Kernel 2a w4a4_gemm_sm90 (sm_90a only): e4m3 x e4m3 wgmma per 64-group (integer codes are exact in
+//           e4m3; per-group partials <= 3136 are exact in the fp32 accumulator), promoted to fp32 with
+//           a_scale*w_scale by CUDA cores while the next group's wgmma runs; epilogue: LoRA-up as tf32
+//           wgmma into the same accumulators, bias, cast.
+// Kernel 2b w4a4_gemm_mma (sm_80+): INT4 mma.sync m16n8k64 on the natural packed layout (emulated on
+//           Hopper: correctness only there).
+//
+// Internal layouts (produced by kernels/__init__.py prepare_weights and kernel 1):
+//   ascales  fp32 (K/64, Mp)  Mp = round_up(M, 4)        (transposed vs. the reference's (M, K/64))
+//   wscales  fp32 (K/64, N)                                (the file layout, as fp32)
+//   qact     path 90: e4m3 bytes (M, K); path 80: packed int4 (M, K/2) (low nibble = even k)
+//   qweight  path 90: e4m3 bytes (N, K); path 80: packed int4 (N, K/2) (the file layout)
+//   lora_act fp32 (M, rp), proj_down (K, rp) in x's dtype, proj_up fp32 (N, rp); rp = rank padded to 32
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#include <type_traits>
+
+#include "wgmma_gen.h"
+
+#define SVDQ_API extern "C" __attribute__((visibility("default")))
+
+enum { DT_F16 = 0, DT_BF16 = 1 };
+enum { FMT_INT4 = 0, FMT_E4M3 = 1 };
+enum { ERR_BAD_ARG = 10001, ERR_NO_PATH = 10002 };
+static constexpr int G = 64;  // group size (the only one the kernels implement)
+
+// ------------------------------------------------------------------------------------------------
+// small device helpers
+// ------------------------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  int n = valid ? 16 : 0;  // src-size 0 -> zero fill
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+template <typename T> struct Pack2;
+template <> struct Pack2<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static __device__ __forceinline__ float2 to_f2(uint32_t u) {
+    __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162*>(&u);
+    return __bfloat1622float2(v);
+  }
+  static __device__ __forceinline__ uint32_t from_f2(float a, float b) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+template <> struct Pack2<__half> {
+  using T2 = __half2;
+  static __device__ __forceinline__ float2 to_f2(uint32_t u) {
+    __half2 v = *reinterpret_cast<__half2*>(&u);
+    return __half22float2(v);
+  }
+  static __device__ __forceinline__ uint32_t from_f2(float a, float b) {
+    __half2 v = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+};
+
+// e4m3 byte of an integer code in [-7, 7] (exact): magnitude LUT + sign bit. Works on every arch.
+__device__ __forceinline__ uint32_t code_to_e4m3(int q) {
+  const uint64_t lut = 0x4E4C4A4844403800ull;  // 0,1,2,3,4,5,6,7
+  uint32_t mag = (uint32_t)(q < 0 ? -q : q);
+  uint32_t b = (uint32_t)(lut >> (8 * mag)) & 0xFFu;
+  return q < 0 ? (b | 0x80u) : b;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernel 1: quantize activations + LoRA down.
+// CTA = 4 warps = 64 rows; warp w owns rows [16w, 16w+16) of the CTA's row block; the CTA walks
+// groups [blockIdx.y*gpc, ...). proj_down's 64 x rp chunk is staged in smem once per CTA and group.
+// ------------------------------------------------------------------------------------------------
+template <typename T, int FMT, int RP>
+__global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restrict__ x, const float* __restrict__ smooth,
+                                                              const T* __restrict__ pdown, uint8_t* __restrict__ qact,
+                                                              float* __restrict__ ascales, float* __restrict__ lora, int M,
+                                                              int K, int Mp, int gpc) {
+  constexpr int XS = G * 2 + 16;         // X tile row stride in bytes (padded)
+  constexpr int PS = RP * 2 + 16;        // proj_down chunk row stride in bytes (padded)
+  __shared__ __align__(16) uint8_t xs_all[4][16 * XS];
+  __shared__ __align__(16) uint8_t ps[RP > 0 ? G * PS : 16];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int row0 = blockIdx.x * 64 + warp * 16;
+  const int ngroups = K / G;
+  const int g_begin = blockIdx.y * gpc;
+  const int g_end = min(ngroups, g_begin + gpc);
+  uint8_t* xs = xs_all[warp];
+
+  constexpr int NT = RP / 8;  // n-tiles of 8 in the LoRA accumulators
+  float acc[NT > 0 ? NT : 1][4];
+#pragma unroll
+  for (int i = 0; i < (NT > 0 ? NT : 1); ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+  const int ch = lane & 7;  // this thread's 16-byte chunk (8 values) within the group
+  for (int g = g_begin; g < g_end; ++g) {
+    if (RP > 0) {
+      __syncthreads();  // previous chunk fully consumed
+      // stage proj_down[g*64 .. +64, 0..RP) : 64 rows x RP*2 bytes
+      constexpr int CPR = RP * 2 / 16;  // chunks per row
+      for (int c = threadIdx.x; c < G * CPR; c += 128) {
+        int r = c / CPR, cc = c % CPR;
+        uint4 v = *reinterpret_cast<const uint4*>(pdown + (size_t)(g * G + r) * RP + cc * 8);
+        *reinterpret_cast<uint4*>(ps + r * PS + cc * 16) = v;
+      }
+    }
+    // 1/lambda for this thread's 8 columns
+    float lam[8];
+    {
+      const float4* sp = reinterpret_cast<const float4*>(smooth + g * G + ch * 8);
+      float4 a = sp[0], b = sp[1];
+      lam[0] = a.x; lam[1] = a.y; lam[2] = a.z; lam[3] = a.w;
+      lam[4] = b.x; lam[5] = b.y; lam[6] = b.z; lam[7] = b.w;
+    }
+    uint4 raw[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int r = i * 4 + (lane >> 3);
+      int m = row0 + r;
+      raw[i] = make_uint4(0, 0, 0, 0);
+      if (m < M) raw[i] = *reinterpret_cast<const uint4*>(x + (size_t)m * K + g * G + ch * 8);
+      *reinterpret_cast<uint4*>(xs + r * XS + ch * 16) = raw[i];
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int r = i * 4 + (lane >> 3);
+      int m = row0 + r;
+      float v[8];
+      const uint32_t* u = reinterpret_cast<const uint32_t*>(&raw[i]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float2 f = Pack2<T>::to_f2(u[j]);
+        v[2 * j] = __fdiv_rn(f.x, lam[2 * j]);
+        v[2 * j + 1] = __fdiv_rn(f.y, lam[2 * j + 1]);
+      }
+      float amax = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+      float scale = __fdiv_rn(amax, 7.0f);
+      float safe = scale > 0.f ? scale : 1.0f;
+      int q[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        float t = rintf(__fdiv_rn(v[j], safe));
+        t = fminf(fmaxf(t, -7.f), 7.f);
+        q[j] = (int)t;
+      }
+      if (m < M) {
+        if (ch == 0) ascales[(size_t)g * Mp + m] = scale;
+        if (FMT == FMT_INT4) {
+          uint32_t w = 0;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) w |= ((uint32_t)q[j] & 0xFu) << (4 * j);
+          *reinterpret_cast<uint32_t*>(qact + (size_t)m * (K / 2) + g * (G / 2) + ch * 4) = w;
+        } else {
+          uint32_t lo = 0, hi = 0;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) lo |= code_to_e4m3(q[j]) << (8 * j);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) hi |= code_to_e4m3(q[4 + j]) << (8 * j);
+          *reinterpret_cast<uint2*>(qact + (size_t)m * K + g * G + ch * 8) = make_uint2(lo, hi);
+        }
+      }
+    }
+    if (RP > 0) {
+      __syncthreads();  // proj_down chunk and this warp's X tile visible
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        uint32_t a[4];
+        {
+          uint32_t addr = smem_u32(xs + (lane & 15) * XS + (kk * 16 + (lane >> 4) * 8) * 2);
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                       : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                       : "r"(addr));
+        }
+#pragma unroll
+        for (int nt2 = 0; nt2 < NT / 2; ++nt2) {
+          uint32_t b[4];
+          int mi = lane >> 3;
+          int krow = kk * 16 + (mi & 1) * 8 + (lane & 7);
+          int ncol = nt2 * 16 + (mi >> 1) * 8;
+          uint32_t addr = smem_u32(ps + krow * PS + ncol * 2);
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                       : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                       : "r"(addr));
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float* c = acc[nt2 * 2 + h];
+            if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+              asm volatile(
+                  "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                  "{%0,%1,%2,%3};\n"
+                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
+            } else {
+              asm volatile(
+                  "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                  "{%0,%1,%2,%3};\n"
+                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
+            }
+          }
+        }
+      }
+    } else {
+      __syncwarp();
+    }
+  }
+  if (RP > 0 && g_begin < g_end) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      int col = nt * 8 + 2 * tig;
+      int m0 = row0 + gid, m1 = m0 + 8;
+      if (m0 < M) {
+        atomicAdd(lora + (size_t)m0 * RP + col, acc[nt][0]);
+        atomicAdd(lora + (size_t)m0 * RP + col + 1, acc[nt][1]);
+      }
+      if (m1 < M) {
+        atomicAdd(lora + (size_t)m1 * RP + col, acc[nt][2]);
+        atomicAdd(lora + (size_t)m1 * RP + col + 1, acc[nt][3]);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernel 2b: generic INT4 mma.sync path (sm_80+). CTA 128 threads = 64 x 64 tile; warp w: 16 rows x 64.
+// ------------------------------------------------------------------------------------------------
+template <typename OutT>
+__global__ void __launch_bounds__(128) gemm_mma_s4_kernel(const uint32_t* __restrict__ qa, const float* __restrict__ sa,
+                                                          const uint32_t* __restrict__ qw, const float* __restrict__ sw,
+                                                          const float* __restrict__ lora, const float* __restrict__ pup,
+                                                          const float* __restrict__ bias, OutT* __restrict__ out, int M,
+                                                          int N, int K, int Mp, int rp) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int m0 = blockIdx.y * 64 + warp * 16 + gid, m1 = m0 + 8;
+  const int nbase = blockIdx.x * 64;
+  const int KW = K / 8;  // 32-bit words per row
+  float acc[8][4];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  const int ngroups = K / G;
+  for (int g = 0; g < ngroups; ++g) {
+    uint32_t a[4] = {0, 0, 0, 0};
+    if (m0 < M) { a[0] = qa[(size_t)m0 * KW + g * 8 + tig]; a[2] = qa[(size_t)m0 * KW + g * 8 + tig + 4]; }
+    if (m1 < M) { a[1] = qa[(size_t)m1 * KW + g * 8 + tig]; a[3] = qa[(size_t)m1 * KW + g * 8 + tig + 4]; }
+    float s0 = m0 < M ? sa[(size_t)g * Mp + m0] : 0.f;
+    float s1 = m1 < M ? sa[(size_t)g * Mp + m1] : 0.f;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      int n = nbase + nt * 8 + gid;
+      uint32_t b0 = 0, b1 = 0;
+      if (n < N) { b0 = qw[(size_t)n * KW + g * 8 + tig]; b1 = qw[(size_t)n * KW + g * 8 + tig + 4]; }
+      int c[4] = {0, 0, 0, 0};
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+      asm volatile(
+          "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+          : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+      int col = nbase + nt * 8 + 2 * tig;
+      float w0 = col < N ? sw[(size_t)g * N + col] : 0.f;
+      float w1 = col + 1 < N ? sw[(size_t)g * N + col + 1] : 0.f;
+      acc[nt][0] = fmaf((float)c[0], s0 * w0, acc[nt][0]);
+      acc[nt][1] = fmaf((float)c[1], s0 * w1, acc[nt][1]);
+      acc[nt][2] = fmaf((float)c[2], s1 * w0, acc[nt][2]);
+      acc[nt][3] = fmaf((float)c[3], s1 * w1, acc[nt][3]);
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    int col = nbase + nt * 8 + 2 * tig;
+    if (col >= N) continue;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int m = h ? m1 : m0;
+      if (m >= M) continue;
+      float y0 = acc[nt][2 * h], y1 = acc[nt][2 * h + 1];
+      for (int r = 0; r < rp; ++r) {
+        float l = lora[(size_t)m * rp + r];
+        y0 = fmaf(l, pup[(size_t)col * rp + r], y0);
+        y1 = fmaf(l, pup[(size_t)(col + 1) * rp + r], y1);
+      }
+      if (bias) { y0 += bias[col]; y1 += bias[col + 1]; }
+      *reinterpret_cast<uint32_t*>(out + (size_t)m * N + col) = Pack2<OutT>::from_f2(y0, y1);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernel 2a: Hopper e4m3 wgmma path (sm_90a).
+// CTA = 2 warpgroups (256 threads), tile 128 tokens x BN outputs, K stage = 128 (two 64-groups),
+// STAGES-deep cp.async pipeline into 128B-swizzled K-major tiles. Each warpgroup owns 64 tokens and
+// keeps three accumulator sets: acc (promoted fp32), P0/P1 (the two groups of a stage) so that the
+// promotion of one group overlaps the wgmma of the next.
+// ------------------------------------------------------------------------------------------------
+struct Sm90Params {
+  const uint8_t* qa; const float* sa; const uint8_t* qw; const float* sw;
+  const float* lora; const float* pup; const float* bias; void* out;
+  int M, N, K, Mp, rp;
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ uint64_t make_desc(uint32_t saddr) {
+  uint64_t d = 0;
+  d |= (uint64_t)((saddr & 0x3FFFF) >> 4);
+  d |= (uint64_t)1 << 16;             // LBO (unused for swizzled K-major)
+  d |= (uint64_t)(1024 >> 4) << 32;   // SBO: 8 rows x 128 B
+  d |= (uint64_t)1 << 62;             // 128B swizzle
+  return d;
+}
+__device__ __forceinline__ void wg_arrive() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+template <int BN>
+__device__ __forceinline__ void wgmma_e4m3(float* d, uint64_t da, uint64_t db, int scale_d) {
+  if constexpr (BN == 64) wgmma_e4m3_n64(d, da, db, scale_d);
+  else if constexpr (BN == 128) wgmma_e4m3_n128(d, da, db, scale_d);
+  else wgmma_e4m3_n192(d, da, db, scale_d);
+}
+template <int BN>
+__device__ __forceinline__ void wgmma_tf32(float* d, uint64_t da, uint64_t db, int scale_d) {
+  if constexpr (BN == 64) wgmma_tf32_n64(d, da, db, scale_d);
+  else if constexpr (BN == 128) wgmma_tf32_n128(d, da, db, scale_d);
+  else wgmma_tf32_n192(d, da, db, scale_d);
+}
+template <int BN, int NKB>
+__device__ __forceinline__ void lora_up_wgmma(float* acc, uint32_t la, uint32_t lb) {
+#pragma unroll
+  for (int kb = 0; kb < NKB; ++kb)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_tf32<BN>(acc, make_desc(la + kb * 128 * 128 + kk * 32), make_desc(lb + kb * BN * 128 + kk * 32), 1);
+}
+#endif
+
+template <int BN, int STAGES>
+struct Sm90Smem {
+  static constexpr int A_BYTES = 128 * 128;
+  static constexpr int B_BYTES = BN * 128;
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+  static constexpr int SCALE_BYTES = (2 * 128 + 2 * BN) * 4;
+  static constexpr int TOTAL = STAGES * (STAGE_BYTES + SCALE_BYTES) + 1024;  // +1024 for alignment
+};
+
+template <int BN, int STAGES, typename OutT>
+__global__ void __launch_bounds__(256, 1) gemm_sm90_kernel(const Sm90Params p) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = Sm90Smem<BN, STAGES>;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* tiles = smem;                                          // STAGES x (A | B)
+  float* scales = reinterpret_cast<float*>(smem + STAGES * S::STAGE_BYTES);  // STAGES x (sa[2][128] | sw[2][BN])
+  constexpr int SC_STRIDE = 2 * 128 + 2 * BN;
+
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7, wl = (tid >> 5) & 3, lane = tid & 31;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * 128;
+  const int M = p.M, N = p.N, K = p.K, Mp = p.Mp;
+  const int ngroups = K / G;
+  const int nstages = (ngroups + 1) / 2;
+
+  auto load_stage = [&](int s) {
+    if (s < nstages) {
+      const int slot = s % STAGES;
+      uint8_t* As = tiles + slot * S::STAGE_BYTES;
+      uint8_t* Bs = As + S::A_BYTES;
+      const int k0 = s * 128;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        int c = tid + 256 * i;
+        int r = c >> 3, ch = c & 7;
+        int gm = m0 + r, gk = k0 + ch * 16;
+        bool ok = gm < M && gk < K;
+        const uint8_t* src = ok ? p.qa + (size_t)gm * K + gk : p.qa;
+        cp_async16(smem_u32(As + r * 128 + ((ch ^ (r & 7)) << 4)), src, ok);
+      }
+#pragma unroll
+      for (int i = 0; i < BN / 32; ++i) {
+        int c = tid + 256 * i;
+        int r = c >> 3, ch = c & 7;
+        int gn = n0 + r, gk = k0 + ch * 16;
+        bool ok = gn < N && gk < K;
+        const uint8_t* src = ok ? p.qw + (size_t)gn * K + gk : p.qw;
+        cp_async16(smem_u32(Bs + r * 128 + ((ch ^ (r & 7)) << 4)), src, ok);
+      }
+      float* sc = scales + slot * SC_STRIDE;
+      if (tid < 64) {
+        int grp = tid >> 5, j = tid & 31;
+        int g = 2 * s + grp, gm = m0 + j * 4;
+        bool ok = g < ngroups && gm < Mp;
+        const float* src = ok ? p.sa + (size_t)g * Mp + gm : p.sa;
+        cp_async16(smem_u32(sc + grp * 128 + j * 4), src, ok);
+      } else if (tid < 64 + BN / 2) {
+        int c = tid - 64;
+        int grp = c / (BN / 4), j = c % (BN / 4);
+        int g = 2 * s + grp, gn = n0 + j * 4;
+        bool ok = g < ngroups && gn < N;
+        const float* src = ok ? p.sw + (size_t)g * N + gn : p.sw;
+        cp_async16(smem_u32(sc + 256 + grp * BN + j * 4), src, ok);
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[BN / 2], P0[BN / 2], P1[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) { acc[i] = 0.f; P0[i] = 0.f; P1[i] = 0.f; }
+
+  const int r0 = wg * 64 + wl * 16 + gid;  // this thread's token rows in the tile: r0, r0 + 8
+
+  auto promote = [&](float* P, int slot, int grp) {
+    const float* sc = scales + slot * SC_STRIDE;
+    const float a0 = sc[grp * 128 + r0], a1 = sc[grp * 128 + r0 + 8];
+    const float* sws = sc + 256 + grp * BN;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      float2 w = *reinterpret_cast<const float2*>(sws + 8 * j + 2 * tig);
+      acc[4 * j + 0] = fmaf(P[4 * j + 0], a0 * w.x, acc[4 * j + 0]);
+      acc[4 * j + 1] = fmaf(P[4 * j + 1], a0 * w.y, acc[4 * j + 1]);
+      acc[4 * j + 2] = fmaf(P[4 * j + 2], a1 * w.x, acc[4 * j + 2]);
+      acc[4 * j + 3] = fmaf(P[4 * j + 3], a1 * w.y, acc[4 * j + 3]);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 2; ++s) load_stage(s);
+
+  for (int s = 0; s < nstages; ++s) {
+    const int slot = s % STAGES;
+    cp_async_wait<STAGES - 3>();
+    fence_proxy_async();
+    __syncthreads();
+    load_stage(s + STAGES - 2);
+
+    const uint32_t a_base = smem_u32(tiles + slot * S::STAGE_BYTES) + wg * 64 * 128;
+    const uint32_t b_base = smem_u32(tiles + slot * S::STAGE_BYTES + S::A_BYTES);
+
+    // group 0 -> P0 and group 1 -> P1 issued back to back; P0's promotion overlaps P1's wgmma, and the
+    // other warpgroup's wgmmas overlap this one's promotions. A missing second group (odd K/64) is
+    // zero-filled data with zero scales: it adds exactly 0.
+    wg_arrive();
+    wgmma_e4m3<BN>(P0, make_desc(a_base + 0), make_desc(b_base + 0), 0);
+    wgmma_e4m3<BN>(P0, make_desc(a_base + 32), make_desc(b_base + 32), 1);
+    wg_commit();
+    wgmma_e4m3<BN>(P1, make_desc(a_base + 64), make_desc(b_base + 64), 0);
+    wgmma_e4m3<BN>(P1, make_desc(a_base + 96), make_desc(b_base + 96), 1);
+    wg_commit();
+    wg_wait<1>();
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) fence_operand(P0[i]);
+    promote(P0, slot, 0);
+    wg_wait<0>();
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) fence_operand(P1[i]);
+    promote(P1, slot, 1);
+  }
+
+  // ---- epilogue: LoRA-up (tf32 wgmma into acc), bias, cast, store ----
+  const int rp = p.rp;
+  if (rp > 0) {
+    cp_async_wait<0>();
+    __syncthreads();  // every warpgroup is done with the pipeline buffers
+    const int nkb = rp / 32;  // k-blocks of 32 fp32 = 128 bytes
+    uint8_t* La = tiles;                        // nkb x [128 rows x 128 B]
+    uint8_t* Lb = tiles + nkb * 128 * 128;      // nkb x [BN rows x 128 B]
+    for (int c = tid; c < nkb * 128 * 8; c += 256) {
+      int kb = c / (128 * 8), rem = c % (128 * 8);
+      int r = rem >> 3, ch = rem & 7;
+      int gm = m0 + r;
+      bool ok = gm < M;
+      const float* src = ok ? p.lora + (size_t)gm * rp + kb * 32 + ch * 4 : p.lora;
+      cp_async16(smem_u32(La + kb * 128 * 128 + r * 128 + ((ch ^ (r & 7)) << 4)), src, ok);
+    }
+    for (int c = tid; c < nkb * BN * 8; c += 256) {
+      int kb = c / (BN * 8), rem = c % (BN * 8);
+      int r = rem >> 3, ch = rem & 7;
+      int gn = n0 + r;
+      bool ok = gn < N;
+      const float* src = ok ? p.pup + (size_t)gn * rp + kb * 32 + ch * 4 : p.pup;
+      cp_async16(smem_u32(Lb + kb * BN * 128 + r * 128 + ((ch ^ (r & 7)) << 4)), src, ok);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+    wg_arrive();
+    const uint32_t la = smem_u32(La) + wg * 64 * 128;
+    const uint32_t lb = smem_u32(Lb);
+    switch (nkb) {
+      case 1: lora_up_wgmma<BN, 1>(acc, la, lb); break;
+      case 2: lora_up_wgmma<BN, 2>(acc, la, lb); break;
+      case 3: lora_up_wgmma<BN, 3>(acc, la, lb); break;
+      default: lora_up_wgmma<BN, 4>(acc, la, lb); break;
+    }
+    wg_commit();
+    wg_wait<0>();
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+  }
+
+  OutT* out = reinterpret_cast<OutT*>(p.out);
+  const int gm0 = m0 + r0, gm1 = gm0 + 8;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    int col = n0 + 8 * j + 2 * tig;
+    if (col >= N) continue;
+    float b0 = 0.f, b1 = 0.f;
+    if (p.bias) { b0 = p.bias[col]; b1 = p.bias[col + 1]; }
+    if (gm0 < M)
+      *reinterpret_cast<uint32_t*>(out + (size_t)gm0 * N + col) =
+          Pack2<OutT>::from_f2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b1);
+    if (gm1 < M)
+      *reinterpret_cast<uint32_t*>(out + (size_t)gm1 * N + col) =
+          Pack2<OutT>::from_f2(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
+  }
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
+// host side
+// ------------------------------------------------------------------------------------------------
+static int g_sm_count[64];
+
+static int sm_count(int dev) {
+  if (dev < 0 || dev >= 64) return 132;
+  if (!g_sm_count[dev]) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || v <= 0) v = 108;
+    g_sm_count[dev] = v;
+  }
+  return g_sm_count[dev];
+}
+
+SVDQ_API int svdq_abi_version() { return 1; }
+
+SVDQ_API const char* svdq_error_string(int code) {
+  if (code == ERR_BAD_ARG) return "svdq: bad argument (shape/alignment/rank)";
+  if (code == ERR_NO_PATH) return "svdq: no kernel for this device/path";
+  return cudaGetErrorString((cudaError_t)code);
+}
+
+__global__ void probe_kernel(int* p) { if (p) *p = 1; }
+
+// Which GEMM path serves device `dev`: 90 (sm_90a wgmma), 80 (INT4 mma.sync), 0 (none; caller falls back).
+SVDQ_API int svdq_device_path(int dev) {
+  if (cudaSetDevice(dev) != cudaSuccess) { cudaGetLastError(); return 0; }
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) return 0;
+  cudaFuncAttributes fa;
+  if (cudaFuncGetAttributes(&fa, probe_kernel) != cudaSuccess) { cudaGetLastError(); return 0; }
+  if (major == 9 && minor == 0) return 90;
+  if (major >= 8) return 80;
+  return 0;
+}
+
+template <typename T, int FMT>
+static int launch_quant(const void* x, const float* smooth, const void* pdown, void* qact, float* ascales, float* lora,
+                        int M, int K, int Mp, int rp, cudaStream_t st) {
+  int dev = 0;
+  cudaGetDevice(&dev);
+  const int ngroups = K / G;
+  const int rowblocks = (M + 63) / 64;
+  int target = 3 * sm_count(dev);
+  int splits = (target + rowblocks - 1) / rowblocks;
+  if (splits > ngroups) splits = ngroups;
+  if (splits < 1) splits = 1;
+  int gpc = (ngroups + splits - 1) / splits;
+  splits = (ngroups + gpc - 1) / gpc;
+  dim3 grid(rowblocks, splits);
+  const T* xx = (const T*)x;
+  const T* pd = (const T*)pdown;
+  uint8_t* q = (uint8_t*)qact;
+#define QL(RPV) quant_lora_down_kernel<T, FMT, RPV><<<grid, 128, 0, st>>>(xx, smooth, pd, q, ascales, lora, M, K, Mp, gpc)
+  switch (rp) {
+    case 0: QL(0); break;
+    case 32: QL(32); break;
+    case 64: QL(64); break;
+    case 96: QL(96); break;
+    case 128: QL(128); break;
+    default: return ERR_BAD_ARG;
+  }
+#undef QL
+  return (int)cudaGetLastError();
+}
+
+// x (M, K) dtype; smooth fp32 (K); proj_down (K, rp) dtype or NULL when rp == 0;
+// qact: fmt 0 -> (M, K/2) packed int4, fmt 1 -> (M, K) e4m3; ascales fp32 (K/64, Mp); lora fp32 (M, rp), zeroed.
+SVDQ_API int svdq_quantize_act_lora_down(const void* x, const float* smooth, const void* pdown, void* qact,
+                                         float* ascales, float* lora, int M, int K, int Mp, int rp, int dtype, int fmt,
+                                         int device, void* stream) {
+  if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
+  if (M <= 0 || K <= 0 || K % G || Mp < M || (rp > 0 && !pdown)) return ERR_BAD_ARG;
+  if (((uintptr_t)x | (uintptr_t)smooth | (uintptr_t)pdown | (uintptr_t)qact) & 15) return ERR_BAD_ARG;
+  cudaStream_t st = (cudaStream_t)stream;
+  if (dtype == DT_BF16) {
+    return fmt ? launch_quant<__nv_bfloat16, FMT_E4M3>(x, smooth, pdown, qact, ascales, lora, M, K, Mp, rp, st)
+               : launch_quant<__nv_bfloat16, FMT_INT4>(x, smooth, pdown, qact, ascales, lora, M, K, Mp, rp, st);
+  } else if (dtype == DT_F16) {
+    return fmt ? launch_quant<__half, FMT_E4M3>(x, smooth, pdown, qact, ascales, lora, M, K, Mp, rp, st)
+               : launch_quant<__half, FMT_INT4>(x, smooth, pdown, qact, ascales, lora, M, K, Mp, rp, st);
+  }
+  return ERR_BAD_ARG;
+}
+
+template <int BN, int STAGES, typename OutT>
+static int launch_sm90(const Sm90Params& p, cudaStream_t st) {
+  using S = Sm90Smem<BN, STAGES>;
+  auto kern = gemm_sm90_kernel<BN, STAGES, OutT>;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
+  if (e != cudaSuccess) return (int)e;
+  dim3 grid((p.N + BN - 1) / BN, (p.M + 127) / 128);
+  kern<<<grid, 256, S::TOTAL, st>>>(p);
+  return (int)cudaGetLastError();
+}
+
+// path 90: qact/qweight e4m3 bytes; path 80: packed int4. See the layout notes at the top.
+SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* qweight, const float* wscales,
+                            const float* lora, const float* proj_up, const float* bias, void* out, int M, int N, int K,
+                            int Mp, int rp, int out_dtype, int path, int variant, int device, void* stream) {
+  if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
+  if (M <= 0 || N <= 0 || K <= 0 || K % G || N % 64 || Mp < M || rp % 32 || rp > 128) return ERR_BAD_ARG;
+  if (rp > 0 && (!lora || !proj_up)) return ERR_BAD_ARG;
+  if (((uintptr_t)qact | (uintptr_t)qweight | (uintptr_t)ascales | (uintptr_t)wscales | (uintptr_t)lora |
+       (uintptr_t)proj_up | (uintptr_t)out) & 15)
+    return ERR_BAD_ARG;
+  if (Mp % 4) return ERR_BAD_ARG;
+  cudaStream_t st = (cudaStream_t)stream;
+  if (path == 90) {
+    Sm90Params p{(const uint8_t*)qact, ascales, (const uint8_t*)qweight, wscales, lora, proj_up, bias, out, M, N, K, Mp, rp};
+    (void)variant;
+    if (out_dtype == DT_BF16) return launch_sm90<128, 5, __nv_bfloat16>(p, st);
+    if (out_dtype == DT_F16) return launch_sm90<128, 5, __half>(p, st);
+    return ERR_BAD_ARG;
+  }
+  if (path == 80) {
+    dim3 grid((N + 63) / 64, (M + 63) / 64);
+    if (out_dtype == DT_BF16)
+      gemm_mma_s4_kernel<__nv_bfloat16><<<grid, 128, 0, st>>>((const uint32_t*)qact, ascales, (const uint32_t*)qweight,
+                                                              wscales, lora, proj_up, bias, (__nv_bfloat16*)out, M, N, K,
+                                                              Mp, rp);
+    else if (out_dtype == DT_F16)
+      gemm_mma_s4_kernel<__half><<<grid, 128, 0, st>>>((const uint32_t*)qact, ascales, (const uint32_t*)qweight, wscales,
+                                                       lora, proj_up, bias, (__half*)out, M, N, K, Mp, rp);
+    else
+      return ERR_BAD_ARG;
+    return (int)cudaGetLastError();
+  }
+  return ERR_NO_PATH;
+}
