@@ -10,10 +10,12 @@ import importlib.util
 import json
 import pathlib
 import time
+import urllib.parse
+import urllib.request
 
 import pytest
 
-from harness import graphs
+from harness import config, graphs
 from harness.workflow_convert import check_ui_workflow, find_nodes, set_inputs, ui_to_api
 
 pytestmark = pytest.mark.comfy
@@ -90,6 +92,27 @@ def test_workflow_matches_server_nodes(object_info, name):
         assert "SVDQuantLoadModel" in kinds and "SVDQuantCalibrateQuantize" not in kinds
 
 
+PACK_NODES = ("SVDQuantLoadModel", "SVDQuantCalibrateQuantize", "SVDQuantRankSelector")
+
+
+@pytest.mark.parametrize("node", PACK_NODES)
+def test_node_doc_is_served(comfy_server, object_info, node):
+    """The frontend's help panel fetches /extensions/<pack folder>/docs/<node>.md for custom nodes."""
+    info = object_info[node]
+    pack = info["python_module"].split(".")[1]
+    assert pack == config.PACK_DIR_NAME
+    url = f"{comfy_server.url}/extensions/{urllib.parse.quote(pack)}/docs/{node}.md"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        text = r.read().decode()
+    assert text.startswith(f"# {info['display_name']}\n"), text[:100]
+    # Every input and output of the node is documented.
+    for section in ("required", "optional"):
+        for name in info["input"].get(section, {}):
+            assert f"`{name}`" in text, f"{node}.md does not mention input {name}"
+    for name in info.get("output_name") or info["output"]:
+        assert f"`{name}`" in text, f"{node}.md does not mention output {name}"
+
+
 def zero_text(prompt):
     """CLIPTextEncode -> ConditioningZeroOut -> its consumers: the stub text encoders' output is garbage."""
     for nid in find_nodes(prompt, "CLIPTextEncode"):
@@ -104,7 +127,8 @@ def zero_text(prompt):
 
 def tiny_prompt(name, object_info, prefix, model_name=None, **calibration):
     prompt = ui_to_api(load(name), object_info)
-    overrides = dict(TINY[family_of(name)])
+    present = {n["class_type"] for n in prompt.values()}
+    overrides = {cls: v for cls, v in TINY[family_of(name)].items() if cls in present}
     for latent in ("EmptyLatentImage", "EmptySD3LatentImage"):
         if find_nodes(prompt, latent):
             overrides[latent] = {"width": TINY_SIZE, "height": TINY_SIZE}
