@@ -54,9 +54,9 @@ def quantize_residual(r: torch.Tensor, group_size: int):
     return ref.quantize_groups(r, group_size)
 
 
-def _split(w_hat: torch.Tensor, rank: int, iters: int, group_size: int, score=None):
+def _split(w_hat: torch.Tensor, rank: int, iters: int, group_size: int, score=None, fast=False):
     """Low-rank split with optional refinement L ← SVD_r(Ŵ − Q(Ŵ − L)); keeps the best by `score`."""
-    l_up, l_down = top_svd(w_hat, rank)
+    l_up, l_down = top_svd(w_hat, rank, fast)
     best = (l_up, l_down)
     if iters <= 1 or rank == 0:
         return best
@@ -112,19 +112,19 @@ class LayerProblem:
         self.w_absmax = self.w.abs().amax(dim=0)
         self.y_ref = self.x @ self.w.t()
 
-    def error(self, lam, rank, iters=1):
+    def error(self, lam, rank, iters=1, fast=False):
         w_hat = self.w * lam
         score = (lambda u, d: relative_error(_simulate(self.x, w_hat, lam, u, d, self.cfg.group_size), self.y_ref))
-        l_up, l_down = _split(w_hat, rank, iters, self.cfg.group_size, score)
+        l_up, l_down = _split(w_hat, rank, iters, self.cfg.group_size, score, fast)
         err = score(l_up, l_down)
         return err, (l_up, l_down)
 
     def search_alpha(self, rank):
         """Best α on the grid (None = no smoothing) at this rank, by output error."""
-        best = (None, *self.error(smoothing_factor(self.x_absmax, self.w_absmax, None), rank))
+        best = (None, *self.error(smoothing_factor(self.x_absmax, self.w_absmax, None), rank, fast=True))
         for a in self.cfg.alpha_grid:
             lam = smoothing_factor(self.x_absmax, self.w_absmax, a)
-            err, lr = self.error(lam, rank)
+            err, lr = self.error(lam, rank, fast=True)
             if err < best[1]:
                 best = (a, err, lr)
         return best

@@ -9,19 +9,21 @@ from harness import graphs
 pytestmark = pytest.mark.comfy
 
 FAMILIES = {
-    # family: (graph builder, calibrate cfg, scheduler)
-    "sd15": (graphs.sd15, 2.0, "normal"),
-    "sdxl": (graphs.sdxl, 2.0, "normal"),
-    "flux": (graphs.flux, 1.0, "simple"),
+    # family: (graph builder, calibrate cfg, scheduler, smoothing). The smoothing search scores ~11
+    # candidates per layer: affordable for SD1.5's 33 linears on 2 CPU cores, not for SDXL's 261 or
+    # FLUX's 3072-wide ones, which the CPU tests run with smoothing off.
+    "sd15": (graphs.sd15, 2.0, "normal", "search"),
+    "sdxl": (graphs.sdxl, 2.0, "normal", "off"),
+    "flux": (graphs.flux, 1.0, "simple", "off"),
 }
 
 
-def calibrate_hook(family, prefix, rank=16, smoothing="search", save=True, **over):
+def calibrate_hook(family, prefix, rank=16, smoothing=None, save=True, **over):
     def hook(g, model_ref):
         cond = g.out("guidance") if "guidance" in g.nodes else g.out("zero")
         inputs = dict(model=model_ref, positive=cond, negative=cond, calibration_samples=1, steps=2,
                       cfg=FAMILIES[family][1], sampler_name="euler", scheduler=FAMILIES[family][2], seed=0,
-                      width=64, height=64, rank=rank, smoothing=smoothing, lowrank_iters=1, skip_layers="",
+                      width=64, height=64, rank=rank, smoothing=smoothing or FAMILIES[family][3], lowrank_iters=1, skip_layers="",
                       save=save, filename_prefix=prefix)
         inputs.update(over)
         g.add("quant", "SVDQuantCalibrateQuantize", **inputs)
