@@ -125,6 +125,10 @@ def linear(x, prepared: dict, group_size: int = 64):
             x2 = x2.contiguous().clone() if x2.data_ptr() % 16 else x2.contiguous()
         y = _get_ops().linear(x2, prepared)
         return y.reshape(*lead, y.shape[-1])
+    key = ("reference", x.device.type)
+    if key not in _BACKEND_LOGGED:
+        _BACKEND_LOGGED.add(key)
+        log.info("svdquant: pure-torch reference path on %s (no CUDA kernel for this device/dtype)", x.device)
     return reference.svdquant_linear(
         x,
         prepared["qweight"],
