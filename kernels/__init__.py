@@ -121,8 +121,8 @@ def linear(x, prepared: dict, group_size: int = 64):
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] == 0:
             return x.new_empty((*lead, prepared["_qw"].shape[0]))
-        if not x2.is_contiguous() or x2.data_ptr() % 16:
-            x2 = x2.contiguous().clone() if x2.data_ptr() % 16 else x2.contiguous()
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
         y = _get_ops().linear(x2, prepared)
         return y.reshape(*lead, y.shape[-1])
     key = ("reference", x.device.type)

@@ -59,6 +59,8 @@ def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: i
 def quantize_act_lora_down(x: torch.Tensor, smooth: torch.Tensor, proj_down: Optional[torch.Tensor],
                            rank_padded: int, fmt: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, k = x.shape
+    if x.data_ptr() % 16 or not x.is_contiguous():  # the kernel reads 16-byte vectors
+        x = x.contiguous().clone()
     qact = torch.empty((m, k if fmt == _lib.FMT_E4M3 else k // 2), dtype=torch.uint8, device=x.device)
     ascales = torch.empty((k // GROUP, padded_rows(m)), dtype=torch.float32, device=x.device)
     lora = torch.zeros((m, rank_padded), dtype=torch.float32, device=x.device)

@@ -106,6 +106,14 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
   for (int i = 0; i < (NT > 0 ? NT : 1); ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
   const int ch = lane & 7;  // this thread's 16-byte chunk (8 values) within the group
+  uint4 nxt[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int m = row0 + i * 4 + (lane >> 3);
+    nxt[i] = (m < M && g_begin < g_end)
+                 ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + g_begin * G + ch * 8))
+                 : make_uint4(0, 0, 0, 0);
+  }
   for (int g = g_begin; g < g_end; ++g) {
     if (RP > 0) {
       __syncthreads();  // previous chunk fully consumed
@@ -127,12 +135,18 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
     }
     uint4 raw[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      int r = i * 4 + (lane >> 3);
-      int m = row0 + r;
-      raw[i] = make_uint4(0, 0, 0, 0);
-      if (m < M) raw[i] = *reinterpret_cast<const uint4*>(x + (size_t)m * K + g * G + ch * 8);
-      *reinterpret_cast<uint4*>(xs + r * XS + ch * 16) = raw[i];
+    for (int i = 0; i < 4; ++i) raw[i] = nxt[i];
+    if (g + 1 < g_end) {  // prefetch the next group's X while this one is processed
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        int m = row0 + i * 4 + (lane >> 3);
+        nxt[i] = m < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + (g + 1) * G + ch * 8))
+                       : make_uint4(0, 0, 0, 0);
+      }
+    }
+    if (RP > 0) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) *reinterpret_cast<uint4*>(xs + (i * 4 + (lane >> 3)) * XS + ch * 16) = raw[i];
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -152,7 +166,7 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
-      float scale = __fdiv_rn(amax, 7.0f);
+      float scale = amax * (1.0f / 7.0f);  // as torch computes `amax / 7` on CUDA (times the reciprocal)
       float safe = scale > 0.f ? scale : 1.0f;
       int q[8];
 #pragma unroll
