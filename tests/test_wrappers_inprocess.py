@@ -112,3 +112,23 @@ def test_flux_quantize_save_load(comfy, tmp_path):
     assert torch.allclose(y_mem, y_file, rtol=0, atol=1e-5)
     rel = float((y_mem - y16).norm() / y16.norm())
     assert 1e-4 < rel < 0.4, rel
+
+
+def test_low_vram_partial_load_runs_the_4bit_layers(comfy, quantized_sd15):
+    """ComfyUI's low-VRAM mode (weights left on the offload device, cast per call) on 4-bit layers:
+    the same output as a full load. On CPU both devices are the CPU; the code path is the same."""
+    mp, qm, *_ = quantized_sd15
+    x, s = _probe_inputs()
+    pos, _ = comfy.sd15_conds()
+    y_full = comfy.denoise_once(qm, x, s, pos)
+    qm.unpatch_model()
+    try:
+        qm.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1024, load_weights=True)
+        assert qm.model.model_lowvram
+        q = [m for m in qm.model.diffusion_model.modules() if getattr(m, "quantized", False)]
+        assert q and all(m.comfy_cast_weights for m in q)
+        with torch.no_grad():
+            y_low = qm.model.apply_model(x, s, c_crossattn=pos[0][0])
+        assert torch.equal(y_low, y_full)
+    finally:
+        qm.unpatch_model()
