@@ -16,11 +16,13 @@
 //   qact     path 90: e4m3 bytes (M, K); path 80: packed int4 (M, K/2) (low nibble = even k)
 //   qweight  path 90: e4m3 bytes (N, K); path 80: packed int4 (N, K/2) (the file layout)
 //   lora_act fp32 (M, rp), proj_down (K, rp) in x's dtype, proj_up fp32 (N, rp); rp = rank padded to 32
+#include <cuda.h>  // CUtensorMap types only; the driver entry point is fetched at run time
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
 #include <type_traits>
+#include <string.h>
 
 #include "wgmma_gen.h"
 
@@ -383,7 +385,7 @@ __global__ void __launch_bounds__(256, 1) gemm_sm90_kernel(const Sm90Params p) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = Sm90Smem<BN, STAGES>;
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);  // keeps the shared-space provenance
   uint8_t* tiles = smem;                                          // STAGES x (A | B)
   float* scales = reinterpret_cast<float*>(smem + STAGES * S::STAGE_BYTES);  // STAGES x (sa[2][128] | sw[2][BN])
   constexpr int SC_STRIDE = 2 * 128 + 2 * BN;
@@ -556,6 +558,194 @@ __global__ void __launch_bounds__(256, 1) gemm_sm90_kernel(const Sm90Params p) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Kernel 2a (v2): warp-specialised Hopper path. 3 warpgroups: WG0 = producer (one thread issues TMA
+// loads of A/B tiles and both scale vectors per stage, then the LoRA tiles as extra "stages"),
+// WG1/WG2 = consumers (64 tokens each). Full/empty mbarriers per stage: the two consumer warpgroups
+// run decoupled, so one's promotion overlaps the other's wgmma. setmaxnreg: producer 40, consumers 232.
+// ------------------------------------------------------------------------------------------------
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void mbar_init(uint32_t a, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t a, uint32_t tx) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(a), "r"(tx) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t a) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(a) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t a, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred p;\nLAB_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@!p bra LAB_WAIT;\n}\n" ::"r"(a),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void tma_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+#endif
+
+struct WsMaps {
+  CUtensorMap a, b, sa, sw, lora, pup;
+};
+
+template <int BN, int STAGES>
+struct WsSmem {
+  static constexpr int A_BYTES = 128 * 128;
+  static constexpr int B_BYTES = BN * 128;
+  static constexpr int SA_BYTES = 2 * 128 * 4;
+  static constexpr int SW_BYTES = 2 * BN * 4;
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES + SA_BYTES + SW_BYTES;  // multiple of 1024
+  static constexpr int TOTAL = STAGES * STAGE_BYTES + 2 * STAGES * 8 + 1024;
+};
+
+template <int BN, int STAGES, typename OutT>
+__global__ void __launch_bounds__(384, 1)
+    gemm_sm90_ws_kernel(const __grid_constant__ WsMaps maps, const float* __restrict__ bias, OutT* __restrict__ out, int M,
+                        int N, int K, int rp) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = WsSmem<BN, STAGES>;
+  static_assert(S::STAGE_BYTES % 1024 == 0, "stage alignment");
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);  // keeps the shared-space provenance
+  const uint32_t sbase = smem_u32(smem);
+  const uint32_t bar_base = sbase + STAGES * S::STAGE_BYTES;  // full[STAGES] then empty[STAGES]
+  auto full_bar = [&](int i) { return bar_base + 8 * i; };
+  auto empty_bar = [&](int i) { return bar_base + 8 * (STAGES + i); };
+
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7;
+  // grouped rasterisation: 8 M-tiles share each sweep over N (L2 reuse of the weight tiles)
+  const int ntn = (N + BN - 1) / BN, ntm = (M + 127) / 128;
+  int tile = blockIdx.x;
+  const int group = 8 * ntn;
+  const int first_m = (tile / group) * 8;
+  const int gm_size = min(ntm - first_m, 8);
+  const int tm = first_m + (tile % group) % gm_size;
+  const int tn = (tile % group) / gm_size;
+  const int m0 = tm * 128, n0 = tn * BN;
+
+  const int ngroups = K / G;
+  const int nstages = (ngroups + 1) / 2;
+  const int nkb = rp / 32;
+  const int total = nstages + nkb;
+
+  if (tid == 0) {
+    for (int i = 0; i < STAGES; ++i) {
+      mbar_init(full_bar(i), 1);
+      mbar_init(empty_bar(i), 256);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (tid == 0) {
+      for (int s = 0; s < total; ++s) {
+        const int slot = s % STAGES;
+        if (s >= STAGES) mbar_wait(empty_bar(slot), ((s / STAGES) - 1) & 1);
+        const uint32_t st = sbase + slot * S::STAGE_BYTES;
+        if (s < nstages) {
+          mbar_expect_tx(full_bar(slot), S::STAGE_BYTES);
+          tma_2d(st, &maps.a, s * 128, m0, full_bar(slot));
+          tma_2d(st + S::A_BYTES, &maps.b, s * 128, n0, full_bar(slot));
+          tma_2d(st + S::A_BYTES + S::B_BYTES, &maps.sa, m0, 2 * s, full_bar(slot));
+          tma_2d(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES, &maps.sw, n0, 2 * s, full_bar(slot));
+        } else {
+          const int kb = s - nstages;
+          mbar_expect_tx(full_bar(slot), S::A_BYTES + S::B_BYTES);
+          tma_2d(st, &maps.lora, kb * 32, m0, full_bar(slot));
+          tma_2d(st + S::A_BYTES, &maps.pup, kb * 32, n0, full_bar(slot));
+        }
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int cw = wg - 1, wl = (tid >> 5) & 3, lane = tid & 31;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int r0 = cw * 64 + wl * 16 + gid;
+    float acc[BN / 2], P0[BN / 2], P1[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) { acc[i] = 0.f; P0[i] = 0.f; P1[i] = 0.f; }
+
+    auto promote = [&](float* P, const float* sa_s, const float* sw_s) {
+      const float a0 = sa_s[r0], a1 = sa_s[r0 + 8];
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        float2 w = *reinterpret_cast<const float2*>(sw_s + 8 * j + 2 * tig);
+        acc[4 * j + 0] = fmaf(P[4 * j + 0], a0 * w.x, acc[4 * j + 0]);
+        acc[4 * j + 1] = fmaf(P[4 * j + 1], a0 * w.y, acc[4 * j + 1]);
+        acc[4 * j + 2] = fmaf(P[4 * j + 2], a1 * w.x, acc[4 * j + 2]);
+        acc[4 * j + 3] = fmaf(P[4 * j + 3], a1 * w.y, acc[4 * j + 3]);
+      }
+    };
+
+    for (int s = 0; s < nstages; ++s) {
+      const int slot = s % STAGES;
+      mbar_wait(full_bar(slot), (s / STAGES) & 1);
+      uint8_t* st = smem + slot * S::STAGE_BYTES;
+      const uint32_t a_base = smem_u32(st) + cw * 64 * 128;
+      const uint32_t b_base = smem_u32(st + S::A_BYTES);
+      const float* sa_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES);
+      const float* sw_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES);
+      wg_arrive();
+      wgmma_e4m3<BN>(P0, make_desc(a_base + 0), make_desc(b_base + 0), 0);
+      wgmma_e4m3<BN>(P0, make_desc(a_base + 32), make_desc(b_base + 32), 1);
+      wg_commit();
+      wgmma_e4m3<BN>(P1, make_desc(a_base + 64), make_desc(b_base + 64), 0);
+      wgmma_e4m3<BN>(P1, make_desc(a_base + 96), make_desc(b_base + 96), 1);
+      wg_commit();
+      wg_wait<1>();
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) fence_operand(P0[i]);
+      promote(P0, sa_s, sw_s);
+      wg_wait<0>();
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) fence_operand(P1[i]);
+      promote(P1, sa_s + 128, sw_s + BN);
+      mbar_arrive(empty_bar(slot));
+    }
+    if (nkb > 0) {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+      for (int kb = 0; kb < nkb; ++kb) {
+        const int s = nstages + kb, slot = s % STAGES;
+        mbar_wait(full_bar(slot), (s / STAGES) & 1);
+        const uint32_t la = sbase + slot * S::STAGE_BYTES + cw * 64 * 128;
+        const uint32_t lb = sbase + slot * S::STAGE_BYTES + S::A_BYTES;
+        wg_arrive();
+        lora_up_wgmma<BN, 1>(acc, la, lb);
+        wg_commit();
+        wg_wait<0>();
+        mbar_arrive(empty_bar(slot));
+      }
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+    }
+    const int gm0 = m0 + r0, gm1 = gm0 + 8;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      int col = n0 + 8 * j + 2 * tig;
+      if (col >= N) continue;
+      float b0 = 0.f, b1 = 0.f;
+      if (bias) { b0 = bias[col]; b1 = bias[col + 1]; }
+      if (gm0 < M)
+        *reinterpret_cast<uint32_t*>(out + (size_t)gm0 * N + col) =
+            Pack2<OutT>::from_f2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b1);
+      if (gm1 < M)
+        *reinterpret_cast<uint32_t*>(out + (size_t)gm1 * N + col) =
+            Pack2<OutT>::from_f2(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
+    }
+  }
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
 // host side
 // ------------------------------------------------------------------------------------------------
 static int g_sm_count[64];
@@ -653,7 +843,61 @@ static int launch_sm90(const Sm90Params& p, cudaStream_t st) {
   return (int)cudaGetLastError();
 }
 
+typedef CUresult (*EncodeTiledFn)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                  const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                  CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+static EncodeTiledFn encode_fn() {
+  static EncodeTiledFn fn = nullptr;
+  if (!fn) {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+      fn = (EncodeTiledFn)p;
+  }
+  return fn;
+}
+// 2-D row-major tensor [outer, inner] with a row pitch in bytes; box [box_outer, box_inner].
+static bool make_map(CUtensorMap* m, const void* base, CUtensorMapDataType dt, uint64_t inner, uint64_t outer,
+                     uint64_t pitch, uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle sw) {
+  EncodeTiledFn fn = encode_fn();
+  if (!fn) return false;
+  cuuint64_t dims[2] = {inner, outer};
+  cuuint64_t strides[1] = {pitch};
+  cuuint32_t box[2] = {box_inner, box_outer};
+  cuuint32_t estr[2] = {1, 1};
+  return fn(m, dt, 2, const_cast<void*>(base), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, sw,
+            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <int BN, int STAGES, typename OutT>
+static int launch_sm90_ws(const Sm90Params& p, cudaStream_t st) {
+  using S = WsSmem<BN, STAGES>;
+  WsMaps maps;
+  memset(&maps, 0, sizeof(maps));
+  const int G_ = p.K / G;
+  bool ok = make_map(&maps.a, p.qa, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K, p.M, p.K, 128, 128, CU_TENSOR_MAP_SWIZZLE_128B) &&
+            make_map(&maps.b, p.qw, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K, p.N, p.K, 128, BN, CU_TENSOR_MAP_SWIZZLE_128B) &&
+            make_map(&maps.sa, p.sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.Mp, G_, (uint64_t)p.Mp * 4, 128, 2,
+                     CU_TENSOR_MAP_SWIZZLE_NONE) &&
+            make_map(&maps.sw, p.sw, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.N, G_, (uint64_t)p.N * 4, BN, 2,
+                     CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (ok && p.rp > 0)
+    ok = make_map(&maps.lora, p.lora, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.rp, p.M, (uint64_t)p.rp * 4, 32, 128,
+                  CU_TENSOR_MAP_SWIZZLE_128B) &&
+         make_map(&maps.pup, p.pup, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.rp, p.N, (uint64_t)p.rp * 4, 32, BN,
+                  CU_TENSOR_MAP_SWIZZLE_128B);
+  if (!ok) return ERR_NO_PATH;
+  auto kern = gemm_sm90_ws_kernel<BN, STAGES, OutT>;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
+  if (e != cudaSuccess) return (int)e;
+  int tiles = ((p.N + BN - 1) / BN) * ((p.M + 127) / 128);
+  kern<<<tiles, 384, S::TOTAL, st>>>(maps, p.bias, (OutT*)p.out, p.M, p.N, p.K, p.rp);
+  return (int)cudaGetLastError();
+}
+
 // path 90: qact/qweight e4m3 bytes; path 80: packed int4. See the layout notes at the top.
+// variant (path 90): 0 = warp-specialised TMA kernel (v2), 1 = cp.async kernel (v1).
 SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* qweight, const float* wscales,
                             const float* lora, const float* proj_up, const float* bias, void* out, int M, int N, int K,
                             int Mp, int rp, int out_dtype, int path, int variant, int device, void* stream) {
@@ -667,9 +911,13 @@ SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* 
   cudaStream_t st = (cudaStream_t)stream;
   if (path == 90) {
     Sm90Params p{(const uint8_t*)qact, ascales, (const uint8_t*)qweight, wscales, lora, proj_up, bias, out, M, N, K, Mp, rp};
-    (void)variant;
-    if (out_dtype == DT_BF16) return launch_sm90<128, 5, __nv_bfloat16>(p, st);
-    if (out_dtype == DT_F16) return launch_sm90<128, 5, __half>(p, st);
+    if (variant == 1) {
+      if (out_dtype == DT_BF16) return launch_sm90<128, 5, __nv_bfloat16>(p, st);
+      if (out_dtype == DT_F16) return launch_sm90<128, 5, __half>(p, st);
+    } else {
+      if (out_dtype == DT_BF16) return launch_sm90_ws<128, 5, __nv_bfloat16>(p, st);
+      if (out_dtype == DT_F16) return launch_sm90_ws<128, 5, __half>(p, st);
+    }
     return ERR_BAD_ARG;
   }
   if (path == 80) {
