@@ -91,8 +91,31 @@ def _(qact, ascales, qweight, wscales, lora, proj_up, bias, out_dtype, path):
     return qact.new_empty((qact.shape[0], wscales.shape[1]), dtype=out_dtype)
 
 
+def linear_direct(x2: torch.Tensor, p: dict) -> torch.Tensor:
+    """Eager fast path: the same two kernels without the custom-op dispatch (tens of microseconds less
+    host time per call; still capturable in CUDA graphs)."""
+    path = p["_path"]
+    fmt = _lib.FMT_E4M3 if path == 90 else _lib.FMT_INT4
+    pd = p["_proj_down"]
+    if pd is not None and pd.dtype != x2.dtype:
+        pd = pd.to(x2.dtype)
+    m, k = x2.shape
+    if x2.data_ptr() % 16:
+        x2 = x2.clone()
+    dev = x2.device
+    qact = torch.empty((m, k if fmt == _lib.FMT_E4M3 else k // 2), dtype=torch.uint8, device=dev)
+    ascales = torch.empty((k // GROUP, padded_rows(m)), dtype=torch.float32, device=dev)
+    lora = torch.zeros((m, p["_rp"]), dtype=torch.float32, device=dev)
+    quantize_into(x2, p["_smooth"], pd, qact, ascales, lora, fmt)
+    out = torch.empty((m, p["_qw"].shape[0]), dtype=x2.dtype, device=dev)
+    gemm_into(qact, ascales, p["_qw"], p["_wscales"], lora, p["_proj_up"], p["_bias"], out, path)
+    return out
+
+
 def linear(x2: torch.Tensor, p: dict) -> torch.Tensor:
     """The whole 4-bit linear on the CUDA path for x2 (M, K) with tensors from prepare_weights."""
+    if not torch.compiler.is_compiling():
+        return linear_direct(x2, p)
     path = p["_path"]
     fmt = _lib.FMT_E4M3 if path == 90 else _lib.FMT_INT4
     pd = p["_proj_down"]

@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
   constexpr int XS = G * 2 + 16;         // X tile row stride in bytes (padded)
   constexpr int PS = RP * 2 + 16;        // proj_down chunk row stride in bytes (padded)
   __shared__ __align__(16) uint8_t xs_all[4][16 * XS];
-  __shared__ __align__(16) uint8_t ps[RP > 0 ? G * PS : 16];
+  __shared__ __align__(16) uint8_t ps_all[2][RP > 0 ? G * PS : 16];  // double-buffered proj_down chunk
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gid = lane >> 2, tig = lane & 3;
@@ -116,24 +116,29 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
                  ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + g_begin * G + ch * 8))
                  : make_uint4(0, 0, 0, 0);
   }
-  for (int g = g_begin; g < g_end; ++g) {
-    if (RP > 0) {
-      __syncthreads();  // previous chunk fully consumed
-      // stage proj_down[g*64 .. +64, 0..RP) : 64 rows x RP*2 bytes
-      constexpr int CPR = RP * 2 / 16;  // chunks per row
-      for (int c = threadIdx.x; c < G * CPR; c += 128) {
-        int r = c / CPR, cc = c % CPR;
-        uint4 v = *reinterpret_cast<const uint4*>(pdown + (size_t)(g * G + r) * RP + cc * 8);
-        *reinterpret_cast<uint4*>(ps + r * PS + cc * 16) = v;
-      }
+  constexpr int CPR = RP * 2 / 16;  // 16-byte chunks per proj_down row
+  auto stage_pdown = [&](int g, uint8_t* dst) {  // proj_down[g*64 .. +64, 0..RP) -> smem, async
+    for (int c = threadIdx.x; c < G * CPR; c += 128) {
+      int r = c / CPR, cc = c % CPR;
+      cp_async16(smem_u32(dst + r * PS + cc * 16), pdown + (size_t)(g * G + r) * RP + cc * 8, true);
     }
-    // 1/lambda for this thread's 8 columns
+    cp_async_commit();
+  };
+  if (RP > 0 && g_begin < g_end) stage_pdown(g_begin, ps_all[0]);
+  for (int g = g_begin; g < g_end; ++g) {
+    uint8_t* ps = ps_all[(g - g_begin) & 1];
+    if (RP > 0) {
+      cp_async_wait<0>();  // this thread's part of chunk g has landed
+      __syncthreads();     // everyone's part visible; everyone done with the other buffer
+      if (g + 1 < g_end) stage_pdown(g + 1, ps_all[(g + 1 - g_begin) & 1]);
+    }
+    // 1/lambda for this thread's 8 columns (x * (1/lambda): at most 1 ulp from x / lambda)
     float lam[8];
     {
       const float4* sp = reinterpret_cast<const float4*>(smooth + g * G + ch * 8);
       float4 a = sp[0], b = sp[1];
-      lam[0] = a.x; lam[1] = a.y; lam[2] = a.z; lam[3] = a.w;
-      lam[4] = b.x; lam[5] = b.y; lam[6] = b.z; lam[7] = b.w;
+      lam[0] = __frcp_rn(a.x); lam[1] = __frcp_rn(a.y); lam[2] = __frcp_rn(a.z); lam[3] = __frcp_rn(a.w);
+      lam[4] = __frcp_rn(b.x); lam[5] = __frcp_rn(b.y); lam[6] = __frcp_rn(b.z); lam[7] = __frcp_rn(b.w);
     }
     uint4 raw[4];
 #pragma unroll
@@ -159,8 +164,8 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         float2 f = Pack2<T>::to_f2(u[j]);
-        v[2 * j] = __fdiv_rn(f.x, lam[2 * j]);
-        v[2 * j + 1] = __fdiv_rn(f.y, lam[2 * j + 1]);
+        v[2 * j] = f.x * lam[2 * j];
+        v[2 * j + 1] = f.y * lam[2 * j + 1];
       }
       float amax = 0.f;
 #pragma unroll
@@ -169,11 +174,11 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
       amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
       float scale = amax * (1.0f / 7.0f);  // as torch computes `amax / 7` on CUDA (times the reciprocal)
-      float safe = scale > 0.f ? scale : 1.0f;
+      const float inv = __frcp_rn(scale > 0.f ? scale : 1.0f);
       int q[8];
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        float t = rintf(__fdiv_rn(v[j], safe));
+        float t = rintf(v[j] * inv);
         t = fminf(fmaxf(t, -7.f), 7.f);
         q[j] = (int)t;
       }
@@ -195,7 +200,7 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
       }
     }
     if (RP > 0) {
-      __syncthreads();  // proj_down chunk and this warp's X tile visible
+      __syncwarp();  // this warp's X tile visible to the warp (the chunk was made visible above)
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         uint32_t a[4];

@@ -180,7 +180,7 @@ def test_torch_compile_and_cuda_graph():
     compiled = torch.compile(f, fullgraph=True)
     yc = compiled(x)
     sync_check()
-    assert rel(yc, eager * 2.0) < 1e-6
+    assert rel(yc, eager * 2.0) < 1e-4  # lora_act's atomic K-split sum is order-nondeterministic
 
     static_x = x.clone()
     s = torch.cuda.Stream()
@@ -197,7 +197,7 @@ def test_torch_compile_and_cuda_graph():
     static_y.fill_(float("nan"))
     graph.replay()
     sync_check()
-    assert rel(static_y, kernels.linear(x2, prepared)) < 1e-6
+    assert rel(static_y, kernels.linear(x2, prepared)) < 1e-4
 
 
 def test_fake_impls_shapes():
