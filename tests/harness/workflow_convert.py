@@ -65,7 +65,7 @@ def widget_values(node: dict, info: dict) -> list:
             break
         value, control = values[i], None
         i += 1
-        if s["control"] and i < len(values) and values[i] in CONTROL_VALUES:
+        if s["control"] and i < len(values):  # the frontend always saves the control widget's value
             control = values[i]
             i += 1
         if s["upload"] and i < len(values) and isinstance(values[i], str) and s["type"] == "COMBO" \
