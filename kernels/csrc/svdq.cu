@@ -608,7 +608,7 @@ struct WsSmem {
   static constexpr int TOTAL = STAGES * STAGE_BYTES + 2 * STAGES * 8 + 1024;
 };
 
-template <int BN, int STAGES, typename OutT>
+template <int BN, int STAGES, typename OutT, int DIAG = 0>  // DIAG (timing only, wrong results): 1 = no promotion, 2 = no wgmma
 __global__ void __launch_bounds__(384, 1)
     gemm_sm90_ws_kernel(const __grid_constant__ WsMaps maps, const float* __restrict__ bias, OutT* __restrict__ out, int M,
                         int N, int K, int rp) {
@@ -698,21 +698,27 @@ __global__ void __launch_bounds__(384, 1)
       const uint32_t b_base = smem_u32(st + S::A_BYTES);
       const float* sa_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES);
       const float* sw_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES);
-      wg_arrive();
-      wgmma_e4m3<BN>(P0, make_desc(a_base + 0), make_desc(b_base + 0), 0);
-      wgmma_e4m3<BN>(P0, make_desc(a_base + 32), make_desc(b_base + 32), 1);
-      wg_commit();
-      wgmma_e4m3<BN>(P1, make_desc(a_base + 64), make_desc(b_base + 64), 0);
-      wgmma_e4m3<BN>(P1, make_desc(a_base + 96), make_desc(b_base + 96), 1);
-      wg_commit();
-      wg_wait<1>();
+      if (DIAG != 2) {
+        wg_arrive();
+        wgmma_e4m3<BN>(P0, make_desc(a_base + 0), make_desc(b_base + 0), 0);
+        wgmma_e4m3<BN>(P0, make_desc(a_base + 32), make_desc(b_base + 32), 1);
+        wg_commit();
+        wgmma_e4m3<BN>(P1, make_desc(a_base + 64), make_desc(b_base + 64), 0);
+        wgmma_e4m3<BN>(P1, make_desc(a_base + 96), make_desc(b_base + 96), 1);
+        wg_commit();
+        wg_wait<1>();
+      }
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) fence_operand(P0[i]);
-      promote(P0, sa_s, sw_s);
-      wg_wait<0>();
+      if (DIAG != 1) promote(P0, sa_s, sw_s);
+      if (DIAG != 2) wg_wait<0>();
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) fence_operand(P1[i]);
-      promote(P1, sa_s + 128, sw_s + BN);
+      if (DIAG != 1) promote(P1, sa_s + 128, sw_s + BN);
+      else {
+#pragma unroll
+        for (int i = 0; i < BN / 2; ++i) acc[i] += P0[i] + P1[i];
+      }
       mbar_arrive(empty_bar(slot));
     }
     if (nkb > 0) {
@@ -875,7 +881,7 @@ static bool make_map(CUtensorMap* m, const void* base, CUtensorMapDataType dt, u
             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BN, int STAGES, typename OutT>
+template <int BN, int STAGES, typename OutT, int DIAG = 0>
 static int launch_sm90_ws(const Sm90Params& p, cudaStream_t st) {
   using S = WsSmem<BN, STAGES>;
   WsMaps maps;
@@ -893,7 +899,7 @@ static int launch_sm90_ws(const Sm90Params& p, cudaStream_t st) {
          make_map(&maps.pup, p.pup, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.rp, p.N, (uint64_t)p.rp * 4, 32, BN,
                   CU_TENSOR_MAP_SWIZZLE_128B);
   if (!ok) return ERR_NO_PATH;
-  auto kern = gemm_sm90_ws_kernel<BN, STAGES, OutT>;
+  auto kern = gemm_sm90_ws_kernel<BN, STAGES, OutT, DIAG>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
   if (e != cudaSuccess) return (int)e;
   int tiles = ((p.N + BN - 1) / BN) * ((p.M + 127) / 128);
@@ -919,6 +925,10 @@ SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* 
     if (variant == 1) {
       if (out_dtype == DT_BF16) return launch_sm90<128, 5, __nv_bfloat16>(p, st);
       if (out_dtype == DT_F16) return launch_sm90<128, 5, __half>(p, st);
+    } else if (variant == 2 && out_dtype == DT_BF16) {
+      return launch_sm90_ws<128, 5, __nv_bfloat16, 1>(p, st);
+    } else if (variant == 3 && out_dtype == DT_BF16) {
+      return launch_sm90_ws<128, 5, __nv_bfloat16, 2>(p, st);
     } else {
       if (out_dtype == DT_BF16) return launch_sm90_ws<128, 5, __nv_bfloat16>(p, st);
       if (out_dtype == DT_F16) return launch_sm90_ws<128, 5, __half>(p, st);
