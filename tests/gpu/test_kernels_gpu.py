@@ -130,18 +130,20 @@ def test_w4a4_gemm(m, n, k, r, bias, dtype):
     pu = torch.nn.functional.pad(lay["proj_up"].float(), (0, rp - r)).contiguous()
     ws = lay["wscales"].float().contiguous()
     b = lay["bias"].float() if bias else None
-    for path in _paths():
+    # path 90 variants: 0 = default, 1 = v1 (cp.async), 5 = v3 (256-token tiles)
+    for path, variant in [(p, v) for p in _paths() for v in ((0, 1, 5) if p == 90 else (0,))]:
         if path == 90:
             qa_i = codes_to_e4m3(ref.unpack_int4(qa)).contiguous()
             qw_i = kernels._e4m3_from_packed(lay["qweight"])
         else:
             qa_i, qw_i = qa.view(torch.uint8), lay["qweight"].view(torch.uint8)
         out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
-        ops.gemm_into(qa_i, sa_t, qw_i, ws, lora, pu, b, out, path)
+        ops.gemm_into(qa_i, sa_t, qw_i, ws, lora, pu, b, out, path, variant)
         sync_check()
-        assert torch.isfinite(out).all(), f"path {path}: {(~torch.isfinite(out)).sum().item()} non-finite"
+        tag = f"path {path} variant {variant}"
+        assert torch.isfinite(out).all(), f"{tag}: {(~torch.isfinite(out)).sum().item()} non-finite"
         e = rel(out, y_ref)
-        assert e < BOUND[dtype], f"path {path}: rel err {e:.2e}"
+        assert e < BOUND[dtype], f"{tag}: rel err {e:.2e}"
 
 
 LINEAR_CASES = [(1, 3072, 3072, 32), (77, 640, 5120, 32), (333, 1280, 1280, 64), (4109, 3072, 576, 128),
