@@ -98,8 +98,8 @@ def main():
         if p["_path"]:
             t_ours = time_graph(lambda: kernels.linear(x, p))
             fmt = _lib.FMT_E4M3 if p["_path"] == 90 else _lib.FMT_INT4
-            qa, sa, la = ops.quantize_act_lora_down(x, p["_smooth"], p["_proj_down"], p["_rp"], fmt)
-            t_q = time_graph(lambda: ops.quantize_act_lora_down(x, p["_smooth"], p["_proj_down"], p["_rp"], fmt))
+            qa, sa, la = ops.quantize_act_lora_down(x, p["_smooth_rcp"], p["_proj_down"], p["_rp"], fmt)
+            t_q = time_graph(lambda: ops.quantize_act_lora_down(x, p["_smooth_rcp"], p["_proj_down"], p["_rp"], fmt))
             t_g = time_graph(lambda: ops.w4a4_gemm(qa, sa, p["_qw"], p["_wscales"], la, p["_proj_up"], p["_bias"],
                                                    dtype, p["_path"]))
             t_eager = time_eager(lambda: kernels.linear(x, p))

@@ -88,7 +88,7 @@ def prepare_weights(tensors: dict, device) -> dict:
     qweight = qweight.to(dev)
     out["_qw"] = (_e4m3_from_packed(qweight) if path == 90 else qweight.contiguous()).view(torch.uint8)
     out["_wscales"] = tensors["wscales"].to(dev, torch.float32).contiguous()
-    out["_smooth"] = tensors["smooth_factor"].to(dev, torch.float32).contiguous()
+    out["_smooth_rcp"] = (1.0 / tensors["smooth_factor"].to(dev, torch.float32)).contiguous()
     if r:
         out["_proj_down"] = F.pad(proj_down.to(dev), (0, rp - r)).contiguous()
         out["_proj_up"] = F.pad(proj_up.to(dev, torch.float32), (0, rp - r)).contiguous()

@@ -30,13 +30,14 @@ def padded_rows(m: int) -> int:
     return (m + 3) // 4 * 4
 
 
-def quantize_into(x, smooth, proj_down, qact, ascales, lora, fmt: int) -> None:
-    """Kernel 1 into given buffers. lora (M, rp) must be zeroed (the kernel accumulates into it)."""
+def quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt: int) -> None:
+    """Kernel 1 into given buffers. smooth_rcp = 1/smooth_factor (fp32); lora (M, rp) must be zeroed
+    (the kernel accumulates into it)."""
     lib = _lib.load()
     m, k = x.shape
     rp = lora.shape[1]
     code = lib.svdq_quantize_act_lora_down(
-        _ptr(x), _ptr(smooth), _ptr(proj_down) if rp else None, _ptr(qact), _ptr(ascales), _ptr(lora),
+        _ptr(x), _ptr(smooth_rcp), _ptr(proj_down) if rp else None, _ptr(qact), _ptr(ascales), _ptr(lora),
         m, k, ascales.shape[1], rp, _dt(x.dtype), fmt, x.device.index,
         torch.cuda.current_stream(x.device).cuda_stream)
     _lib.check(code, "svdq_quantize_act_lora_down")
@@ -56,7 +57,7 @@ def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: i
 
 
 @torch.library.custom_op("svdquant::quantize_act_lora_down", mutates_args=(), device_types="cuda")
-def quantize_act_lora_down(x: torch.Tensor, smooth: torch.Tensor, proj_down: Optional[torch.Tensor],
+def quantize_act_lora_down(x: torch.Tensor, smooth_rcp: torch.Tensor, proj_down: Optional[torch.Tensor],
                            rank_padded: int, fmt: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, k = x.shape
     if x.data_ptr() % 16 or not x.is_contiguous():  # the kernel reads 16-byte vectors
@@ -64,12 +65,12 @@ def quantize_act_lora_down(x: torch.Tensor, smooth: torch.Tensor, proj_down: Opt
     qact = torch.empty((m, k if fmt == _lib.FMT_E4M3 else k // 2), dtype=torch.uint8, device=x.device)
     ascales = torch.empty((k // GROUP, padded_rows(m)), dtype=torch.float32, device=x.device)
     lora = torch.zeros((m, rank_padded), dtype=torch.float32, device=x.device)
-    quantize_into(x, smooth, proj_down, qact, ascales, lora, fmt)
+    quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt)
     return qact, ascales, lora
 
 
 @quantize_act_lora_down.register_fake
-def _(x, smooth, proj_down, rank_padded, fmt):
+def _(x, smooth_rcp, proj_down, rank_padded, fmt):
     m, k = x.shape
     qact = x.new_empty((m, k if fmt == _lib.FMT_E4M3 else k // 2), dtype=torch.uint8)
     ascales = x.new_empty((k // GROUP, padded_rows(m)), dtype=torch.float32)
@@ -106,7 +107,7 @@ def linear_direct(x2: torch.Tensor, p: dict) -> torch.Tensor:
     qact = torch.empty((m, k if fmt == _lib.FMT_E4M3 else k // 2), dtype=torch.uint8, device=dev)
     ascales = torch.empty((k // GROUP, padded_rows(m)), dtype=torch.float32, device=dev)
     lora = torch.zeros((m, p["_rp"]), dtype=torch.float32, device=dev)
-    quantize_into(x2, p["_smooth"], pd, qact, ascales, lora, fmt)
+    quantize_into(x2, p["_smooth_rcp"], pd, qact, ascales, lora, fmt)
     out = torch.empty((m, p["_qw"].shape[0]), dtype=x2.dtype, device=dev)
     gemm_into(qact, ascales, p["_qw"], p["_wscales"], lora, p["_proj_up"], p["_bias"], out, path)
     return out
@@ -121,5 +122,5 @@ def linear(x2: torch.Tensor, p: dict) -> torch.Tensor:
     pd = p["_proj_down"]
     if pd is not None and pd.dtype != x2.dtype:
         pd = pd.to(x2.dtype)
-    qact, ascales, lora = quantize_act_lora_down(x2, p["_smooth"], pd, p["_rp"], fmt)
+    qact, ascales, lora = quantize_act_lora_down(x2, p["_smooth_rcp"], pd, p["_rp"], fmt)
     return w4a4_gemm(qact, ascales, p["_qw"], p["_wscales"], lora, p["_proj_up"], p["_bias"], x2.dtype, path)

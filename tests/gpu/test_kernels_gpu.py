@@ -90,7 +90,7 @@ def test_quantize_act_lora_down(m, k, r, fmt, dtype):
     ascales = torch.full((k // 64, mp), float("nan"), device=DEV)
     lora = torch.zeros((m, rp), device=DEV)
     pd = torch.nn.functional.pad(lay["proj_down"], (0, rp - r)).contiguous() if r else None
-    ops.quantize_into(x, lay["smooth_factor"].float().contiguous(), pd, qact, ascales, lora, fmt)
+    ops.quantize_into(x, (1.0 / lay["smooth_factor"].float()).contiguous(), pd, qact, ascales, lora, fmt)
     sync_check()
     codes_ref = ref.unpack_int4(q_ref).to(torch.int32)
     codes = e4m3_to_codes(qact) if fmt else ref.unpack_int4(qact.view(torch.int8)).to(torch.int32)
