@@ -13,6 +13,13 @@ from .. import kernels
 TENSOR_NAMES = ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up")
 
 
+def _weight_placeholder(module, state_dict, prefix, local_metadata):
+    """List an empty `weight` entry for 4-bit layers: frameworks that attach patches by state-dict key
+    (ComfyUI's LoRA loaders) then see the layer; it has no data, so sizes and copies are unaffected."""
+    if getattr(module, "quantized", False):
+        state_dict[prefix + "weight"] = torch.empty(0, device="meta")
+
+
 class QuantizedLinearMixin:
     group_size = 64
     quantized = False
@@ -30,6 +37,13 @@ class QuantizedLinearMixin:
         self.register_parameter("bias", None if b is None else nn.Parameter(b, requires_grad=False))
         self.quantized = True
         self._prepared = None
+        self._lora = None
+        if not getattr(self, "_weight_key_hook", None):
+            self._weight_key_hook = self._register_state_dict_hook(_weight_placeholder)
+
+    def set_lora(self, terms) -> None:
+        """Extra low-rank terms (D (K×r), U (N×r)) added as (X·D)·Uᵀ, e.g. LoRAs; None removes them."""
+        self._lora = terms
 
     def _apply(self, fn, *args, **kwargs):
         self._prepared = None  # cached kernel-ready tensors belong to the old device
@@ -55,7 +69,12 @@ class QuantizedLinearMixin:
         return prepared
 
     def forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.kernel_tensors(x.dtype, x.device), self.group_size)
+        y = kernels.linear(x, self.kernel_tensors(x.dtype, x.device), self.group_size)
+        lora = getattr(self, "_lora", None)
+        if lora is not None:
+            d, u = lora
+            y = y + (x @ d.to(x.device, x.dtype)) @ u.to(x.device, x.dtype).t()
+        return y
 
 
 class SVDQuantLinear(QuantizedLinearMixin, nn.Module):

@@ -98,3 +98,24 @@ def denoise_once_flux(patcher, x, sigma, cond):
     with torch.no_grad():
         return patcher.model.apply_model(x, sigma, c_crossattn=cond[0][0], y=cond[0][1]["pooled_output"],
                                          guidance=torch.tensor([3.5]))
+
+
+def sd15_lora(patcher, layers, rank=4, seed=0, scale=0.5):
+    """A LoRA in the kohya key format (lora_unet_<path>.lora_up/lora_down/alpha) for these layers."""
+    g = torch.Generator().manual_seed(seed)
+    dm = patcher.model.diffusion_model
+    sd = {}
+    for name in layers:
+        m = dm.get_submodule(name)
+        n, k = m.weight.shape
+        key = "lora_unet_" + name.replace(".", "_")
+        sd[f"{key}.lora_down.weight"] = torch.randn(rank, k, generator=g) / k ** 0.5
+        sd[f"{key}.lora_up.weight"] = torch.randn(n, rank, generator=g) * scale / rank ** 0.5
+        sd[f"{key}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def with_lora(patcher, lora_sd, strength):
+    import comfy.sd
+    model, _ = comfy.sd.load_lora_for_models(patcher, None, lora_sd, strength, 0)
+    return model

@@ -77,3 +77,46 @@ def test_quantize_sample_save_load_sample(comfy_server, family):
     assert d_load < 0.5
     # Random weights: a bound on plumbing (4-bit output differs, but is not noise), not on quality.
     assert 0 < d_q < 40
+
+
+def test_stock_lora_loader_on_the_4bit_model(comfy_server):
+    """LoraLoaderModelOnly (stock) on Load SVDQuant Model's output: runs, changes the image, and
+    every LoRA key reaches its 4-bit layer (no 'lora key not loaded' for them in the log)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    srv = comfy_server
+    saved = sorted((srv.models_dir / "svdquant").glob("e2e_sd15_*.safetensors"))
+    if not saved:
+        r = srv.run(graphs.sd15(prefix="lora_src", steps=1, model_hook=calibrate_hook("sd15", "e2e_sd15", rank=8,
+                                                                                   smoothing="off")), timeout=900)
+        assert r.ok, r.error_text()
+        saved = sorted((srv.models_dir / "svdquant").glob("e2e_sd15_*.safetensors"))
+    sd = load_file(str(saved[0]))
+    g = torch.Generator().manual_seed(0)
+    lora = {}
+    for k, v in sd.items():
+        if k.endswith(".qweight") and ".attn1.to_" in k:
+            name = k[: -len(".qweight")]
+            n, kk = v.shape[0], v.shape[1] * 2
+            key = "lora_unet_" + name.replace(".", "_")
+            lora[f"{key}.lora_down.weight"] = torch.randn(4, kk, generator=g) / kk ** 0.5
+            lora[f"{key}.lora_up.weight"] = torch.randn(n, 4, generator=g)
+            lora[f"{key}.alpha"] = torch.tensor(4.0)
+    (srv.models_dir / "loras").mkdir(exist_ok=True)
+    save_file(lora, str(srv.models_dir / "loras" / "tiny_sd15_lora.safetensors"))
+
+    def lora_hook(strength):
+        def hook(g, model_ref):
+            g.add("lora", "LoraLoaderModelOnly", model=model_ref, lora_name="tiny_sd15_lora.safetensors",
+                  strength_model=strength)
+            return g.out("lora")
+        return hook
+
+    src = load_source(f"svdquant/{saved[0].name}", "sd15")
+    plain = srv.run(graphs.sd15(prefix="lora_off", steps=3, model_source=src))
+    with_lora = srv.run(graphs.sd15(prefix="lora_on", steps=3, model_source=src, model_hook=lora_hook(1.0)))
+    assert plain.ok and with_lora.ok, (plain.error_text(), with_lora.error_text())
+    diff = float(np.abs(image(srv, with_lora) - image(srv, plain)).mean())
+    print(f"LoRA changed the 4-bit image by {diff:.2f}/255")
+    assert diff > 0.5
+    assert "lora key not loaded" not in srv.log_text()

@@ -1,8 +1,9 @@
-"""Load a 4-bit file into a ComfyUI ModelPatcher, building the model with ComfyUI's own classes.
+"""Build a ComfyUI ModelPatcher holding 4-bit layers, from a 4-bit file or an in-memory state dict.
 
 Mirrors comfy.sd.load_diffusion_model_state_dict, except that the model class and its config
-come from the file's declaration (packed shapes would defeat ComfyUI's shape-based detection)
-and linears are built by SVDQuantOps.
+come from the declaration (packed shapes would defeat ComfyUI's shape-based detection) and linears
+are built by SVDQuantOps. Calibrate & Quantize builds its result the same way, so a model made in
+memory and the same model loaded from its file are built by one path.
 """
 import logging
 
@@ -13,9 +14,44 @@ import comfy.model_patcher
 
 from ..core.checkpoint import CheckpointError, load_checkpoint
 from .families import model_class_by_name
+from .lora import enable_lora
 from .ops import SVDQuantOps
 
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def build_patcher(sd: dict, fmeta: dict, n_declared: int, source: str, dtype=None, device: str = "default"):
+    """Model + ModelPatcher from a 4-bit state dict (consumed) and its file declaration."""
+    if not fmeta.get("model_class"):
+        raise CheckpointError(f"{source}: the declaration names no model_class, so the model cannot be built")
+    try:
+        model_config = model_class_by_name(fmeta["model_class"])(fmeta.get("unet_config") or {})
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{source}: cannot build model class {fmeta['model_class']!r}: {e}") from e
+
+    load_device = mm.get_torch_device() if device == "default" else torch.device(device)
+    offload_device = mm.unet_offload_device() if device == "default" else torch.device(device)
+    if dtype is None:
+        dtype = mm.unet_dtype(supported_dtypes=list(model_config.supported_inference_dtypes))
+    manual_cast_dtype = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
+    model_config.set_inference_dtype(dtype, manual_cast_dtype)
+    model_config.custom_operations = SVDQuantOps
+
+    model = model_config.get_model(sd, "")
+    model.load_model_weights(sd, "")
+    still_meta = [n for n, p in model.diffusion_model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise CheckpointError(f"{source}: no weights for {len(still_meta)} parameters, e.g. {still_meta[:3]}")
+    model = model.to(offload_device)
+    n_q = sum(1 for m in model.diffusion_model.modules() if getattr(m, "quantized", False))
+    if n_q != n_declared:
+        raise CheckpointError(f"{source}: {n_declared} layers are declared 4-bit but {n_q} were found in the model; "
+                              f"the file does not match {fmeta['model_class']}")
+    logging.info(f"[svdquant] built {fmeta.get('family')} ({fmeta['model_class']}) from {source}: "
+                 f"{n_q} 4-bit linears, compute dtype {dtype}")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    enable_lora(patcher)
+    return patcher
 
 
 def load_svdquant_model(path: str, expected_family: str = "auto", compute_dtype: str = "auto",
@@ -25,34 +61,4 @@ def load_svdquant_model(path: str, expected_family: str = "auto", compute_dtype:
     if expected_family != "auto" and family != expected_family:
         raise CheckpointError(f"{path}: this is a {family} 4-bit model, but the loader was set to {expected_family}; "
                               f"use a {expected_family} file or set family to auto and use {family} text encoders/VAE")
-    if not fmeta.get("model_class"):
-        raise CheckpointError(f"{path}: the declaration names no model_class, so the model cannot be built")
-    try:
-        model_config = model_class_by_name(fmeta["model_class"])(fmeta.get("unet_config") or {})
-    except (ValueError, TypeError, KeyError) as e:
-        raise CheckpointError(f"{path}: cannot build model class {fmeta['model_class']!r}: {e}") from e
-
-    load_device = mm.get_torch_device() if device == "default" else torch.device(device)
-    offload_device = mm.unet_offload_device() if device == "default" else torch.device(device)
-    dtype = DTYPES[compute_dtype]
-    if dtype is None:
-        dtype = mm.unet_dtype(supported_dtypes=list(model_config.supported_inference_dtypes))
-    manual_cast_dtype = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
-    model_config.set_inference_dtype(dtype, manual_cast_dtype)
-    model_config.custom_operations = SVDQuantOps
-
-    n_sd = len(sd)
-    model = model_config.get_model(sd, "")
-    model.load_model_weights(sd, "")
-    still_meta = [n for n, p in model.diffusion_model.named_parameters() if p.is_meta]
-    if still_meta:
-        raise CheckpointError(f"{path}: no weights for {len(still_meta)} parameters, e.g. {still_meta[:3]}")
-    model = model.to(offload_device)
-    n_q = sum(1 for m in model.diffusion_model.modules() if getattr(m, "quantized", False))
-    if n_q != len(layers):
-        raise CheckpointError(f"{path}: {len(layers)} layers are declared 4-bit but {n_q} were found in the model; "
-                              f"the file does not match {fmeta['model_class']}")
-    logging.info(f"[svdquant] loaded {path}: {family} ({fmeta['model_class']}), {n_q} 4-bit linears, "
-                 f"{n_sd} tensors, compute dtype {dtype}")
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
-    return patcher, fmeta
+    return build_patcher(sd, fmeta, len(layers), path, DTYPES[compute_dtype], device), fmeta

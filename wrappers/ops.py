@@ -1,9 +1,8 @@
 """ComfyUI operation classes whose Linear becomes 4-bit when its weights are SVDQuant tensors.
 
-Used two ways: as `custom_operations` when the loader builds a model from a 4-bit file (each
-Linear reads its own state dict and becomes 4-bit if it finds `qweight`), and directly
-(`Linear.from_quantized`) as the object patch that replaces a 16-bit linear after calibration.
-Linears are created on the meta device and receive real tensors from the state dict, so a model
+Passed as `custom_operations` when wrappers/loader.py builds a model (from a file, or from the
+state dict Calibrate & Quantize just made): each Linear reads its own state dict and becomes
+4-bit if it finds `qweight`. Linears are created on the meta device and receive real tensors from the state dict, so a model
 is never materialised in 16 bits before its 4-bit weights arrive.
 """
 import torch
@@ -20,13 +19,6 @@ class SVDQuantOps(comfy.ops.manual_cast):
             super().__init__(in_features, out_features, bias=bias, device="meta", dtype=dtype)
             self.load_dtype = dtype
             self.load_device = device
-
-        @classmethod
-        def from_quantized(cls, tensors: dict, group_size: int = 64) -> "SVDQuantOps.Linear":
-            n, k2 = tensors["qweight"].shape
-            m = cls(k2 * 2, n, bias=tensors.get("bias") is not None, dtype=tensors["wscales"].dtype)
-            m.set_quantized(tensors, group_size)
-            return m
 
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs):

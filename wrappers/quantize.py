@@ -1,5 +1,6 @@
 """Calibrate & quantize a ComfyUI MODEL: calibration passes through ComfyUI's own sampler,
 layer-by-layer quantization, a patched clone of the ModelPatcher, and an optional atomic save."""
+import copy
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from ..core import checkpoint as ckpt
 from ..core.calibrate import capture_inputs, find_target_linears, format_report, quantize_layers, summarize
 from ..core.config import QuantConfig
 from .families import DEFAULT_SKIP, family_of
-from .ops import SVDQuantOps
+from .loader import build_patcher
 
 
 def run_calibration(model, conds, steps, cfg, sampler_name, scheduler, seed, width, height, pbar=None):
@@ -74,7 +75,7 @@ def unique_path(folder: str, prefix: str) -> str:
 
 def calibrate_and_quantize(model, conds, qcfg: QuantConfig, steps, cfg, sampler_name, scheduler, seed,
                            width, height, save_path=None, node_id=None):
-    """Returns (quantized ModelPatcher clone, report text, report dict). `model` is left untouched."""
+    """Returns (4-bit ModelPatcher, report text, report dict). `model` is left untouched."""
     if not conds:
         raise ValueError("calibration_samples must be at least 1: no calibration data, nothing to quantize with")
     base = model.model
@@ -102,22 +103,32 @@ def calibrate_and_quantize(model, conds, qcfg: QuantConfig, steps, cfg, sampler_
     outliers = {n: stats[n].outlier_report() for n in layers}
     del stats
 
-    qmodel = model.clone()
-    for name, q in results.items():
-        qmodel.add_object_patch(f"diffusion_model.{name}", SVDQuantOps.Linear.from_quantized(q.tensors(), qcfg.group_size))
-
     report = {"family": family, "policy": qcfg.rank.describe(), "summary": summarize(results),
               "layers": {n: {**q.report, **outliers[n]} for n, q in results.items()}}
     text = format_report(results)
+    meta = ckpt.build_metadata({n: {"rank": q.rank} for n, q in results.items()}, family=family,
+                               source_dtype=out_dtype, group_size=qcfg.group_size,
+                               model_class=type(base.model_config).__name__,
+                               unet_config=json.loads(json.dumps(base.model_config.unet_config, default=str)))
+    sd = quantized_state_dict(dm, results, out_dtype)
     if save_path:
-        dtype = out_dtype
-        meta = ckpt.build_metadata({n: {"rank": q.rank} for n, q in results.items()}, family=family,
-                                   source_dtype=dtype, group_size=qcfg.group_size,
-                                   model_class=type(base.model_config).__name__,
-                                   unet_config=json.loads(json.dumps(base.model_config.unet_config, default=str)))
-        ckpt.save_checkpoint(save_path, quantized_state_dict(dm, results, dtype), meta)
+        ckpt.save_checkpoint(save_path, sd, meta)
         with open(os.path.splitext(save_path)[0] + ".report.json", "w") as f:
             json.dump(report, f, indent=1, default=str)
         text += f"\nsaved: {save_path}"
         logging.info(f"[svdquant] saved {save_path}")
+    # A new model, built the way the loader builds it from the file: it shares no module with the
+    # 16-bit input, so both stay usable side by side under ComfyUI's model management.
+    qmodel = build_patcher(dict(sd), json.loads(meta[ckpt.FILE_META_KEY]), len(results), "calibration",
+                           dtype=base.get_dtype())
+    carry_model_patches(model, qmodel)
     return qmodel, text, report
+
+
+def carry_model_patches(src, dst) -> None:
+    """Keep what other nodes patched onto the input model outside the diffusion net (e.g. a
+    ModelSampling shift) and its model_options (wrappers, sampler settings)."""
+    for k, v in src.object_patches.items():
+        if not k.startswith("diffusion_model."):
+            dst.add_object_patch(k, v)
+    dst.model_options = copy.deepcopy(src.model_options)
