@@ -153,15 +153,20 @@ def summarize(results: dict) -> dict:
     }
 
 
-def format_report(results: dict, limit: int = 0) -> str:
-    """Plain-text table a node can show: one line per layer."""
-    lines = [f"{'layer':60s} {'rank':>4s} {'alpha':>5s} {'err naive':>9s} {'err':>7s} {'KiB 16b':>8s} {'KiB 4b':>7s}"]
+def format_report(results: dict, outliers: dict | None = None, limit: int = 0) -> str:
+    """Plain-text table a node can show: one line per layer. `outliers`: name -> ActivationStats.outlier_report()."""
+    lines = [f"{'layer':60s} {'rank':>4s} {'alpha':>5s} {'err naive':>9s} {'err':>7s} {'KiB 16b':>8s} {'KiB 4b':>7s}"
+             + (f" {'outl.ch':>7s} {'max/med':>7s}" if outliers else "")]
     items = list(results.items())
     for n, q in items[:limit or len(items)]:
         r = q.report
         a = "-" if r["alpha"] is None else f"{r['alpha']:.1f}"
-        lines.append(f"{n[-60:]:60s} {r['rank']:4d} {a:>5s} {r['error_naive_w4a4']:9.4f} {r['error']:7.4f} "
-                     f"{r['bytes_16bit'] / 1024:8.0f} {r['bytes_4bit'] / 1024:7.0f}")
+        line = (f"{n[-60:]:60s} {r['rank']:4d} {a:>5s} {r['error_naive_w4a4']:9.4f} {r['error']:7.4f} "
+                f"{r['bytes_16bit'] / 1024:8.0f} {r['bytes_4bit'] / 1024:7.0f}")
+        if outliers:
+            o = outliers[n]
+            line += f" {o['outlier_channels']:7d} {o['max_over_median']:7.1f}"
+        lines.append(line)
     s = summarize(results)
     if s["layers"]:
         lines.append(f"{s['layers']} layers, mean rank {s['mean_rank']:.1f}, mean error {s['mean_error']:.4f} "

@@ -120,3 +120,21 @@ def test_stock_lora_loader_on_the_4bit_model(comfy_server):
     print(f"LoRA changed the 4-bit image by {diff:.2f}/255")
     assert diff > 0.5
     assert "lora key not loaded" not in srv.log_text()
+
+
+def test_rank_selector_error_budget_drives_per_layer_ranks(comfy_server):
+    """Low-Rank Rank Selector (error budget) -> Calibrate & Quantize: the selector shows its policy,
+    the quantizer reports per-layer ranks from the candidates, and the model samples."""
+    def hook(g, model_ref):
+        g.add("ranks", "SVDQuantRankSelector", mode="error budget", rank=16, error_budget=0.12, max_rank=64)
+        inner = calibrate_hook("sd15", "e2e_ranksel", save=False, smoothing="off")
+        ref = inner(g, model_ref)
+        g.nodes["quant"]["inputs"]["rank_policy"] = g.out("ranks")
+        return ref
+    r = comfy_server.run(graphs.sd15(prefix="ranksel", steps=2, model_hook=hook), timeout=900)
+    assert r.ok, r.error_text()
+    assert "relative output error <= 0.12" in r.outputs["ranks"]["text"][0]
+    report = r.outputs["quant"]["text"][0]
+    ranks = {int(line.split()[1]) for line in report.splitlines()[1:-1]}
+    assert ranks <= {0, 8, 16, 32, 48, 64} and ranks
+    assert "saved:" not in report
