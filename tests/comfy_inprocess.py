@@ -3,6 +3,7 @@
 Builds tiny SD1.5 / FLUX models with ComfyUI's own classes in memory. Weights are rounded to
 values exact in both fp16 and bf16, so a saved 16-bit file holds exactly what the in-memory model used.
 """
+import os
 import sys
 
 import torch
@@ -10,12 +11,18 @@ import torch
 from harness import config
 
 
+# SVDQ_COMFY_DEVICE=cuda runs these tests with ComfyUI on the GPU (tests/gpu/run_comfy_gpu.sh), in
+# bf16 so that the CUDA kernels, not the reference, serve the 4-bit layers.
+ON_GPU = os.environ.get("SVDQ_COMFY_DEVICE", "cpu") == "cuda"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+
+
 def import_comfy():
     root = str(config.comfyui_path())
     if root not in sys.path:
         sys.path.insert(0, root)
     from comfy.cli_args import args
-    args.cpu = True  # before comfy.model_management is imported, or it asserts CUDA
+    args.cpu = not ON_GPU  # before comfy.model_management is imported, or it asserts CUDA
     import comfy.model_management  # noqa: F401
 
 
@@ -46,7 +53,7 @@ def tiny_sd15_patcher(seed: int = 0):
     import comfy.model_patcher
     import comfy.supported_models as sm
     mc = sm.SD15(dict(SD15_UNET))
-    mc.set_inference_dtype(torch.float32, None)
+    mc.set_inference_dtype(DTYPE, None)
     model = mc.get_model({})
     random_init(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
@@ -62,8 +69,9 @@ def denoise_once(patcher, x, sigma, cond):
     """One call of the model's denoiser (ComfyUI's apply_model path) on the patched model."""
     import comfy.model_management as mm
     mm.load_models_gpu([patcher])
+    dev = patcher.load_device
     with torch.no_grad():
-        return patcher.model.apply_model(x, sigma, c_crossattn=cond[0][0])
+        return patcher.model.apply_model(x.to(dev), sigma.to(dev), c_crossattn=cond[0][0].to(dev)).float().cpu()
 
 
 # FLUX with hidden 256 (2 heads of 128, so the RoPE axes still sum to the head width). Only our own
@@ -79,7 +87,7 @@ def tiny_flux_patcher(seed: int = 0):
     import comfy.model_patcher
     import comfy.supported_models as sm
     mc = sm.Flux(dict(FLUX_TINY))
-    mc.set_inference_dtype(torch.float32, None)
+    mc.set_inference_dtype(DTYPE, None)
     model = mc.get_model({})
     random_init(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
@@ -95,9 +103,11 @@ def flux_conds(seed: int = 0):
 def denoise_once_flux(patcher, x, sigma, cond):
     import comfy.model_management as mm
     mm.load_models_gpu([patcher])
+    dev = patcher.load_device
     with torch.no_grad():
-        return patcher.model.apply_model(x, sigma, c_crossattn=cond[0][0], y=cond[0][1]["pooled_output"],
-                                         guidance=torch.tensor([3.5]))
+        return patcher.model.apply_model(x.to(dev), sigma.to(dev), c_crossattn=cond[0][0].to(dev),
+                                         y=cond[0][1]["pooled_output"].to(dev),
+                                         guidance=torch.tensor([3.5], device=dev)).float().cpu()
 
 
 def sd15_lora(patcher, layers, rank=4, seed=0, scale=0.5):

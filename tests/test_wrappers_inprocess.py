@@ -117,19 +117,23 @@ def test_flux_quantize_save_load(comfy, tmp_path):
 
 def test_low_vram_partial_load_runs_the_4bit_layers(comfy, quantized_sd15):
     """ComfyUI's low-VRAM mode (weights left on the offload device, cast per call) on 4-bit layers:
-    the same output as a full load. On CPU both devices are the CPU; the code path is the same."""
+    the same output as a full load. On CPU both devices are the CPU; the code path is the same;
+    on a GPU (SVDQ_COMFY_DEVICE=cuda) the 4-bit weights really stay in CPU memory."""
     mp, qm, *_ = quantized_sd15
     x, s = _probe_inputs()
     pos, _ = comfy.sd15_conds()
     y_full = comfy.denoise_once(qm, x, s, pos)
     qm.unpatch_model()
     try:
-        qm.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1024, load_weights=True)
+        dev = qm.load_device
+        qm.patch_model(device_to=dev, lowvram_model_memory=1024, load_weights=True)
         assert qm.model.model_lowvram
         q = [m for m in qm.model.diffusion_model.modules() if getattr(m, "quantized", False)]
         assert q and all(m.comfy_cast_weights for m in q)
+        if dev.type == "cuda":
+            assert all(m.qweight.device.type == "cpu" for m in q)
         with torch.no_grad():
-            y_low = qm.model.apply_model(x, s, c_crossattn=pos[0][0])
+            y_low = qm.model.apply_model(x.to(dev), s.to(dev), c_crossattn=pos[0][0].to(dev)).float().cpu()
         assert torch.equal(y_low, y_full)
     finally:
         qm.unpatch_model()
