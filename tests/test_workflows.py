@@ -42,13 +42,15 @@ CALIBRATION = {"calibration_samples": 1, "steps": 1, "width": TINY_SIZE, "height
                "prompts": ""}
 
 # Smoothing per family in these tests. The workflows use "search" (11 candidate settings per
-# layer); on the tiny FLUX model (hidden 3072: the smallest that ComfyUI's UNETLoader detects)
-# that took 724 s on the 2-core CPU box vs ~4 min with "off"; tiny SDXL 129 s vs 20 s; tiny
-# SD1.5 10 s vs 3 s. SVDQ_WORKFLOW_SMOOTHING=search runs every workflow as shipped.
+# layer). Whole quantize workflow on the 2-core CPU box: tiny FLUX (hidden 3072, the smallest
+# that ComfyUI's UNETLoader detects) 400-724 s with search vs 62 s with off (of which ~25 s is
+# the T5 stub's encode); tiny SDXL 129 s vs 20 s; tiny SD1.5 10 s vs 3 s. Timings swing 3-5x with
+# other load. SVDQ_WORKFLOW_SMOOTHING=search runs every workflow as shipped.
 SMOOTHING = {"sd15": "search", "sdxl": "off", "flux": "off"}
 SMOOTHING_ALL = os.environ.get("SVDQ_WORKFLOW_SMOOTHING")
 
 _quantized = {}  # family -> "svdquant/<file>" saved by that family's quantize workflow
+_images = {}  # family -> the image the quantize workflow sampled with the in-memory 4-bit model
 
 
 def load(name) -> dict:
@@ -152,11 +154,15 @@ def tiny_prompt(name, object_info, prefix, model_name=None, **calibration):
 
 
 def assert_png(srv, result, size=TINY_SIZE):
+    """The one image the run saved, as a float array."""
+    import numpy as np
     from PIL import Image
     paths = srv.output_images(result)
     assert len(paths) == 1 and paths[0].is_file(), paths
     assert paths[0].read_bytes()[:8] == PNG_MAGIC
-    assert Image.open(paths[0]).size == (size, size)
+    img = Image.open(paths[0])
+    assert img.size == (size, size)
+    return np.asarray(img.convert("RGB"), dtype=np.float32)
 
 
 def run_quantize(srv, object_info, timings, family):
@@ -168,7 +174,7 @@ def run_quantize(srv, object_info, timings, family):
     result = srv.run(tiny_prompt(name, object_info, prefix), timeout=1800)
     timings[f"workflow {name} (s)"] = round(time.perf_counter() - t0, 1)
     assert result.ok, result.error_text()
-    assert_png(srv, result)
+    _images[family] = assert_png(srv, result)
     new = sorted(set(folder.glob(f"{prefix}_*.safetensors")) - before)
     assert len(new) == 1, new
     (q,) = find_nodes(ui_to_api(load(name), object_info), "SVDQuantCalibrateQuantize")
@@ -192,4 +198,7 @@ def test_workflow_runs_on_tiny_models(comfy_server, object_info, comfy_timings, 
                               timeout=1800)
     comfy_timings[f"workflow {name} (s)"] = round(time.perf_counter() - t0, 1)
     assert result.ok, result.error_text()
-    assert_png(comfy_server, result)
+    image = assert_png(comfy_server, result)
+    # Same prompt, seed and sampler as the quantize workflow: the loaded file gives its image.
+    diff = float(abs(image - _images[family]).mean())
+    assert diff < 1.0, f"{name}: mean |loaded - in-memory 4-bit| = {diff:.3f}/255"
