@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from harness import config, graphs
+from harness import config, frontend_schema, graphs
 from harness.workflow_convert import check_ui_workflow, find_nodes, set_inputs, ui_to_api
 
 pytestmark = pytest.mark.comfy
@@ -78,6 +78,16 @@ def test_builder_writes_these_files(object_info):
     assert sorted(built) == sorted(NAMES)
     for name, wf in built.items():
         assert json.loads(builder.dumps(wf)) == load(name), f"{name} is stale: run workflows/build_workflows.py"
+
+
+def test_frontend_schema_accepts_workflows():
+    """The installed frontend's own workflow schema (zod) accepts every file (needs node + zod)."""
+    why = frontend_schema.problem()
+    if why:
+        pytest.skip(why)
+    issues = frontend_schema.validate([WORKFLOW_DIR / n for n in NAMES])
+    bad = {pathlib.Path(k).name: v for k, v in issues.items() if v is not None}
+    assert not bad, json.dumps(bad, indent=1)[:4000]
 
 
 @pytest.mark.parametrize("name", NAMES)
