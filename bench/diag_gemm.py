@@ -20,7 +20,7 @@ for m, k, n in [(4608, 3072, 3072), (4608, 3072, 12288)]:
     qa, sa, la = ops.quantize_act_lora_down(x, p["_smooth_rcp"], p["_proj_down"], p["_rp"], 1)
     out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
     res = {}
-    for v, name in [(0, "v2"), (6, "no-AB-loads"), (2, "no-promote"), (3, "no-wgmma")]:
+    for v, name in [(0, "v2"), (11, "v6-3wg")]:
         res[name] = time_graph(lambda: ops.gemm_into(qa, sa, p["_qw"], p["_wscales"], la, p["_proj_up"], p["_bias"], out, 90, v))
     res["quant"] = time_graph(lambda: ops.quantize_act_lora_down(x, p["_smooth_rcp"], p["_proj_down"], p["_rp"], 1))
     print(m, k, n, "  ".join(f"{a}={b:.1f}us" for a, b in res.items()), flush=True)
