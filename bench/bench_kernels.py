@@ -103,10 +103,11 @@ def main():
             t_g = time_graph(lambda: ops.w4a4_gemm(qa, sa, p["_qw"], p["_wscales"], la, p["_proj_up"], p["_bias"],
                                                    dtype, p["_path"]))
             t_eager = time_eager(lambda: kernels.linear(x, p))
-            if p["_path"] == 90:  # the previous GEMM version (cp.async, no warp specialisation), same inputs
+            if p["_path"] == 90:  # earlier GEMM versions on the same inputs: v1 (cp.async), v2 (TMA, 2 consumer WGs)
                 outb = torch.empty((m, n), dtype=dtype, device=dev)
-                row["gemm_v1_us"] = time_graph(lambda: ops.gemm_into(qa, sa, p["_qw"], p["_wscales"], la, p["_proj_up"],
-                                                                     p["_bias"], outb, 90, variant=1))
+                for v, key in ((1, "gemm_v1_us"), (12, "gemm_v2_us")):
+                    row[key] = time_graph(lambda: ops.gemm_into(qa, sa, p["_qw"], p["_wscales"], la, p["_proj_up"],
+                                                                p["_bias"], outb, 90, variant=v))
             flop = 2.0 * m * n * k
             row.update(ours_us=t_ours, quant_us=t_q, gemm_us=t_g, ours_eager_us=t_eager,
                        gemm_tflops=flop / t_g / 1e6, ratio_ours=t_bf16 / t_ours, ratio_fp8=t_bf16 / t_fp8,
@@ -116,13 +117,13 @@ def main():
         torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name(dev)
     print(f"GPU: {gpu}  torch {torch.__version__}  backend {backend}  rank {args.rank}  (times in us, CUDA-graph median)")
-    hdr = f"{'shape':14s} {'M':>5s} {'K':>6s} {'N':>6s} | {'bf16':>7s} {'fp8':>7s} {'ours':>7s} {'quant':>6s} {'gemm':>7s} {'eager':>7s} | {'fp8x':>5s} {'oursx':>5s} {'gemmx':>5s} {'gemmTF':>6s} {'gemm_v1':>7s}"
+    hdr = f"{'shape':14s} {'M':>5s} {'K':>6s} {'N':>6s} | {'bf16':>7s} {'fp8':>7s} {'ours':>7s} {'quant':>6s} {'gemm':>7s} {'eager':>7s} | {'fp8x':>5s} {'oursx':>5s} {'gemmx':>5s} {'gemmTF':>6s} {'gemm_v1':>7s} {'gemm_v2':>7s}"
     print(hdr)
     for r in rows:
         if "ours_us" in r:
             print(f"{r['label']:14s} {r['M']:5d} {r['K']:6d} {r['N']:6d} | {r['bf16_us']:7.1f} {r['fp8_us']:7.1f} "
                   f"{r['ours_us']:7.1f} {r['quant_us']:6.1f} {r['gemm_us']:7.1f} {r['ours_eager_us']:7.1f} | "
-                  f"{r['ratio_fp8']:5.2f} {r['ratio_ours']:5.2f} {r['ratio_gemm']:5.2f} {r['gemm_tflops']:6.0f} {r.get('gemm_v1_us', float('nan')):7.1f}")
+                  f"{r['ratio_fp8']:5.2f} {r['ratio_ours']:5.2f} {r['ratio_gemm']:5.2f} {r['gemm_tflops']:6.0f} {r.get('gemm_v1_us', float('nan')):7.1f} {r.get('gemm_v2_us', float('nan')):7.1f}")
         else:
             print(f"{r['label']:14s} {r['M']:5d} {r['K']:6d} {r['N']:6d} | {r['bf16_us']:7.1f} {r['fp8_us']:7.1f} (no CUDA path)")
     if args.json:

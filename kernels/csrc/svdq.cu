@@ -1687,7 +1687,8 @@ static int launch_sm90_ws6(const Sm90Params& p, cudaStream_t st) {
 }
 
 // path 90: qact/qweight e4m3 bytes; path 80: packed int4. See the layout notes at the top.
-// variant (path 90): 0 = warp-specialised TMA kernel (v2), 1 = cp.async kernel (v1).
+// variant (path 90): 0 = default (v6 for M >= 1536, else v2), 1 = v1 (cp.async), 5 = v3, 8 = v4, 9/10 = v5,
+// 11 = v6, 12 = v2; 2/3/4/6/7 = timing-only diagnostics (wrong results, see gemm_sm90_ws_kernel).
 SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* qweight, const float* wscales,
                             const float* lora, const float* proj_up, const float* bias, void* out, int M, int N, int K,
                             int Mp, int rp, int out_dtype, int path, int variant, int device, void* stream) {
@@ -1728,7 +1729,10 @@ SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* 
       return launch_sm90_ws<128, 5, __nv_bfloat16, 1>(p, st);
     } else if (variant == 3 && out_dtype == DT_BF16) {
       return launch_sm90_ws<128, 5, __nv_bfloat16, 2>(p, st);
-    } else {
+    } else if (variant == 0 && M >= 1536) {  // default, large M: v6 (3 consumer warpgroups)
+      if (out_dtype == DT_BF16) return launch_sm90_ws6<5, __nv_bfloat16>(p, st);
+      if (out_dtype == DT_F16) return launch_sm90_ws6<5, __half>(p, st);
+    } else {  // default, small M, and variant 12: v2
       if (out_dtype == DT_BF16) return launch_sm90_ws<128, 5, __nv_bfloat16>(p, st);
       if (out_dtype == DT_F16) return launch_sm90_ws<128, 5, __half>(p, st);
     }
