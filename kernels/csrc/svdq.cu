@@ -108,20 +108,38 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
   for (int i = 0; i < (NT > 0 ? NT : 1); ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
 
   const int ch = lane & 7;  // this thread's 16-byte chunk (8 values) within the group
-  uint4 nxt[4];
+  // per-row pointers, computed once (the loop below only adds the group offset)
+  const T* xr[4];
+  uint8_t* qr[4];
+  bool rv[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    int m = row0 + i * 4 + (lane >> 3);
-    nxt[i] = (m < M && g_begin < g_end)
-                 ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + g_begin * G + ch * 8))
-                 : make_uint4(0, 0, 0, 0);
+    const int m = row0 + i * 4 + (lane >> 3);
+    rv[i] = m < M;
+    const int mc = rv[i] ? m : 0;
+    xr[i] = x + (size_t)mc * K + ch * 8;
+    qr[i] = qact + (size_t)mc * (FMT == FMT_INT4 ? K / 2 : K) + ch * (FMT == FMT_INT4 ? 4 : 8);
   }
+  uint4 nxt[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    nxt[i] = (rv[i] && g_begin < g_end) ? __ldg(reinterpret_cast<const uint4*>(xr[i] + g_begin * G))
+                                        : make_uint4(0, 0, 0, 0);
   constexpr int CPR = RP * 2 / 16;  // 16-byte chunks per proj_down row
+  constexpr int CPT = RP > 0 ? G * CPR / 128 : 1;  // chunks per thread
+  uint32_t pd_src[CPT], pd_dst[CPT];  // element offset in a group's proj_down rows / smem byte offset
+#pragma unroll
+  for (int k = 0; k < CPT; ++k) {
+    const int c = threadIdx.x + 128 * k;
+    const int r = RP > 0 ? c / (CPR > 0 ? CPR : 1) : 0, cc = RP > 0 ? c % (CPR > 0 ? CPR : 1) : 0;
+    pd_src[k] = r * RP + cc * 8;
+    pd_dst[k] = r * PS + cc * 16;
+  }
   auto stage_pdown = [&](int g, uint8_t* dst) {  // proj_down[g*64 .. +64, 0..RP) -> smem, async
-    for (int c = threadIdx.x; c < G * CPR; c += 128) {
-      int r = c / CPR, cc = c % CPR;
-      cp_async16(smem_u32(dst + r * PS + cc * 16), pdown + (size_t)(g * G + r) * RP + cc * 8, true);
-    }
+    const T* src = pdown + (size_t)g * G * RP;
+    const uint32_t d = smem_u32(dst);
+#pragma unroll
+    for (int k = 0; k < CPT; ++k) cp_async16(d + pd_dst[k], src + pd_src[k], true);
     cp_async_commit();
   };
   if (RP > 0 && g_begin < g_end) stage_pdown(g_begin, ps_all[0]);
@@ -146,11 +164,8 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
     for (int i = 0; i < 4; ++i) raw[i] = nxt[i];
     if (g + 1 < g_end) {  // prefetch the next group's X while this one is processed
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        int m = row0 + i * 4 + (lane >> 3);
-        nxt[i] = m < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + (g + 1) * G + ch * 8))
-                       : make_uint4(0, 0, 0, 0);
-      }
+      for (int i = 0; i < 4; ++i)
+        nxt[i] = rv[i] ? __ldg(reinterpret_cast<const uint4*>(xr[i] + (g + 1) * G)) : make_uint4(0, 0, 0, 0);
     }
     if (RP > 0) {
 #pragma unroll
@@ -189,7 +204,7 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
             float t = fminf(fmaxf(v[j] * inv, -7.f), 7.f);
             w |= (__float_as_uint(t + MAGIC) & 0xFu) << (4 * j);
           }
-          *reinterpret_cast<uint32_t*>(qact + (size_t)m * (K / 2) + g * (G / 2) + ch * 4) = w;
+          *reinterpret_cast<uint32_t*>(qr[i] + g * (G / 2)) = w;
         } else {
           uint32_t out2[2];
 #pragma unroll
@@ -204,7 +219,7 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
             // e4m3 bytes of 0..7 selected by the magnitudes, then the sign bits
             out2[h] = __byte_perm(0x44403800u, 0x4E4C4A48u, sel) | sgn;
           }
-          *reinterpret_cast<uint2*>(qact + (size_t)m * K + g * G + ch * 8) = make_uint2(out2[0], out2[1]);
+          *reinterpret_cast<uint2*>(qr[i] + g * G) = make_uint2(out2[0], out2[1]);
         }
       }
     }
@@ -1687,7 +1702,7 @@ static int launch_sm90_ws6(const Sm90Params& p, cudaStream_t st) {
 }
 
 // path 90: qact/qweight e4m3 bytes; path 80: packed int4. See the layout notes at the top.
-// variant (path 90): 0 = default (v6 for M >= 1536, else v2), 1 = v1 (cp.async), 5 = v3, 8 = v4, 9/10 = v5,
+// variant (path 90): 0 = default (v6 for M >= 1536, N >= 640, K < 8192; else v2), 1 = v1 (cp.async), 5 = v3, 8 = v4, 9/10 = v5,
 // 11 = v6, 12 = v2; 2/3/4/6/7 = timing-only diagnostics (wrong results, see gemm_sm90_ws_kernel).
 SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* qweight, const float* wscales,
                             const float* lora, const float* proj_up, const float* bias, void* out, int M, int N, int K,
@@ -1729,7 +1744,7 @@ SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* 
       return launch_sm90_ws<128, 5, __nv_bfloat16, 1>(p, st);
     } else if (variant == 3 && out_dtype == DT_BF16) {
       return launch_sm90_ws<128, 5, __nv_bfloat16, 2>(p, st);
-    } else if (variant == 0 && M >= 1536) {  // default, large M: v6 (3 consumer warpgroups)
+    } else if (variant == 0 && M >= 1536 && N >= 640 && K < 8192) {  // default: v6 where it measured faster
       if (out_dtype == DT_BF16) return launch_sm90_ws6<5, __nv_bfloat16>(p, st);
       if (out_dtype == DT_F16) return launch_sm90_ws6<5, __half>(p, st);
     } else {  // default, small M, and variant 12: v2
