@@ -97,7 +97,7 @@ def quantize_layers(layers: dict, stats: dict, cfg: QuantConfig, device=None, ou
         done += 1
         if progress:
             progress(done, total, msg)
-        if log and (done == total or done % max(1, total // 20) == 0):
+        if log and (done == total or done % max(1, total // 10) == 0):
             eta = (time.time() - t0) / done * (total - done)
             log(f"[svdquant] {done}/{total} layers ({msg}), about {eta:.0f} s left")
 

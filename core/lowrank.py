@@ -1,9 +1,28 @@
 """Truncated SVD of a (smoothed) weight: Ŵ ≈ L_up · L_down with singular values in L_up."""
 import torch
 
-# Below this size a full SVD is cheap and exact; above it a randomized SVD gives the same
-# top-r subspace to within its oversampling error at a fraction of the cost.
-FULL_SVD_MAX_DIM = 2048
+# Up to this narrow side the top-r subspace comes from the eigen-decomposition of the small Gram
+# matrix (LAPACK's full SVD of a wide fp32 matrix is seconds on CPU: 1.1 s for 320×2048 measured
+# here, vs 0.02 s this way; fp32 suffices for the top r, whose σ² are far above eps·σ_max²). Above it a randomized SVD gives the same top-r
+# subspace to within its oversampling error at a fraction of the cost.
+GRAM_MAX_DIM = 512
+
+
+def _gram_top(w: torch.Tensor, rank: int):
+    n, k = w.shape
+    w64 = w
+    if n <= k:
+        evals, evecs = torch.linalg.eigh(w64 @ w64.t())
+        u = evecs[:, -rank:].flip(1)
+        s = evals[-rank:].flip(0).clamp_min(0).sqrt()
+        vh = (u.t() @ w64) / s.clamp_min(1e-30).unsqueeze(1)
+    else:
+        evals, evecs = torch.linalg.eigh(w64.t() @ w64)
+        v = evecs[:, -rank:].flip(1)
+        s = evals[-rank:].flip(0).clamp_min(0).sqrt()
+        u = (w64 @ v) / s.clamp_min(1e-30)
+        vh = v.t()
+    return (u * s).float(), vh.float().contiguous()
 
 
 def top_svd(w: torch.Tensor, rank: int, fast: bool = False):
@@ -17,11 +36,8 @@ def top_svd(w: torch.Tensor, rank: int, fast: bool = False):
     w = w.float()
     if rank == 0:
         return w.new_zeros(n, 0), w.new_zeros(0, k)
-    if min(n, k) <= FULL_SVD_MAX_DIM:
-        u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-    else:
-        q = min(rank + (16 if fast else 32), min(n, k))
-        u, s, v = torch.svd_lowrank(w, q=q, niter=2 if fast else 4)
-        u, s, vh = u[:, :rank], s[:rank], v[:, :rank].t()
-    return u * s, vh.contiguous()
+    if min(n, k) <= GRAM_MAX_DIM:
+        return _gram_top(w, rank)
+    q = min(rank + (16 if fast else 32), min(n, k))
+    u, s, v = torch.svd_lowrank(w, q=q, niter=2 if fast else 4)
+    return (u[:, :rank] * s[:rank]), v[:, :rank].t().contiguous()

@@ -180,7 +180,7 @@ def test_single_layer_lora_term_is_exact(comfy, quantized_sd15):
     key_map = cl.model_lora_keys_unet(mp.model, {})
     patches = cl.load_lora(lora, key_map)
     key = f"diffusion_model.{name}.weight"
-    w = mp.model.diffusion_model.get_submodule(name).weight.detach()
+    w = mp.model.diffusion_model.get_submodule(name).weight.detach().float().cpu()
     delta = cl.calculate_weight([(0.7, patches[key], 1.0, None, None)], torch.zeros_like(w), key)
     d, u = _lowrank_terms([(0.7, patches[key], 1.0, None, None)], key, w.shape[0], w.shape[1], "cpu", torch.float32)
     assert torch.allclose(u @ d.t(), delta, atol=1e-6)
