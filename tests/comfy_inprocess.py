@@ -48,16 +48,21 @@ def random_init(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.where(p.abs() < 1e-4, 0, p).bfloat16().half().float())
 
 
-def tiny_sd15_patcher(seed: int = 0):
+def _tiny_patcher(class_name: str, unet_config: dict, seed: int):
+    """A random-weight model of ComfyUI's own class, wrapped in a stock ModelPatcher."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models as sm
-    mc = sm.SD15(dict(SD15_UNET))
+    mc = getattr(sm, class_name)(dict(unet_config))
     mc.set_inference_dtype(DTYPE, None)
     model = mc.get_model({})
     random_init(model.diffusion_model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+def tiny_sd15_patcher(seed: int = 0):
+    return _tiny_patcher("SD15", SD15_UNET, seed)
 
 
 def sd15_conds(seed: int = 0):
@@ -83,15 +88,7 @@ FLUX_TINY = {"image_model": "flux", "guidance_embed": True, "axes_dim": [16, 56,
 
 
 def tiny_flux_patcher(seed: int = 0):
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models as sm
-    mc = sm.Flux(dict(FLUX_TINY))
-    mc.set_inference_dtype(DTYPE, None)
-    model = mc.get_model({})
-    random_init(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    return _tiny_patcher("Flux", FLUX_TINY, seed)
 
 
 def flux_conds(seed: int = 0):
