@@ -138,3 +138,44 @@ def test_rank_selector_error_budget_drives_per_layer_ranks(comfy_server):
     ranks = {int(line.split()[1]) for line in report.splitlines()[1:-1]}
     assert ranks <= {0, 8, 16, 32, 48, 64} and ranks
     assert "saved:" not in report
+
+
+def test_model_patches_on_the_4bit_model_and_patches_carried_through_calibration(comfy_server):
+    """Stock model patches work on the 4-bit model (FreeU_V2, ModelSamplingDiscrete), and a patch
+    applied to the 16-bit model before Calibrate & Quantize is kept on the 4-bit result."""
+    srv = comfy_server
+    saved = sorted((srv.models_dir / "svdquant").glob("*.safetensors"))
+    sd15 = [p for p in saved if "sd15" in p.name or "bad_input_src" in p.name]
+    if not sd15:
+        r = srv.run(graphs.sd15(prefix="patch_src", steps=1, model_hook=calibrate_hook("sd15", "e2e_patch_src",
+                                                                                     rank=8, smoothing="off")),
+                    timeout=900)
+        assert r.ok, r.error_text()
+        sd15 = sorted((srv.models_dir / "svdquant").glob("e2e_patch_src_*.safetensors"))
+
+    def patches(g, model_ref):
+        g.add("freeu", "FreeU_V2", model=model_ref, b1=1.3, b2=1.4, s1=0.9, s2=0.2)
+        g.add("msd", "ModelSamplingDiscrete", model=g.out("freeu"), sampling="v_prediction", zsnr=False)
+        return g.out("msd")
+
+    src = load_source(f"svdquant/{sd15[0].name}", "sd15")
+    plain = srv.run(graphs.sd15(prefix="patch_off", steps=2, model_source=src))
+    patched = srv.run(graphs.sd15(prefix="patch_on", steps=2, model_source=src, model_hook=patches))
+    assert plain.ok and patched.ok, (plain.error_text(), patched.error_text())
+    assert float(np.abs(image(srv, patched) - image(srv, plain)).mean()) > 0.5
+
+    # ModelSamplingDiscrete(v_prediction) before quantization survives it: the result samples like
+    # the same patch applied after.
+    def before(g, model_ref):
+        g.add("msd", "ModelSamplingDiscrete", model=model_ref, sampling="v_prediction", zsnr=False)
+        return calibrate_hook("sd15", "e2e_patch_before", rank=8, smoothing="off", save=False)(g, g.out("msd"))
+
+    def after(g, model_ref):
+        ref = calibrate_hook("sd15", "e2e_patch_after", rank=8, smoothing="off", save=False)(g, model_ref)
+        g.add("msd", "ModelSamplingDiscrete", model=ref, sampling="v_prediction", zsnr=False)
+        return g.out("msd")
+    rb = srv.run(graphs.sd15(prefix="patch_before", steps=2, model_hook=before), timeout=900)
+    ra = srv.run(graphs.sd15(prefix="patch_after", steps=2, model_hook=after), timeout=900)
+    assert rb.ok and ra.ok, (rb.error_text(), ra.error_text())
+    assert float(np.abs(image(srv, rb) - image(srv, ra)).mean()) < 0.5
+

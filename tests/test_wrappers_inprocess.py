@@ -184,3 +184,24 @@ def test_single_layer_lora_term_is_exact(comfy, quantized_sd15):
     delta = cl.calculate_weight([(0.7, patches[key], 1.0, None, None)], torch.zeros_like(w), key)
     d, u = _lowrank_terms([(0.7, patches[key], 1.0, None, None)], key, w.shape[0], w.shape[1], "cpu", torch.float32)
     assert torch.allclose(u @ d.t(), delta, atol=1e-6)
+
+
+def test_calibrate_node_encodes_prompts_with_the_clip(comfy):
+    """The node's prompts + CLIP input: each sample gets the next prompt's encoding and the empty
+    prompt as negative. (The server tests' stub text encoders emit NaN, so a stand-in CLIP is used.)"""
+    from comfyui_svdquant.nodes.calibrate_quantize import _conditionings
+
+    class FakeClip:
+        def tokenize(self, text):
+            return text
+
+        def encode_from_tokens_scheduled(self, tokens):
+            return [[torch.full((1, 1, 4), float(len(tokens))), {}]]
+
+    conds = _conditionings(None, None, FakeClip(), "a cat\n\n  a big dog \n", 3)
+    assert [float(p[0][0][0, 0, 0]) for p, _ in conds] == [5.0, 9.0, 5.0]
+    assert all(float(n[0][0][0, 0, 0]) == 0.0 for _, n in conds)
+    with pytest.raises(ValueError, match="no CLIP is connected"):
+        _conditionings(None, None, None, "a cat", 1)
+    with pytest.raises(ValueError, match="connect positive/negative conditioning"):
+        _conditionings(None, None, None, "", 1)
