@@ -2,8 +2,8 @@
 
 Passed as `custom_operations` when wrappers/loader.py builds a model (from a file, or from the
 state dict Calibrate & Quantize just made): each Linear reads its own state dict and becomes
-4-bit if it finds `qweight`. Linears are created on the meta device and receive real tensors from the state dict, so a model
-is never materialised in 16 bits before its 4-bit weights arrive.
+4-bit if it finds `qweight`. Linears are created on the meta device and receive real tensors from
+the state dict, so a model is never materialised in 16 bits before its 4-bit weights arrive.
 """
 import torch
 from torch import nn
@@ -18,7 +18,6 @@ class SVDQuantOps(comfy.ops.manual_cast):
         def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
             super().__init__(in_features, out_features, bias=bias, device="meta", dtype=dtype)
             self.load_dtype = dtype
-            self.load_device = device
 
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs):
@@ -33,7 +32,7 @@ class SVDQuantOps(comfy.ops.manual_cast):
                 tensors["bias"] = take("bias")
                 if tensors["bias"] is not None and self.load_dtype is not None:
                     tensors["bias"] = tensors["bias"].to(self.load_dtype)
-                self.set_quantized(tensors, local_metadata.get("svdquant_group_size", 64))
+                self.set_quantized(tensors)  # group 64: the only size the file format allows today
                 return
             for name in ("weight", "bias"):
                 if getattr(self, name) is None:

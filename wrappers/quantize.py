@@ -1,6 +1,7 @@
 """Calibrate & quantize a ComfyUI MODEL: calibration passes through ComfyUI's own sampler,
 layer-by-layer quantization, a patched clone of the ModelPatcher, and an optional atomic save."""
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -80,7 +81,7 @@ def calibrate_and_quantize(model, conds, qcfg: QuantConfig, steps, cfg, sampler_
         raise ValueError("calibration_samples must be at least 1: no calibration data, nothing to quantize with")
     base = model.model
     family = family_of(base.model_config)
-    qcfg.skip_patterns = tuple(DEFAULT_SKIP[family]) + tuple(qcfg.skip_patterns)
+    qcfg = dataclasses.replace(qcfg, skip_patterns=tuple(DEFAULT_SKIP[family]) + tuple(qcfg.skip_patterns))
     dm = base.diffusion_model
     layers = find_target_linears(dm, qcfg)
     if not layers:
