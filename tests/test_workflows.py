@@ -36,16 +36,19 @@ TINY = {  # family -> overrides pointing the workflow at the tiny models
              "VAELoader": {"vae_name": graphs.TAEF1}},
 }
 CALIBRATION = {"calibration_samples": 1, "steps": 1, "width": TINY_SIZE, "height": TINY_SIZE,
-               # one calibration prompt would still cost a text encode per line (30 s with the
-               # T5 stub on CPU) and the stub encoders' output is garbage: calibrate on the
-               # workflow's own (zeroed) positive/negative instead.
+               # The workflows' `prompts` would be encoded by the stub text encoders, whose output
+               # is garbage: the node then refuses the non-finite activations (verified), and each
+               # line costs a T5 encode (~30 s on CPU). Calibrate on the workflow's own (zeroed)
+               # positive/negative instead.
                "prompts": ""}
 
 # Smoothing per family in these tests. The workflows use "search" (11 candidate settings per
-# layer). Whole quantize workflow on the 2-core CPU box: tiny FLUX (hidden 3072, the smallest
-# that ComfyUI's UNETLoader detects) 400-724 s with search vs 62 s with off (of which ~25 s is
-# the T5 stub's encode); tiny SDXL 129 s vs 20 s; tiny SD1.5 10 s vs 3 s. Timings swing 3-5x with
-# other load. SVDQ_WORKFLOW_SMOOTHING=search runs every workflow as shipped.
+# layer). Whole quantize workflow on the 2-core CPU box, other load present, server with
+# OMP_NUM_THREADS=1: tiny FLUX (hidden 3072, the smallest ComfyUI's UNETLoader detects) 245 s
+# with search vs 50-62 s with off (~25 s of it the T5 stub's encode); tiny SDXL 49 s vs 20-23 s;
+# tiny SD1.5 7.5 s vs 3 s. With torch's default 2 threads and another busy process, the same runs
+# took 4-20x longer (SDXL off 149 s, SD1.5 search 89-224 s, FLUX search 400-724 s).
+# SVDQ_WORKFLOW_SMOOTHING=search runs every workflow as shipped.
 SMOOTHING = {"sd15": "search", "sdxl": "off", "flux": "off"}
 SMOOTHING_ALL = os.environ.get("SVDQ_WORKFLOW_SMOOTHING")
 
