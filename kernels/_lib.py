@@ -13,7 +13,7 @@ import pathlib
 import threading
 
 LIB_NAME = "libsvdq_kernels.so"
-ABI_VERSION = 1
+ABI_VERSION = 2  # 2: quantize takes a workspace (deterministic LoRA-down K-split sum)
 DT_F16, DT_BF16 = 0, 1
 FMT_INT4, FMT_E4M3 = 0, 1
 
@@ -45,7 +45,9 @@ def _bind(lib):
     lib.svdq_device_path.restype = c_int
     lib.svdq_device_path.argtypes = [c_int]
     lib.svdq_quantize_act_lora_down.restype = c_int
-    lib.svdq_quantize_act_lora_down.argtypes = [c_void_p] * 6 + [c_int] * 7 + [c_void_p]
+    lib.svdq_quantize_act_lora_down.argtypes = [c_void_p] * 8 + [c_int] * 7 + [c_void_p]
+    lib.svdq_quant_workspace.restype = c_int
+    lib.svdq_quant_workspace.argtypes = [c_int] * 4 + [ctypes.POINTER(ctypes.c_longlong), ctypes.POINTER(c_int)]
     lib.svdq_w4a4_gemm.restype = c_int
     lib.svdq_w4a4_gemm.argtypes = [c_void_p] * 8 + [c_int] * 9 + [c_void_p]
     return lib
@@ -94,6 +96,20 @@ def check(code: int, what: str):
 
 
 _paths = {}
+
+
+_ws = {}
+
+
+def quant_workspace(m: int, k: int, rp: int, index: int):
+    """(fp32 partial count, int32 counter count) of the quantize kernel's workspace; (0, 0) when none."""
+    key = (m, k, rp, index)
+    r = _ws.get(key)
+    if r is None:
+        pf, nc = ctypes.c_longlong(0), ctypes.c_int(0)
+        check(_lib.svdq_quant_workspace(m, k, rp, index, ctypes.byref(pf), ctypes.byref(nc)), "svdq_quant_workspace")
+        r = _ws[key] = (int(pf.value), int(nc.value))
+    return r
 
 
 def device_path(index: int) -> int:

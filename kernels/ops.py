@@ -31,15 +31,23 @@ def padded_rows(m: int) -> int:
 
 
 def quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt: int) -> None:
-    """Kernel 1 into given buffers. smooth_rcp = 1/smooth_factor (fp32); lora (M, rp) must be zeroed
-    (the kernel accumulates into it)."""
+    """Kernel 1 into given buffers. smooth_rcp = 1/smooth_factor (fp32); every element of lora (M, rp) is
+    written (no zeroing needed). The K-split LoRA-down partials go to a workspace allocated here through
+    torch (caching allocator: fine under CUDA-graph capture) and are summed in a fixed order: the result
+    is bitwise reproducible."""
     lib = _lib.load()
     m, k = x.shape
     rp = lora.shape[1]
+    dev = x.device
+    n_part, n_cnt = _lib.quant_workspace(m, k, rp, dev.index) if rp else (0, 0)
+    part = cnt = None
+    if n_part:
+        part = torch.empty(n_part, dtype=torch.float32, device=dev)
+        cnt = torch.zeros(n_cnt, dtype=torch.int32, device=dev)
     code = lib.svdq_quantize_act_lora_down(
         _ptr(x), _ptr(smooth_rcp), _ptr(proj_down) if rp else None, _ptr(qact), _ptr(ascales), _ptr(lora),
-        m, k, ascales.shape[1], rp, _dt(x.dtype), fmt, x.device.index,
-        torch.cuda.current_stream(x.device).cuda_stream)
+        _ptr(part), _ptr(cnt), m, k, ascales.shape[1], rp, _dt(x.dtype), fmt, dev.index,
+        torch.cuda.current_stream(dev).cuda_stream)
     _lib.check(code, "svdq_quantize_act_lora_down")
 
 
@@ -64,7 +72,7 @@ def quantize_act_lora_down(x: torch.Tensor, smooth_rcp: torch.Tensor, proj_down:
         x = x.contiguous().clone()
     qact = torch.empty((m, k if fmt == _lib.FMT_E4M3 else k // 2), dtype=torch.uint8, device=x.device)
     ascales = torch.empty((k // GROUP, padded_rows(m)), dtype=torch.float32, device=x.device)
-    lora = torch.zeros((m, rank_padded), dtype=torch.float32, device=x.device)
+    lora = torch.empty((m, rank_padded), dtype=torch.float32, device=x.device)
     quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt)
     return qact, ascales, lora
 
@@ -106,7 +114,7 @@ def linear_direct(x2: torch.Tensor, p: dict) -> torch.Tensor:
     dev = x2.device
     qact = torch.empty((m, k if fmt == _lib.FMT_E4M3 else k // 2), dtype=torch.uint8, device=dev)
     ascales = torch.empty((k // GROUP, padded_rows(m)), dtype=torch.float32, device=dev)
-    lora = torch.zeros((m, p["_rp"]), dtype=torch.float32, device=dev)
+    lora = torch.empty((m, p["_rp"]), dtype=torch.float32, device=dev)
     quantize_into(x2, p["_smooth_rcp"], pd, qact, ascales, lora, fmt)
     out = torch.empty((m, p["_qw"].shape[0]), dtype=x2.dtype, device=dev)
     gemm_into(qact, ascales, p["_qw"], p["_wscales"], lora, p["_proj_up"], p["_bias"], out, path)

@@ -2,7 +2,10 @@
 //
 // Kernel 1  quantize_act_lora_down: one pass over X (M x K, bf16/fp16): X/lambda -> per-(token, 64-group)
 //           absmax INT4 codes (emitted as packed int4 or as e4m3 bytes) + fp32 scales, and X . proj_down
-//           (bf16/fp16 mma.sync, fp32 accumulate) reduced into lora_act (fp32, atomics across K-splits).
+//           (bf16/fp16 mma.sync, fp32 accumulate). K is split over gridDim.y CTAs per 64-row block; each
+//           split stores its fp32 partial to its own workspace slice; the slices are summed along a fixed
+//           4-ary tree over the split index (each node by the last child CTA to arrive at its counter),
+//           the root into lora_act: bitwise deterministic run to run (no float atomics anywhere).
 // Kernel 2a w4a4_gemm_sm90 (sm_90a only): e4m3 x e4m3 wgmma per 64-group (integer codes are exact in
 //           e4m3; per-group partials <= 3136 are exact in the fp32 accumulator), promoted to fp32 with
 //           a_scale*w_scale by CUDA cores while the next group's wgmma runs; epilogue: LoRA-up as tf32
@@ -16,6 +19,7 @@
 //   qact     path 90: e4m3 bytes (M, K); path 80: packed int4 (M, K/2) (low nibble = even k)
 //   qweight  path 90: e4m3 bytes (N, K); path 80: packed int4 (N, K/2) (the file layout)
 //   lora_act fp32 (M, rp), proj_down (K, rp) in x's dtype, proj_up fp32 (N, rp); rp = rank padded to 32
+//   kernel-1 workspace (svdq_quant_workspace): partials fp32 (S, M, rp), counters int32 (row blocks x S), zeroed
 #include <cuda.h>  // CUtensorMap types only; the driver entry point is fetched at run time
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -32,6 +36,7 @@ enum { DT_F16 = 0, DT_BF16 = 1 };
 enum { FMT_INT4 = 0, FMT_E4M3 = 1 };
 enum { ERR_BAD_ARG = 10001, ERR_NO_PATH = 10002 };
 static constexpr int G = 64;  // group size (the only one the kernels implement)
+static constexpr int QF = 4;  // fan-in of kernel 1's fixed LoRA-down reduction tree over K-splits
 
 // ------------------------------------------------------------------------------------------------
 // small device helpers
@@ -46,6 +51,13 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// L2 (coherent) 16-byte load that the compiler may not move across the fences/barriers around it.
+__device__ __forceinline__ float4 ld_cg_f4(const float* p) {
+  float4 v;
+  asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];\n" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p) : "memory");
+  return v;
+}
 
 template <typename T> struct Pack2;
 template <> struct Pack2<__nv_bfloat16> {
@@ -87,7 +99,8 @@ __device__ __forceinline__ uint32_t code_to_e4m3(int q) {
 template <typename T, int FMT, int RP>
 __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restrict__ x, const float* __restrict__ smooth_rcp,
                                                               const T* __restrict__ pdown, uint8_t* __restrict__ qact,
-                                                              float* __restrict__ ascales, float* __restrict__ lora, int M,
+                                                              float* __restrict__ ascales, float* __restrict__ lora,
+                                                              float* __restrict__ part, int* __restrict__ cnt, int M,
                                                               int K, int Mp, int gpc) {
   constexpr int XS = G * 2 + 16;         // X tile row stride in bytes (padded)
   constexpr int PS = RP * 2 + 16;        // proj_down chunk row stride in bytes (padded)
@@ -267,18 +280,69 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
       __syncwarp();
     }
   }
-  if (RP > 0 && g_begin < g_end) {
+  // LoRA-down partial of this split. No float atomics: with one split the CTA owns the whole sum; else
+  // each split writes its own slice of `part`, summed along a fixed tree below (bitwise reproducible).
+  if (RP > 0 && g_begin < g_end) {  // the launch makes every split non-empty
+    const int S = gridDim.y;
+    float* dst = S == 1 ? lora : part + (size_t)blockIdx.y * M * RP;
+    const int m0 = row0 + gid, m1 = m0 + 8;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       int col = nt * 8 + 2 * tig;
-      int m0 = row0 + gid, m1 = m0 + 8;
-      if (m0 < M) {
-        atomicAdd(lora + (size_t)m0 * RP + col, acc[nt][0]);
-        atomicAdd(lora + (size_t)m0 * RP + col + 1, acc[nt][1]);
-      }
-      if (m1 < M) {
-        atomicAdd(lora + (size_t)m1 * RP + col, acc[nt][2]);
-        atomicAdd(lora + (size_t)m1 * RP + col + 1, acc[nt][3]);
+      if (m0 < M) *reinterpret_cast<float2*>(dst + (size_t)m0 * RP + col) = make_float2(acc[nt][0], acc[nt][1]);
+      if (m1 < M) *reinterpret_cast<float2*>(dst + (size_t)m1 * RP + col) = make_float2(acc[nt][2], acc[nt][3]);
+    }
+    if (S > 1) {
+      // Fixed tree of fan-in QF over the split index: node (level, j) covers splits [j*span*QF, +span*QF) and
+      // is summed (children in index order) by whichever child CTA arrives last at its counter, into the
+      // slot of its first child; the root writes lora. The tree, not the arrival order, fixes every
+      // rounding; the reductions are spread over many CTAs and the tail is log_QF(S) short levels.
+      __shared__ int is_last;
+      const int r0 = blockIdx.x * 64;
+      const int n4 = min(64, M - r0) * RP / 4;  // float4 chunks of this row block in one slice (contiguous)
+      const size_t slice = (size_t)M * RP;
+      float* base = part + (size_t)r0 * RP;
+      int* cnt_rb = cnt + (size_t)blockIdx.x * S;  // <= S nodes per row block for QF = 4
+      int lvl_off = 0;
+      for (int span = 1; span < S; span *= QF) {
+        const int node = blockIdx.y / (span * QF);
+        const int first = node * span * QF;
+        const int nch = min(QF, (S - first + span - 1) / span);
+        const bool root = span * QF >= S;
+        if (nch > 1) {
+          __threadfence();  // this CTA's slot (its partial or its last node sum) visible before the counter moves
+          __syncthreads();
+          if (threadIdx.x == 0) {
+            const int prev = atomicAdd(cnt_rb + lvl_off + node, 1);  // integer: order-independent
+            is_last = prev == nch - 1;
+            if (is_last) cnt_rb[lvl_off + node] = 0;  // leaves the counters zeroed
+          }
+          __syncthreads();
+          if (!is_last) return;
+          __threadfence();
+          float* dst = root ? lora + (size_t)r0 * RP : base + (size_t)first * slice;
+          for (int c0 = threadIdx.x; c0 < n4; c0 += 4 * 128) {
+            float4 v[QF][4];
+#pragma unroll
+            for (int ch = 0; ch < QF; ++ch)
+#pragma unroll
+              for (int i = 0; i < 4; ++i) {
+                const int c = c0 + i * 128;
+                v[ch][i] = (ch < nch && c < n4) ? ld_cg_f4(base + (size_t)(first + ch * span) * slice + 4 * c)
+                                                : make_float4(0.f, 0.f, 0.f, 0.f);
+              }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const int c = c0 + i * 128;
+              float4 sum = v[0][i];
+#pragma unroll
+              for (int ch = 1; ch < QF; ++ch)
+                if (ch < nch) { sum.x += v[ch][i].x; sum.y += v[ch][i].y; sum.z += v[ch][i].z; sum.w += v[ch][i].w; }
+              if (c < n4) reinterpret_cast<float4*>(dst)[c] = sum;
+            }
+          }
+        }
+        lvl_off += (S + span * QF - 1) / (span * QF);
       }
     }
   }
@@ -1506,7 +1570,7 @@ static int sm_count(int dev) {
   return g_sm_count[dev];
 }
 
-SVDQ_API int svdq_abi_version() { return 1; }
+SVDQ_API int svdq_abi_version() { return 2; }
 
 SVDQ_API const char* svdq_error_string(int code) {
   if (code == ERR_BAD_ARG) return "svdq: bad argument (shape/alignment/rank)";
@@ -1529,11 +1593,9 @@ SVDQ_API int svdq_device_path(int dev) {
   return 0;
 }
 
-template <typename T, int FMT>
-static int launch_quant(const void* x, const float* smooth, const void* pdown, void* qact, float* ascales, float* lora,
-                        int M, int K, int Mp, int rp, cudaStream_t st) {
-  int dev = 0;
-  cudaGetDevice(&dev);
+// Kernel-1 grid: 64-row blocks x K-splits (S). Depends on (M, K, device) only, so the workspace size
+// that svdq_quant_workspace reports is the one the launch uses.
+static void quant_grid(int M, int K, int dev, int* rowblocks_out, int* splits_out, int* gpc_out) {
   const int ngroups = K / G;
   const int rowblocks = (M + 63) / 64;
   int target = 8 * sm_count(dev);  // enough CTAs (4 warps each) to keep loads in flight on every SM
@@ -1541,12 +1603,24 @@ static int launch_quant(const void* x, const float* smooth, const void* pdown, v
   if (splits > ngroups) splits = ngroups;
   if (splits < 1) splits = 1;
   int gpc = (ngroups + splits - 1) / splits;
-  splits = (ngroups + gpc - 1) / gpc;
+  splits = (ngroups + gpc - 1) / gpc;  // every split non-empty
+  *rowblocks_out = rowblocks;
+  *splits_out = splits;
+  *gpc_out = gpc;
+}
+
+template <typename T, int FMT>
+static int launch_quant(const void* x, const float* smooth, const void* pdown, void* qact, float* ascales, float* lora,
+                        float* part, int* cnt, int M, int K, int Mp, int rp, int dev, cudaStream_t st) {
+  int rowblocks, splits, gpc;
+  quant_grid(M, K, dev, &rowblocks, &splits, &gpc);
+  if (rp > 0 && splits > 1 && (!part || !cnt || ((uintptr_t)part & 15))) return ERR_BAD_ARG;
   dim3 grid(rowblocks, splits);
   const T* xx = (const T*)x;
   const T* pd = (const T*)pdown;
   uint8_t* q = (uint8_t*)qact;
-#define QL(RPV) quant_lora_down_kernel<T, FMT, RPV><<<grid, 128, 0, st>>>(xx, smooth, pd, q, ascales, lora, M, K, Mp, gpc)
+#define QL(RPV) \
+  quant_lora_down_kernel<T, FMT, RPV><<<grid, 128, 0, st>>>(xx, smooth, pd, q, ascales, lora, part, cnt, M, K, Mp, gpc)
   switch (rp) {
     case 0: QL(0); break;
     case 32: QL(32); break;
@@ -1559,21 +1633,44 @@ static int launch_quant(const void* x, const float* smooth, const void* pdown, v
   return (int)cudaGetLastError();
 }
 
+// Workspace of svdq_quantize_act_lora_down for (M, K, rp) on `device`: *part_floats fp32 partials and
+// *counters int32 counters that must be zeroed before the call (the kernel leaves them zeroed). Both 0
+// when none is needed (rp == 0 or a single K-split). Returns 0 or an error code.
+SVDQ_API int svdq_quant_workspace(int M, int K, int rp, int device, long long* part_floats, int* counters) {
+  if (!part_floats || !counters) return ERR_BAD_ARG;
+  *part_floats = 0;
+  *counters = 0;
+  if (M <= 0 || K <= 0 || K % G || rp < 0) return ERR_BAD_ARG;
+  int rowblocks, splits, gpc;
+  quant_grid(M, K, device, &rowblocks, &splits, &gpc);
+  if (rp > 0 && splits > 1) {
+    *part_floats = (long long)splits * M * rp;
+    *counters = rowblocks * splits;  // tree nodes per row block <= splits (QF = 4)
+  }
+  return 0;
+}
+
 // x (M, K) dtype; smooth = 1/smooth_factor, fp32 (K); proj_down (K, rp) dtype or NULL when rp == 0;
-// qact: fmt 0 -> (M, K/2) packed int4, fmt 1 -> (M, K) e4m3; ascales fp32 (K/64, Mp); lora fp32 (M, rp), zeroed.
+// qact: fmt 0 -> (M, K/2) packed int4, fmt 1 -> (M, K) e4m3; ascales fp32 (K/64, Mp); lora fp32 (M, rp), every
+// element written (need not be zeroed); part/cnt: the workspace of svdq_quant_workspace (NULL where it is 0).
 SVDQ_API int svdq_quantize_act_lora_down(const void* x, const float* smooth, const void* pdown, void* qact,
-                                         float* ascales, float* lora, int M, int K, int Mp, int rp, int dtype, int fmt,
-                                         int device, void* stream) {
+                                         float* ascales, float* lora, float* part, int* cnt, int M, int K, int Mp,
+                                         int rp, int dtype, int fmt, int device, void* stream) {
   if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
   if (M <= 0 || K <= 0 || K % G || Mp < M || (rp > 0 && !pdown)) return ERR_BAD_ARG;
   if (((uintptr_t)x | (uintptr_t)smooth | (uintptr_t)pdown | (uintptr_t)qact) & 15) return ERR_BAD_ARG;
+  if (rp > 0 && ((uintptr_t)lora & 15)) return ERR_BAD_ARG;
   cudaStream_t st = (cudaStream_t)stream;
   if (dtype == DT_BF16) {
-    return fmt ? launch_quant<__nv_bfloat16, FMT_E4M3>(x, smooth, pdown, qact, ascales, lora, M, K, Mp, rp, st)
-               : launch_quant<__nv_bfloat16, FMT_INT4>(x, smooth, pdown, qact, ascales, lora, M, K, Mp, rp, st);
+    return fmt ? launch_quant<__nv_bfloat16, FMT_E4M3>(x, smooth, pdown, qact, ascales, lora, part, cnt, M, K, Mp, rp,
+                                                       device, st)
+               : launch_quant<__nv_bfloat16, FMT_INT4>(x, smooth, pdown, qact, ascales, lora, part, cnt, M, K, Mp, rp,
+                                                       device, st);
   } else if (dtype == DT_F16) {
-    return fmt ? launch_quant<__half, FMT_E4M3>(x, smooth, pdown, qact, ascales, lora, M, K, Mp, rp, st)
-               : launch_quant<__half, FMT_INT4>(x, smooth, pdown, qact, ascales, lora, M, K, Mp, rp, st);
+    return fmt ? launch_quant<__half, FMT_E4M3>(x, smooth, pdown, qact, ascales, lora, part, cnt, M, K, Mp, rp, device,
+                                                st)
+               : launch_quant<__half, FMT_INT4>(x, smooth, pdown, qact, ascales, lora, part, cnt, M, K, Mp, rp, device,
+                                                st);
   }
   return ERR_BAD_ARG;
 }
