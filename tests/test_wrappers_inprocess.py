@@ -59,7 +59,7 @@ def test_quantized_clone_leaves_the_16bit_model_intact(comfy, quantized_sd15):
 def test_saved_file_loads_to_the_same_model(comfy, quantized_sd15):
     from comfyui_svdquant.wrappers.loader import load_svdquant_model
     mp, qm, _, report, path = quantized_sd15
-    lm, meta = load_svdquant_model(path)
+    lm, meta = load_svdquant_model(path, compute_dtype=str(comfy.DTYPE).removeprefix("torch."))
     assert meta["family"] == "sd15" and meta["model_class"] == "SD15"
     x, s = _probe_inputs()
     pos, _ = comfy.sd15_conds()
@@ -104,7 +104,7 @@ def test_flux_quantize_save_load(comfy, tmp_path):
     # embedders and the final layer stay 16-bit; attention, MLP and modulation linears are 4-bit
     assert not names & {"img_in", "txt_in", "final_layer.linear"}
     assert {"double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "double_blocks.0.img_mod.lin"} <= names
-    lm, meta = load_svdquant_model(path, expected_family="flux")
+    lm, meta = load_svdquant_model(path, expected_family="flux", compute_dtype=str(comfy.DTYPE).removeprefix("torch."))
     x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
     s = torch.tensor([0.7])
     y16 = comfy.denoise_once_flux(mp, x, s, pos)
@@ -123,7 +123,7 @@ def test_low_vram_partial_load_runs_the_4bit_layers(comfy, quantized_sd15):
     x, s = _probe_inputs()
     pos, _ = comfy.sd15_conds()
     y_full = comfy.denoise_once(qm, x, s, pos)
-    qm.unpatch_model()
+    qm.unpatch_model(device_to=qm.offload_device)  # as ComfyUI unloads: weights back to the offload device
     try:
         dev = qm.load_device
         qm.patch_model(device_to=dev, lowvram_model_memory=1024, load_weights=True)
