@@ -58,8 +58,8 @@ class CalibrateAndQuantize:
                 "positive": ("CONDITIONING", {"tooltip": "Calibration prompt conditioning."}),
                 "negative": ("CONDITIONING",),
                 "rank_policy": ("SVDQUANT_RANK_POLICY", {"tooltip": "From Low-Rank Rank Selector; overrides rank."}),
-                "clip": ("CLIP", {"tooltip": "Encodes `prompts` when no conditioning is connected."}),
-                "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "One calibration prompt per line (needs clip)."}),
+                "clip": ("CLIP", {"tooltip": "Encodes `prompts`; needed when prompts are given."}),
+                "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "One calibration prompt per line, encoded with clip; when given they replace positive/negative."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
