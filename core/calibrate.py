@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import QuantConfig
-from .layer_quant import LayerProblem, QuantizedLinear
+from .layer_quant import LayerProblem
 from .stats import ActivationStats
 
 Progress = Callable[[int, int, str], None]

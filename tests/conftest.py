@@ -35,16 +35,18 @@ def _cuda_available():
 
 
 def pytest_collection_modifyitems(config, items):
-    if any("gpu" in item.keywords for item in items) and not _cuda_available():
+    # get_closest_marker, not `in item.keywords`: keywords also hold path parts, and every test
+    # under tests/gpu/ (the CPU fallback tests too) would match "gpu".
+    if any(item.get_closest_marker("gpu") for item in items) and not _cuda_available():
         skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
         for item in items:
-            if "gpu" in item.keywords:
+            if item.get_closest_marker("gpu"):
                 item.add_marker(skip_gpu)
     reason = harness_config.comfyui_missing_reason()
     if reason and not REQUIRE_COMFY:  # with SVDQ_REQUIRE_COMFY=1 the comfy_server fixture fails instead
         skip_comfy = pytest.mark.skip(reason=reason)
         for item in items:
-            if "comfy" in item.keywords:
+            if item.get_closest_marker("comfy"):
                 item.add_marker(skip_comfy)
 
 

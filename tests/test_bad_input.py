@@ -1,6 +1,5 @@
 """Bad input through the real server: each gives a clear error naming the cause, the server stays
 up and runs the next prompt, and no half-written file is left behind."""
-import shutil
 
 import pytest
 import torch

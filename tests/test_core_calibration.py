@@ -1,5 +1,4 @@
 """Calibration over a whole model: statistics, layer selection, rank policies, failures."""
-import math
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ state dict Calibrate & Quantize just made): each Linear reads its own state dict
 4-bit if it finds `qweight`. Linears are created on the meta device and receive real tensors from
 the state dict, so a model is never materialised in 16 bits before its 4-bit weights arrive.
 """
-import torch
 from torch import nn
 
 import comfy.ops

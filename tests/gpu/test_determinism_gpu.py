@@ -5,7 +5,6 @@ failure), then calls each op and the whole linear 10 times and compares every re
 by `torch.equal` (no tolerance). Shapes include many K-splits of the LoRA-down sum (large K = 12288,
 tiny M = 1, FLUX-sized M = 4608) and ragged M (not a multiple of the 64-row block).
 """
-import os
 import random
 
 import pytest
@@ -16,23 +15,13 @@ from comfyui_svdquant.kernels import _lib
 
 from _layers import make_layer, make_x
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_lib")]
 DEV = "cuda"
 REPS = 10
 
 # (M, K, N, rank)
 CASES = [(4608, 3072, 3072, 32), (333, 12288, 3072, 32), (1, 12288, 640, 128), (77, 640, 1280, 64),
          (4109, 3072, 576, 128), (130, 1280, 320, 0)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _need_lib():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    if _lib.load() is None:
-        if os.environ.get("SVDQ_ALLOW_NO_LIB") == "1":
-            pytest.skip(f"CUDA library absent: {_lib.load_error()}")
-        pytest.fail(f"CUDA library absent (run kernels/build.sh): {_lib.load_error()}")
 
 
 def _paths():
