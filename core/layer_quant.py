@@ -121,11 +121,10 @@ class LayerProblem:
 
     def search_alpha(self, rank):
         """Best α on the grid (None = no smoothing) at this rank, by output error."""
-        best = (None, *self.error(smoothing_factor(self.x_absmax, self.w_absmax, None), rank, fast=True))
-        for a in self.cfg.alpha_grid:
-            lam = smoothing_factor(self.x_absmax, self.w_absmax, a)
-            err, lr = self.error(lam, rank, fast=True)
-            if err < best[1]:
+        best = None
+        for a in (None, *self.cfg.alpha_grid):
+            err, lr = self.error(smoothing_factor(self.x_absmax, self.w_absmax, a), rank, fast=True)
+            if best is None or err < best[1]:
                 best = (a, err, lr)
         return best
 
@@ -143,8 +142,7 @@ class LayerProblem:
         g = self.cfg.group_size
         lam = smoothing_factor(self.x_absmax, self.w_absmax, alpha)
         err, (l_up, l_down) = self.error(lam, rank, self.cfg.lowrank_iters)
-        w_hat = self.w * lam
-        codes, scales = quantize_residual(w_hat - l_up @ l_down, g)
+        codes, scales = quantize_residual(self.w * lam - l_up @ l_down, g)
         naive = relative_error(_simulate(self.x, self.w, torch.ones_like(lam), self.w.new_zeros(self.w.shape[0], 0),
                                          self.w.new_zeros(0, self.w.shape[1]), g), self.y_ref)
         n, k = self.w.shape
