@@ -12,7 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 FORMAT_NAME = "svdquant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2            # 2 added int_ratio scales (docs/FORMAT.md §1); version-1 files are all "float"
+READABLE_VERSIONS = (1, 2)
 LAYER_FORMAT = "svdquant_w4a4"
 QUANT_META_KEY = "_quantization_metadata"  # ComfyUI's per-layer declaration key
 FILE_META_KEY = "svdquant"
@@ -26,7 +27,8 @@ def build_metadata(layers: dict, family: str, source_dtype: torch.dtype, group_s
                    model_class: str | None = None, unet_config: dict | None = None, extra: dict | None = None) -> dict:
     """layers: name -> {"rank": r, ...}. Returns the string→string header metadata."""
     qmeta = {"format_version": "1.0",
-             "layers": {n: {"format": LAYER_FORMAT, "rank": int(v["rank"]), "group_size": group_size}
+             "layers": {n: {"format": LAYER_FORMAT, "rank": int(v["rank"]), "group_size": group_size,
+                            "scales": v.get("scales", "float")}
                         for n, v in layers.items()}}
     fmeta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "weight_bits": 4, "act_bits": 4,
              "weight_dtype": "int4", "group_size": group_size, "family": family,
@@ -52,9 +54,16 @@ def save_checkpoint(path: str, tensors: dict, metadata: dict) -> None:
         raise
 
 
-def _expected_shapes(n: int, k: int, rank: int, group_size: int) -> dict:
-    return {"qweight": (n, k // 2), "wscales": (k // group_size, n), "smooth_factor": (k,),
-            "proj_down": (k, rank), "proj_up": (n, rank), "bias": (n,)}
+def _expected(n: int, k: int, rank: int, group_size: int, scales: str) -> dict:
+    """tensor -> (shape, dtype or None for 'any floating point') of one layer."""
+    exp = {"qweight": ((n, k // 2), torch.int8), "smooth_factor": ((k,), None),
+           "proj_down": ((k, rank), None), "proj_up": ((n, rank), None), "bias": ((n,), None)}
+    if scales == "int_ratio":
+        exp["wscale_mult"] = ((k // group_size, n), torch.uint8)
+        exp["wscale_base"] = ((n,), torch.float32)
+    else:
+        exp["wscales"] = ((k // group_size, n), None)
+    return exp
 
 
 def read_metadata(path: str) -> dict:
@@ -78,9 +87,9 @@ def load_checkpoint(path: str, device="cpu"):
         layers = json.loads(meta[QUANT_META_KEY])["layers"]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: malformed SVDQuant declaration in the header ({e})") from e
-    if fmeta.get("format") != FORMAT_NAME or fmeta.get("version") != FORMAT_VERSION:
+    if fmeta.get("format") != FORMAT_NAME or fmeta.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"{path}: format {fmeta.get('format')!r} version {fmeta.get('version')!r} "
-                              f"is not supported (this pack reads {FORMAT_NAME!r} version {FORMAT_VERSION})")
+                              f"is not supported (this pack reads {FORMAT_NAME!r} versions {READABLE_VERSIONS})")
     g = int(fmeta.get("group_size", 0))
     if g != 64:
         raise CheckpointError(f"{path}: group size {g} is not supported (INT4 group 64 only)")
@@ -100,8 +109,10 @@ def load_checkpoint(path: str, device="cpu"):
         if qw.dtype != torch.int8 or qw.ndim != 2:
             raise CheckpointError(f"{path}: tensor {name}.qweight must be 2-D int8, got {qw.dtype} {tuple(qw.shape)}")
         n, k = qw.shape[0], qw.shape[1] * 2
-        exp = _expected_shapes(n, k, int(lm["rank"]), g)
-        for t, shape in exp.items():
+        scales = lm.get("scales", "float")
+        if scales not in ("float", "int_ratio"):
+            raise CheckpointError(f"{path}: layer {name} declares scales {scales!r} (this pack reads float, int_ratio)")
+        for t, (shape, dtype) in _expected(n, k, int(lm["rank"]), g, scales).items():
             key = f"{name}.{t}"
             if key not in sd:
                 if t == "bias":
@@ -109,6 +120,13 @@ def load_checkpoint(path: str, device="cpu"):
                 raise CheckpointError(f"{path}: tensor {key} is missing")
             if tuple(sd[key].shape) != shape:
                 raise CheckpointError(f"{path}: tensor {key} has shape {tuple(sd[key].shape)}, expected {shape}")
-            if t != "qweight" and not sd[key].is_floating_point():
+            if dtype is not None and sd[key].dtype != dtype:
+                raise CheckpointError(f"{path}: tensor {key} must be {dtype}, got {sd[key].dtype}")
+            if dtype is None and not sd[key].is_floating_point():
                 raise CheckpointError(f"{path}: tensor {key} must be floating point, got {sd[key].dtype}")
+        if scales == "int_ratio":
+            mult = sd[f"{name}.wscale_mult"]
+            if int(mult.max()) > 18:
+                raise CheckpointError(f"{path}: tensor {name}.wscale_mult holds multipliers above 18 "
+                                      f"(max {int(mult.max())}); int_ratio allows 1..18")
     return sd, fmeta, layers

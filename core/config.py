@@ -2,6 +2,7 @@
 from dataclasses import dataclass, field
 
 SUPPORTED_GROUP_SIZES = (64,)  # INT4 g64 today; NVFP4 (g16) would be a second format name
+SCALE_MODES = ("int_ratio", "float")  # docs/FORMAT.md §1; int_ratio runs on 8-bit tensor cores without per-group promotion
 
 
 @dataclass
@@ -38,6 +39,8 @@ class RankPolicy:
 @dataclass
 class QuantConfig:
     group_size: int = 64
+    # Per-group scales: "int_ratio" (base × integer multiplier; the fast Hopper path) or "float".
+    scale_mode: str = "int_ratio"
     rank: RankPolicy = field(default_factory=RankPolicy)
     # Smoothing λ = max|x|^α / max|w|^(1-α); α is searched on this grid per layer (1.0 = no
     # smoothing is always tried too). An empty grid disables smoothing.
@@ -52,6 +55,8 @@ class QuantConfig:
     def __post_init__(self):
         if self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ValueError(f"group size {self.group_size} not supported (supported: {SUPPORTED_GROUP_SIZES})")
+        if self.scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale mode must be one of {SCALE_MODES}, got {self.scale_mode!r}")
         if any(not (0.0 <= a <= 1.0) for a in self.alpha_grid):
             raise ValueError(f"smoothing alphas must lie in [0, 1], got {self.alpha_grid}")
         if self.lowrank_iters < 1:

@@ -11,13 +11,14 @@ import torch
 from ..kernels import reference as ref
 from .config import QuantConfig
 from .lowrank import top_svd
+from .weight_quant import quantize_weight
 
 
 @dataclass
 class QuantizedLinear:
     """The tensors of docs/FORMAT.md for one layer (natural layout), plus what was chosen."""
     qweight: torch.Tensor
-    wscales: torch.Tensor
+    scales: dict                 # "wscales" (float mode) or "wscale_mult" + "wscale_base" (int_ratio)
     smooth_factor: torch.Tensor
     proj_down: torch.Tensor
     proj_up: torch.Tensor
@@ -27,7 +28,7 @@ class QuantizedLinear:
     report: dict = field(default_factory=dict)
 
     def tensors(self) -> dict:
-        t = {"qweight": self.qweight, "wscales": self.wscales, "smooth_factor": self.smooth_factor,
+        t = {"qweight": self.qweight, **self.scales, "smooth_factor": self.smooth_factor,
              "proj_down": self.proj_down, "proj_up": self.proj_up}
         if self.bias is not None:
             t["bias"] = self.bias
@@ -49,12 +50,16 @@ def smoothing_factor(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: floa
     return lam.clamp(1e-4, 1e4)
 
 
-def quantize_residual(r: torch.Tensor, group_size: int):
-    """R (N×K) → (codes int8 N×K, scales fp32 N×K/G)."""
-    return ref.quantize_groups(r, group_size)
+def fake_quant_act(xs: torch.Tensor, group_size: int, mode: str) -> torch.Tensor:
+    """Smoothed activations after the run-time 4-bit round trip of `mode` (what the kernels compute)."""
+    if mode == "int_ratio":
+        codes, mult, base = ref.quantize_groups_ratio(xs, group_size, ref.ACT_CHUNK_GROUPS)
+        return ref.dequantize_ratio(codes, mult, base, group_size, ref.ACT_CHUNK_GROUPS)
+    codes, scales = ref.quantize_groups(xs, group_size)
+    return ref.dequantize_groups(codes, scales, group_size)
 
 
-def _split(w_hat: torch.Tensor, rank: int, iters: int, group_size: int, score=None, fast=False):
+def _split(w_hat, rank, iters, quant, score=None, fast=False):
     """Low-rank split with optional refinement L ← SVD_r(Ŵ − Q(Ŵ − L)); keeps the best by `score`."""
     l_up, l_down = top_svd(w_hat, rank, fast)
     best = (l_up, l_down)
@@ -63,8 +68,7 @@ def _split(w_hat: torch.Tensor, rank: int, iters: int, group_size: int, score=No
     best_err = score(l_up, l_down) if score else None
     for _ in range(iters - 1):
         r = w_hat - l_up @ l_down
-        codes, scales = quantize_residual(r, group_size)
-        q_err = r - ref.dequantize_groups(codes, scales, group_size)
+        q_err = r - quant(r)
         l_up, l_down = top_svd(w_hat - q_err, rank)
         if score is None:
             best = (l_up, l_down)
@@ -76,15 +80,11 @@ def _split(w_hat: torch.Tensor, rank: int, iters: int, group_size: int, score=No
     return best
 
 
-def _simulate(x, w_hat, lam, l_up, l_down, group_size):
+def _simulate(x, w_hat, lam, l_up, l_down, group_size, mode, quant):
     """Fake-quantized output of the 4-bit layer on rows x (no bias), fp32."""
     r = w_hat - l_up @ l_down
-    codes, scales = quantize_residual(r, group_size)
-    w_deq = ref.dequantize_groups(codes, scales, group_size)
     xs = x / lam
-    a_codes, a_scales = ref.quantize_groups(xs, group_size)
-    x_deq = ref.dequantize_groups(a_codes, a_scales, group_size)
-    y = x_deq @ w_deq.t()
+    y = fake_quant_act(xs, group_size, mode) @ quant(r).t()
     if l_up.shape[1]:
         y = y + (xs @ l_down.t()) @ l_up.t()
     return y
@@ -112,10 +112,18 @@ class LayerProblem:
         self.w_absmax = self.w.abs().amax(dim=0)
         self.y_ref = self.x @ self.w.t()
 
+    def quantizer(self, lam, search):
+        """R ↦ dequantized 4-bit R in this config's scale mode, its error weighted by E[x̂²] per channel."""
+        imp = (self.x / lam).pow(2).mean(dim=0)
+        mode, g = self.cfg.scale_mode, self.cfg.group_size
+        return lambda r: quantize_weight(r, g, mode, imp, search).dequantize(g)
+
     def error(self, lam, rank, iters=1, fast=False):
         w_hat = self.w * lam
-        score = (lambda u, d: relative_error(_simulate(self.x, w_hat, lam, u, d, self.cfg.group_size), self.y_ref))
-        l_up, l_down = _split(w_hat, rank, iters, self.cfg.group_size, score, fast)
+        g, mode = self.cfg.group_size, self.cfg.scale_mode
+        quant = self.quantizer(lam, search=not fast)
+        score = (lambda u, d: relative_error(_simulate(self.x, w_hat, lam, u, d, g, mode, quant), self.y_ref))
+        l_up, l_down = _split(w_hat, rank, iters, quant, score, fast)
         err = score(l_up, l_down)
         return err, (l_up, l_down)
 
@@ -134,7 +142,9 @@ class LayerProblem:
         w_hat = self.w * lam
         top = max(ranks)
         u, d = top_svd(w_hat, top)
-        return {r: relative_error(_simulate(self.x, w_hat, lam, u[:, :r], d[:r], self.cfg.group_size), self.y_ref)
+        quant = self.quantizer(lam, search=False)
+        g, mode = self.cfg.group_size, self.cfg.scale_mode
+        return {r: relative_error(_simulate(self.x, w_hat, lam, u[:, :r], d[:r], g, mode, quant), self.y_ref)
                 for r in ranks}
 
     def finish(self, alpha, rank, bias, out_dtype) -> QuantizedLinear:
@@ -142,13 +152,19 @@ class LayerProblem:
         g = self.cfg.group_size
         lam = smoothing_factor(self.x_absmax, self.w_absmax, alpha)
         err, (l_up, l_down) = self.error(lam, rank, self.cfg.lowrank_iters)
-        codes, scales = quantize_residual(self.w * lam - l_up @ l_down, g)
-        naive = relative_error(_simulate(self.x, self.w, torch.ones_like(lam), self.w.new_zeros(self.w.shape[0], 0),
-                                         self.w.new_zeros(0, self.w.shape[1]), g), self.y_ref)
+        imp = (self.x / lam).pow(2).mean(dim=0)
+        wq = quantize_weight(self.w * lam - l_up @ l_down, g, self.cfg.scale_mode, imp)
+        ones = torch.ones_like(lam)
+        naive = relative_error(_simulate(self.x, self.w, ones, self.w.new_zeros(self.w.shape[0], 0),
+                                         self.w.new_zeros(0, self.w.shape[1]), g, "float",
+                                         lambda r: quantize_weight(r, g, "float", search=False).dequantize(g)),
+                               self.y_ref)
         n, k = self.w.shape
+        # float-mode scales are stored in the model dtype; int_ratio multipliers/bases keep their own dtypes
+        scales = {name: (t.to(out_dtype) if name == "wscales" else t).cpu() for name, t in wq.file_tensors.items()}
         q = QuantizedLinear(
-            qweight=ref.pack_int4(codes).cpu(),
-            wscales=scales.t().contiguous().to(out_dtype).cpu(),
+            qweight=ref.pack_int4(wq.codes).cpu(),
+            scales=scales,
             smooth_factor=lam.to(out_dtype).cpu(),
             proj_down=(l_down / lam).t().contiguous().to(out_dtype).cpu(),
             proj_up=l_up.contiguous().to(out_dtype).cpu(),
@@ -159,7 +175,7 @@ class LayerProblem:
         elt = torch.finfo(out_dtype).bits // 8
         q.report = {
             "layer": self.name, "in": k, "out": n, "rank": rank,
-            "alpha": alpha, "error_naive_w4a4": naive, "error": err,
+            "alpha": alpha, "scales": self.cfg.scale_mode, "error_naive_w4a4": naive, "error": err,
             "bytes_16bit": n * k * elt + (n * elt if bias is not None else 0),
             "bytes_4bit": sum(t.numel() * t.element_size() for t in q.tensors().values()),
         }

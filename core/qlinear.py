@@ -10,7 +10,18 @@ from torch import nn
 
 from .. import kernels
 
-TENSOR_NAMES = ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up")
+# The tensors of one 4-bit layer by scale mode (docs/FORMAT.md); bias is optional in both.
+TENSOR_NAMES = {
+    "float": ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up"),
+    "int_ratio": ("qweight", "wscale_mult", "wscale_base", "smooth_factor", "proj_down", "proj_up"),
+}
+# Tensors computed in the model's dtype; int_ratio multipliers (uint8) and bases (fp32) keep theirs.
+COMPUTE_DTYPE_TENSORS = ("wscales", "smooth_factor", "proj_down", "proj_up")
+
+
+def scale_mode_of(tensors) -> str:
+    """The scale mode a layer's tensors (dict or state-dict key set) are in."""
+    return "int_ratio" if any(str(k).endswith("wscale_mult") for k in tensors) else "float"
 
 
 def _weight_placeholder(module, state_dict, prefix, local_metadata):
@@ -30,8 +41,9 @@ class QuantizedLinearMixin:
         self.out_features, self.in_features = n, k2 * 2
         self.rank = tensors["proj_down"].shape[1]
         self.group_size = group_size
+        self.scale_mode = scale_mode_of(tensors)
         self.register_parameter("weight", None)
-        for name in TENSOR_NAMES:
+        for name in TENSOR_NAMES[self.scale_mode]:
             self.register_parameter(name, nn.Parameter(tensors[name], requires_grad=False))
         b = tensors.get("bias")
         self.register_parameter("bias", None if b is None else nn.Parameter(b, requires_grad=False))
@@ -59,9 +71,10 @@ class QuantizedLinearMixin:
         cached = getattr(self, "_prepared", None)
         if cached is not None and cached[0] == key:
             return cached[1]
-        t = {n: getattr(self, n).to(device, non_blocking=True) for n in TENSOR_NAMES}
-        for n in ("wscales", "smooth_factor", "proj_down", "proj_up"):
-            t[n] = t[n].to(dtype)
+        t = {n: getattr(self, n).to(device, non_blocking=True) for n in TENSOR_NAMES[self.scale_mode]}
+        for n in COMPUTE_DTYPE_TENSORS:
+            if n in t:
+                t[n] = t[n].to(dtype)
         t["bias"] = None if self.bias is None else self.bias.to(device, dtype)
         prepared = kernels.prepare_weights(t, device)
         if self.qweight.device == device:
@@ -93,4 +106,4 @@ class SVDQuantLinear(QuantizedLinearMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, scales={self.scale_mode}, bias={self.bias is not None}")

@@ -132,7 +132,7 @@ def linear(x, prepared: dict, group_size: int = 64):
     return reference.svdquant_linear(
         x,
         prepared["qweight"],
-        prepared["wscales"],
+        reference.weight_scales_for_gemm(prepared),
         prepared["smooth_factor"],
         prepared.get("proj_down"),
         prepared.get("proj_up"),

@@ -2,12 +2,20 @@
 
 Numeric contract (docs/FORMAT.md):
 - INT4 codes are symmetric, in [-7, 7]; packed two per byte, low nibble = even column.
-- Per-group scales are `absmax / 7` over `group_size` consecutive input channels (K).
+- Two scale modes per layer (docs/FORMAT.md §1):
+  "float":     per-group scale `absmax / 7` over `group_size` consecutive input channels (K).
+  "int_ratio": per-group scale = base × integer multiplier f in [1, 18], the base shared by a chunk of
+               groups (activations: ACT_CHUNK_GROUPS groups; weights: the whole row). code × f fits int8
+               (|7·18| = 126), so 8-bit integer tensor cores sum whole chunks exactly (the Hopper path).
 - Activation scales are fp32; products of codes are summed per group exactly, then scaled in fp32.
 """
 import torch
 
 QMAX = 7
+RATIO_MAX = 18            # 7 · 18 = 126 <= 127: code × multiplier is an int8
+ACT_CHUNK_GROUPS = 4      # 4 · 64 · 126² < 2²²: a chunk's integer sum converts to fp32 exactly by the magic-number trick
+SCALE_MODES = ("float", "int_ratio")
+_INV_RATIO_UNIT = 1.0 / (QMAX * RATIO_MAX)  # base = chunk absmax × this (fp32 multiply, as the kernel does)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -29,18 +37,70 @@ def unpack_int4(p: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_groups(x: torch.Tensor, group_size: int):
-    """Symmetric per-group INT4 along the last dim.
+    """Symmetric per-group INT4 along the last dim ("float" scales).
 
     Returns (codes int8 (..., K), scales fp32 (..., K/G)). All-zero groups get scale 0, codes 0.
     """
     *lead, k = x.shape
     if k % group_size:
         raise ValueError(f"input channels {k} are not a multiple of group size {group_size}")
+    scale = x.float().reshape(*lead, k // group_size, group_size).abs().amax(dim=-1) / QMAX
+    return quantize_with_steps(x, scale, group_size), scale
+
+
+def ratio_scales(amax: torch.Tensor, chunk_groups: int):
+    """int_ratio scales from per-group absmax (..., ng) fp32: (mult fp32 integers in [1, 18] (..., ng),
+    base fp32 (..., ceil(ng / chunk_groups))). base = chunk absmax / 126; f = ceil(absmax / (7·base)).
+
+    Each op is one IEEE fp32 operation in the order the CUDA kernel performs it (multiply by the
+    fp32 constant 1/126, multiply by 7, true division, ceil), so both sides get the same bits.
+    """
+    *lead, ng = amax.shape
+    nch = -(-ng // chunk_groups)
+    pad = nch * chunk_groups - ng
+    padded = torch.nn.functional.pad(amax.float(), (0, pad)) if pad else amax.float()
+    cmax = padded.reshape(*lead, nch, chunk_groups).amax(dim=-1)
+    base = cmax * torch.tensor(_INV_RATIO_UNIT, dtype=torch.float32, device=amax.device)
+    unit = (base * QMAX).repeat_interleave(chunk_groups, dim=-1)[..., :ng]
+    safe = torch.where(unit > 0, unit, torch.ones_like(unit))
+    mult = torch.where(unit > 0, torch.ceil(amax.float() / safe), torch.ones_like(unit)).clamp_(1, RATIO_MAX)
+    return mult, base
+
+
+def ratio_steps(mult: torch.Tensor, base: torch.Tensor, chunk_groups: int) -> torch.Tensor:
+    """Per-group step base × f (..., ng) fp32 from an int_ratio (mult, base) pair."""
+    ng = mult.shape[-1]
+    return base.float().repeat_interleave(chunk_groups, dim=-1)[..., :ng] * mult.float()
+
+
+def quantize_with_steps(x: torch.Tensor, steps: torch.Tensor, group_size: int) -> torch.Tensor:
+    """codes int8 (..., K) = clamp(round(x / step), -7, 7) per group; a step of 0 gives codes 0."""
+    *lead, k = x.shape
     xg = x.float().reshape(*lead, k // group_size, group_size)
-    scale = xg.abs().amax(dim=-1) / QMAX
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(xg / safe.unsqueeze(-1)).clamp_(-QMAX, QMAX)
-    return q.to(torch.int8).reshape(*lead, k), scale
+    safe = torch.where(steps > 0, steps, torch.ones_like(steps)).unsqueeze(-1)
+    q = torch.round(xg / safe).clamp_(-QMAX, QMAX)
+    q = torch.where((steps > 0).unsqueeze(-1), q, torch.zeros_like(q))
+    return q.to(torch.int8).reshape(*lead, k)
+
+
+def quantize_groups_ratio(x: torch.Tensor, group_size: int, chunk_groups: int = ACT_CHUNK_GROUPS):
+    """int_ratio INT4 along the last dim: (codes int8 (..., K), mult uint8 (..., K/G), base fp32 (..., chunks))."""
+    *lead, k = x.shape
+    if k % group_size:
+        raise ValueError(f"input channels {k} are not a multiple of group size {group_size}")
+    amax = x.float().reshape(*lead, k // group_size, group_size).abs().amax(dim=-1)
+    mult, base = ratio_scales(amax, chunk_groups)
+    codes = quantize_with_steps(x, ratio_steps(mult, base, chunk_groups), group_size)
+    return codes, mult.to(torch.uint8), base
+
+
+def dequantize_ratio(codes, mult, base, group_size: int, chunk_groups: int) -> torch.Tensor:
+    """fp32 (..., K) = (code × f) × base: the integer the tensor core multiplies, times the chunk base."""
+    *lead, k = codes.shape
+    ng = k // group_size
+    qf = codes.float().reshape(*lead, ng, group_size) * mult.float().unsqueeze(-1)
+    b = base.float().repeat_interleave(chunk_groups, dim=-1)[..., :ng].unsqueeze(-1)
+    return (qf * b).reshape(*lead, k)
 
 
 def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -50,14 +110,29 @@ def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, group_size: int
     return xg.reshape(*lead, k)
 
 
-def quantize_act_lora_down(x, smooth_factor, proj_down, group_size: int = 64):
+def weight_scales_for_gemm(tensors: dict):
+    """The layer's weight scales in the form w4a4_gemm takes: a (K/G, N) tensor (float mode) or the
+    (mult (K/G, N), base (N,)) pair (int_ratio mode)."""
+    if "wscale_mult" in tensors:
+        return (tensors["wscale_mult"], tensors["wscale_base"])
+    return tensors["wscales"]
+
+
+def quantize_act_lora_down(x, smooth_factor, proj_down, group_size: int = 64, scale_mode: str = "float"):
     """Kernel 1: one pass over X.
 
     x (M, K); smooth_factor (K,); proj_down (K, r) (1/λ folded in) or None.
-    Returns (qact int8 packed (M, K/2), ascales fp32 (M, K/G), lora_act fp32 (M, r)).
+    Returns (qact int8 packed (M, K/2), ascales, lora_act fp32 (M, r)); ascales is fp32 (M, K/G) in
+    float mode, the pair (mult uint8 (M, K/G), base fp32 (M, K/(G·ACT_CHUNK_GROUPS))) in int_ratio mode.
     """
     xs = x.float() / smooth_factor.float()
-    codes, ascales = quantize_groups(xs, group_size)
+    if scale_mode == "int_ratio":
+        codes, mult, base = quantize_groups_ratio(xs, group_size, ACT_CHUNK_GROUPS)
+        ascales = (mult, base)
+    elif scale_mode == "float":
+        codes, ascales = quantize_groups(xs, group_size)
+    else:
+        raise ValueError(f"unknown scale mode {scale_mode!r} (expected one of {SCALE_MODES})")
     if proj_down is None or proj_down.shape[-1] == 0:
         lora_act = x.new_zeros((x.shape[0], 0), dtype=torch.float32)
     else:
@@ -65,16 +140,31 @@ def quantize_act_lora_down(x, smooth_factor, proj_down, group_size: int = 64):
     return pack_int4(codes), ascales, lora_act
 
 
+def _dequant_act(qact, ascales, group_size):
+    codes = unpack_int4(qact)
+    if isinstance(ascales, tuple):
+        return dequantize_ratio(codes, *ascales, group_size, ACT_CHUNK_GROUPS)
+    return dequantize_groups(codes, ascales, group_size)
+
+
+def _dequant_weight(qweight, wscales, group_size):
+    codes = unpack_int4(qweight)
+    if isinstance(wscales, tuple):  # (mult (K/G, N), base (N,)): one base per row = one chunk of all groups
+        mult, base = wscales
+        return dequantize_ratio(codes, mult.t(), base.reshape(-1, 1), group_size, mult.shape[0])
+    return dequantize_groups(codes, wscales.t(), group_size)
+
+
 def w4a4_gemm(qact, ascales, qweight, wscales, lora_act, proj_up, bias, out_dtype, group_size: int = 64):
     """Kernel 2: Y = Σ_g a[m,g]·w[g,n]·(qa_g · qw_gᵀ) + lora_act·proj_upᵀ + bias.
 
-    qact (M, K/2) int8, ascales (M, K/G) fp32, qweight (N, K/2) int8, wscales (K/G, N),
-    lora_act (M, r) fp32, proj_up (N, r), bias (N,) or None.
+    qact (M, K/2) int8, ascales (from quantize_act_lora_down), qweight (N, K/2) int8, wscales (K/G, N)
+    or the int_ratio pair (see weight_scales_for_gemm), lora_act (M, r) fp32, proj_up (N, r), bias (N,) or None.
     Computed as deq(qa) · deq(qw)ᵀ in fp32: equal to the per-group integer form up to fp32
     summation order, and it needs no (G, M, N) intermediate, so it also serves as the CPU path.
     """
-    a = dequantize_groups(unpack_int4(qact), ascales, group_size)
-    w = dequantize_groups(unpack_int4(qweight), wscales.t(), group_size)
+    a = _dequant_act(qact, ascales, group_size)
+    w = _dequant_weight(qweight, wscales, group_size)
     y = a @ w.t()
     if lora_act is not None and lora_act.shape[-1] > 0:
         y = y + lora_act.float() @ proj_up.float().t()
@@ -84,9 +174,11 @@ def w4a4_gemm(qact, ascales, qweight, wscales, lora_act, proj_up, bias, out_dtyp
 
 
 def svdquant_linear(x, qweight, wscales, smooth_factor, proj_down, proj_up, bias, group_size: int = 64):
-    """The whole 4-bit linear (kernel 1 then kernel 2) for x (..., K)."""
+    """The whole 4-bit linear (kernel 1 then kernel 2) for x (..., K); wscales as in w4a4_gemm (its
+    form picks the scale mode of the activations too)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    qact, ascales, lora_act = quantize_act_lora_down(x2, smooth_factor, proj_down, group_size)
+    mode = "int_ratio" if isinstance(wscales, tuple) else "float"
+    qact, ascales, lora_act = quantize_act_lora_down(x2, smooth_factor, proj_down, group_size, mode)
     y = w4a4_gemm(qact, ascales, qweight, wscales, lora_act, proj_up, bias, x.dtype, group_size)
     return y.reshape(*lead, qweight.shape[0])

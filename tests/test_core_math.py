@@ -57,13 +57,18 @@ def test_error_falls_as_rank_grows():
     assert curve[64] < 0.5 * curve[0]
 
 
-def test_stored_layout_reproduces_simulated_output():
+@pytest.mark.parametrize("scales", ["int_ratio", "float"])
+def test_stored_layout_reproduces_simulated_output(scales):
     """The module built from stored tensors (natural layout, 1/λ folded into proj_down) computes
     exactly what the quantizer scored."""
     w, x = outlier_layer(n=128, k=256, rows=256)
     b = torch.randn(128)
-    q = quantize_linear(w, b, x.abs().amax(0), x, QuantConfig(), rank=16, out_dtype=torch.float32)
-    assert q.qweight.shape == (128, 128) and q.wscales.shape == (4, 128)
+    q = quantize_linear(w, b, x.abs().amax(0), x, QuantConfig(scale_mode=scales), rank=16, out_dtype=torch.float32)
+    assert q.qweight.shape == (128, 128)
+    if scales == "float":
+        assert q.scales["wscales"].shape == (4, 128)
+    else:
+        assert q.scales["wscale_mult"].shape == (4, 128) and q.scales["wscale_base"].shape == (128,)
     assert q.proj_down.shape == (256, 16) and q.proj_up.shape == (128, 16)
     mod = SVDQuantLinear.from_tensors(q.tensors())
     y = mod(x)

@@ -57,7 +57,7 @@ def apply_lora_on_load(patcher, device_to, *args, **kwargs):
         key = f"diffusion_model.{name}.weight"
         patches = patcher.patches.get(key)
         dev = device_to if device_to is not None else m.qweight.device
-        m.set_lora(_lowrank_terms(patches, key, m.out_features, m.in_features, dev, m.wscales.dtype) if patches else None)
+        m.set_lora(_lowrank_terms(patches, key, m.out_features, m.in_features, dev, m.smooth_factor.dtype) if patches else None)
 
 
 def enable_lora(patcher) -> None:

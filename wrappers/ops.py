@@ -9,7 +9,7 @@ from torch import nn
 
 import comfy.ops
 
-from ..core.qlinear import TENSOR_NAMES, QuantizedLinearMixin
+from ..core.qlinear import COMPUTE_DTYPE_TENSORS, TENSOR_NAMES, QuantizedLinearMixin
 
 
 class SVDQuantOps(comfy.ops.manual_cast):
@@ -24,9 +24,10 @@ class SVDQuantOps(comfy.ops.manual_cast):
                 return state_dict.pop(prefix + name, None)
 
             if prefix + "qweight" in state_dict:
-                tensors = {n: take(n) for n in TENSOR_NAMES}
-                for n in ("wscales", "smooth_factor", "proj_down", "proj_up"):
-                    if self.load_dtype is not None:
+                mode = "int_ratio" if prefix + "wscale_mult" in state_dict else "float"
+                tensors = {n: take(n) for n in TENSOR_NAMES[mode]}
+                for n in COMPUTE_DTYPE_TENSORS:
+                    if n in tensors and self.load_dtype is not None:
                         tensors[n] = tensors[n].to(self.load_dtype)
                 tensors["bias"] = take("bias")
                 if tensors["bias"] is not None and self.load_dtype is not None:

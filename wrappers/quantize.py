@@ -107,7 +107,8 @@ def calibrate_and_quantize(model, conds, qcfg: QuantConfig, steps, cfg, sampler_
     report = {"family": family, "policy": qcfg.rank.describe(), "summary": summarize(results),
               "layers": {n: {**q.report, **outliers[n]} for n, q in results.items()}}
     text = format_report(results, outliers)
-    meta = ckpt.build_metadata({n: {"rank": q.rank} for n, q in results.items()}, family=family,
+    meta = ckpt.build_metadata({n: {"rank": q.rank, "scales": q.report.get("scales", "float")}
+                               for n, q in results.items()}, family=family,
                                source_dtype=out_dtype, group_size=qcfg.group_size,
                                model_class=type(base.model_config).__name__,
                                unet_config=json.loads(json.dumps(base.model_config.unet_config, default=str)))
