@@ -2,8 +2,10 @@
 
 Each timing: a CUDA graph of REPS back-to-back calls on the same buffers, replayed; median over replays
 of (graph time / REPS). "ours" = the whole 4-bit linear (quantize + LoRA-down, GEMM + LoRA-up + bias),
-rank 32, bias, through kernels.linear (the path ComfyUI uses); "quant" and "gemm" are its two kernels
-alone. Ratios are bf16 time / method time (>1 = faster than bf16), from the same run.
+rank 32, bias, through kernels.linear (the path ComfyUI uses), for both scale modes: "int" = int_ratio
+scales (Hopper: s8 wgmma, the default of new files), "flt" = float scales (Hopper: e4m3 wgmma with
+per-group promotion); "quant" and "gemm" are the two kernels alone. gemm_v7_1/2 = the other int_ratio tile
+shapes on the same inputs. Ratios are bf16 time / method time (>1 = faster than bf16), from the same run.
 Usage: python3 bench/bench_kernels.py [--json out.json] [--quick]
 """
 import argparse
@@ -20,7 +22,7 @@ sys.path.insert(0, str(ROOT / "tests" / "gpu"))
 import conftest  # noqa: E402,F401  (registers the comfyui_svdquant package alias)
 
 from comfyui_svdquant import kernels  # noqa: E402
-from _layers import make_layer, make_x  # noqa: E402
+from _layers import make_layer, make_ratio_layer, make_x  # noqa: E402
 
 SHAPES = [  # (label, M, K, N)
     ("flux qkv/proj", 4608, 3072, 3072), ("flux fc1", 4608, 3072, 12288), ("flux fc2", 4608, 12288, 3072),
@@ -77,7 +79,7 @@ def main():
     args = ap.parse_args()
     dev = torch.device("cuda")
     dtype = torch.bfloat16
-    backend = kernels.backend_name(dev)
+    backend = f"{kernels.backend_name(dev, 'int_ratio')} / {kernels.backend_name(dev)}"
     from comfyui_svdquant.kernels import ops, _lib
     rows = []
     shapes = SHAPES[:3] + SHAPES[3:6] if args.quick else SHAPES
@@ -92,40 +94,45 @@ def main():
         one = torch.ones((), device=dev)
         t_fp8 = time_graph(lambda: torch._scaled_mm(xf8, wf8.t(), scale_a=one, scale_b=one, bias=bias,
                                                     out_dtype=dtype))
-        lay = make_layer(n, k, args.rank, dtype, dev, seed=1)
-        p = kernels.prepare_weights(lay, dev)
-        row = {"label": label, "M": m, "K": k, "N": n, "bf16_us": t_bf16, "fp8_us": t_fp8}
-        if p["_path"]:
-            t_ours = time_graph(lambda: kernels.linear(x, p))
-            fmt = _lib.FMT_E4M3 if p["_path"] == 90 else _lib.FMT_INT4
+        row = {"label": label, "M": m, "K": k, "N": n, "bf16_us": t_bf16, "fp8_us": t_fp8, "ratio_fp8": t_bf16 / t_fp8}
+        for mode, make in (("int", make_ratio_layer), ("flt", make_layer)):
+            p = kernels.prepare_weights(make(n, k, args.rank, dtype, dev, seed=1), dev)
+            if not p["_path"]:
+                continue
+            fmt = p["_afmt"]
             qa, sa, la = ops.quantize_act_lora_down(x, p["_smooth_rcp"], p["_proj_down"], p["_rp"], fmt)
+            t_ours = time_graph(lambda: kernels.linear(x, p))
             t_q = time_graph(lambda: ops.quantize_act_lora_down(x, p["_smooth_rcp"], p["_proj_down"], p["_rp"], fmt))
             t_g = time_graph(lambda: ops.w4a4_gemm(qa, sa, p["_qw"], p["_wscales"], la, p["_proj_up"], p["_bias"],
                                                    dtype, p["_path"]))
-            t_eager = time_eager(lambda: kernels.linear(x, p))
-            if p["_path"] == 90:  # earlier GEMM versions on the same inputs: v1 (cp.async), v2 (TMA, 2 consumer WGs)
-                outb = torch.empty((m, n), dtype=dtype, device=dev)
-                for v, key in ((1, "gemm_v1_us"), (12, "gemm_v2_us")):
-                    row[key] = time_graph(lambda: ops.gemm_into(qa, sa, p["_qw"], p["_wscales"], la, p["_proj_up"],
-                                                                p["_bias"], outb, 90, variant=v))
-            flop = 2.0 * m * n * k
-            row.update(ours_us=t_ours, quant_us=t_q, gemm_us=t_g, ours_eager_us=t_eager,
-                       gemm_tflops=flop / t_g / 1e6, ratio_ours=t_bf16 / t_ours, ratio_fp8=t_bf16 / t_fp8,
-                       ratio_gemm=t_bf16 / t_g)
+            row.update({f"{mode}_path": p["_path"], f"{mode}_us": t_ours, f"{mode}_quant_us": t_q,
+                        f"{mode}_gemm_us": t_g, f"{mode}_gemm_tflops": 2.0 * m * n * k / t_g / 1e6,
+                        f"{mode}_ratio": t_bf16 / t_ours, f"{mode}_ratio_gemm": t_bf16 / t_g})
+            if mode == "int":
+                row["int_eager_us"] = time_eager(lambda: kernels.linear(x, p))
+                if p["_path"] == 91:
+                    outb = torch.empty((m, n), dtype=dtype, device=dev)
+                    for v in (1, 2):
+                        row[f"gemm_v7_{v}_us"] = time_graph(lambda: ops.gemm_into(
+                            qa, sa, p["_qw"], p["_wscales"], la, p["_proj_up"], p["_bias"], outb, 91, variant=v))
+            del p, qa, sa, la
         rows.append(row)
-        del p, lay, x, w, xf8, wf8
+        del x, w, xf8, wf8
         torch.cuda.empty_cache()
     gpu = torch.cuda.get_device_name(dev)
     print(f"GPU: {gpu}  torch {torch.__version__}  backend {backend}  rank {args.rank}  (times in us, CUDA-graph median)")
-    hdr = f"{'shape':14s} {'M':>5s} {'K':>6s} {'N':>6s} | {'bf16':>7s} {'fp8':>7s} {'ours':>7s} {'quant':>6s} {'gemm':>7s} {'eager':>7s} | {'fp8x':>5s} {'oursx':>5s} {'gemmx':>5s} {'gemmTF':>6s} {'gemm_v1':>7s} {'gemm_v2':>7s}"
-    print(hdr)
+    cols = [("bf16", "bf16_us"), ("fp8", "fp8_us"), ("int", "int_us"), ("i.quant", "int_quant_us"),
+            ("i.gemm", "int_gemm_us"), ("i.eager", "int_eager_us"), ("flt", "flt_us"), ("f.gemm", "flt_gemm_us"),
+            ("fp8x", "ratio_fp8"), ("intx", "int_ratio"), ("i.gemmx", "int_ratio_gemm"), ("fltx", "flt_ratio"),
+            ("i.TF", "int_gemm_tflops"), ("v7_1", "gemm_v7_1_us"), ("v7_2", "gemm_v7_2_us")]
+    print(f"{'shape':14s} {'M':>5s} {'K':>6s} {'N':>6s} | " + " ".join(f"{c:>7s}" for c, _ in cols))
     for r in rows:
-        if "ours_us" in r:
-            print(f"{r['label']:14s} {r['M']:5d} {r['K']:6d} {r['N']:6d} | {r['bf16_us']:7.1f} {r['fp8_us']:7.1f} "
-                  f"{r['ours_us']:7.1f} {r['quant_us']:6.1f} {r['gemm_us']:7.1f} {r['ours_eager_us']:7.1f} | "
-                  f"{r['ratio_fp8']:5.2f} {r['ratio_ours']:5.2f} {r['ratio_gemm']:5.2f} {r['gemm_tflops']:6.0f} {r.get('gemm_v1_us', float('nan')):7.1f} {r.get('gemm_v2_us', float('nan')):7.1f}")
-        else:
-            print(f"{r['label']:14s} {r['M']:5d} {r['K']:6d} {r['N']:6d} | {r['bf16_us']:7.1f} {r['fp8_us']:7.1f} (no CUDA path)")
+        vals = []
+        for c, key in cols:
+            v = r.get(key)
+            vals.append(f"{v:7.2f}" if isinstance(v, float) and key.startswith(("ratio", "int_ratio", "flt_ratio"))
+                        else (f"{v:7.1f}" if isinstance(v, float) else f"{'-':>7s}"))
+        print(f"{r['label']:14s} {r['M']:5d} {r['K']:6d} {r['N']:6d} | " + " ".join(vals))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "backend": backend,
                                                        "rank": args.rank, "rows": rows}, indent=1))

@@ -5,8 +5,10 @@ natural layout of docs/FORMAT.md) and `linear` on every forward. The backend is 
 by callers: the compiled CUDA library (kernels/csrc, loaded by ctypes, see _lib.py) when it is
 present and supports the device, else the pure-torch reference (CPU included).
 
-Backends: "cuda-sm90a" (Hopper: e4m3 wgmma GEMM), "cuda-mma-int4" (sm_80/86/89/120: INT4
-mma.sync), "reference". `SVDQ_BACKEND=reference` forces the reference.
+Backends: "cuda-sm90a" (Hopper: e4m3 wgmma GEMM with per-group promotion, for float scales),
+"cuda-sm90a-int8" (Hopper, int_ratio scales: s8 wgmma, exact integer sums per 256-channel chunk),
+"cuda-mma-int4" (sm_80/86/89/120: INT4 mma.sync, either scale mode), "reference".
+`SVDQ_BACKEND=reference` forces the reference.
 """
 import logging
 import os
@@ -16,7 +18,7 @@ from . import _lib
 
 log = logging.getLogger(__name__)
 _BACKEND_LOGGED = set()
-_NAMES = {90: "cuda-sm90a", 80: "cuda-mma-int4"}
+_NAMES = {90: "cuda-sm90a", 91: "cuda-sm90a-int8", 80: "cuda-mma-int4"}
 MAX_RANK = 128
 _ops = None
 
@@ -48,9 +50,12 @@ def _device_path(device) -> int:
         return 0
 
 
-def backend_name(device) -> str:
-    """Name of the backend that `linear` will use on `device`."""
-    return _NAMES.get(_device_path(device), "reference")
+def backend_name(device, scale_mode: str = "float") -> str:
+    """Name of the backend that `linear` will use on `device` for layers with `scale_mode` scales."""
+    path = _device_path(device)
+    if path == 90 and scale_mode == "int_ratio":
+        path = 91
+    return _NAMES.get(path, "reference")
 
 
 def _e4m3_from_packed(qweight):
@@ -62,6 +67,15 @@ def _e4m3_from_packed(qweight):
                        device=qweight.device)
     mag = lut[codes.abs()]
     return torch.where(codes < 0, mag | 0x80, mag).contiguous()
+
+
+def _int8_from_ratio(qweight, mult):
+    """packed int4 (N, K/2) and multipliers (K/G, N) -> int8 code x multiplier (N, K), |.| <= 126 (exact)."""
+    import torch
+
+    codes = reference.unpack_int4(qweight).to(torch.int16)
+    f = mult.to(qweight.device).t().to(torch.int16).repeat_interleave(codes.shape[1] // mult.shape[0], dim=1)
+    return (codes * f).to(torch.int8).contiguous()
 
 
 def prepare_weights(tensors: dict, device) -> dict:
@@ -86,8 +100,21 @@ def prepare_weights(tensors: dict, device) -> dict:
         return out  # stays on the reference
     dev = torch.device(device)
     qweight = qweight.to(dev)
-    out["_qw"] = (_e4m3_from_packed(qweight) if path == 90 else qweight.contiguous()).view(torch.uint8)
-    out["_wscales"] = tensors["wscales"].to(dev, torch.float32).contiguous()
+    if "wscale_mult" in tensors:  # int_ratio scales
+        mult = tensors["wscale_mult"].to(dev)
+        base = tensors["wscale_base"].to(dev, torch.float32)
+        if path == 90:
+            path = 91
+            out["_qw"] = _int8_from_ratio(qweight, mult).view(torch.uint8)
+            out["_wscales"] = base.contiguous()
+        else:
+            out["_qw"] = qweight.contiguous().view(torch.uint8)
+            out["_wscales"] = (base.unsqueeze(0) * mult.float()).contiguous()  # per-group steps (K/G, N)
+        out["_afmt"] = _lib.FMT_I8_RATIO if path == 91 else _lib.FMT_INT4_RATIO
+    else:
+        out["_qw"] = (_e4m3_from_packed(qweight) if path == 90 else qweight.contiguous()).view(torch.uint8)
+        out["_wscales"] = tensors["wscales"].to(dev, torch.float32).contiguous()
+        out["_afmt"] = _lib.FMT_E4M3 if path == 90 else _lib.FMT_INT4
     out["_smooth_rcp"] = (1.0 / tensors["smooth_factor"].to(dev, torch.float32)).contiguous()
     if r:
         out["_proj_down"] = F.pad(proj_down.to(dev), (0, rp - r)).contiguous()

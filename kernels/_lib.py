@@ -13,9 +13,11 @@ import pathlib
 import threading
 
 LIB_NAME = "libsvdq_kernels.so"
-ABI_VERSION = 2  # 2: quantize takes a workspace (deterministic LoRA-down K-split sum)
+ABI_VERSION = 3  # 2: quantize takes a workspace (deterministic LoRA-down K-split sum); 3: int_ratio formats, path 91
 DT_F16, DT_BF16 = 0, 1
-FMT_INT4, FMT_E4M3 = 0, 1
+# activation formats of svdq_quantize_act_lora_down (kernels/csrc/svdq.cu AF_*)
+FMT_INT4, FMT_E4M3, FMT_INT4_RATIO, FMT_I8_RATIO = 0, 1, 2, 3
+RATIO_CHUNK = 4  # groups per int_ratio activation base (kernels/reference.py ACT_CHUNK_GROUPS)
 
 _lock = threading.Lock()
 _lib = None

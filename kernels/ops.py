@@ -30,6 +30,21 @@ def padded_rows(m: int) -> int:
     return (m + 3) // 4 * 4
 
 
+def act_shapes(m: int, k: int, fmt: int):
+    """(qact shape, ascales shape) kernel 1 writes for activation format `fmt` (svdq.cu AF_*)."""
+    byte_codes = fmt in (_lib.FMT_E4M3, _lib.FMT_I8_RATIO)  # one byte per code, else two per byte
+    groups = k // GROUP
+    rows = -(-groups // _lib.RATIO_CHUNK) if fmt == _lib.FMT_I8_RATIO else groups  # bases per chunk / scales per group
+    return (m, k if byte_codes else k // 2), (rows, padded_rows(m))
+
+
+def _act_buffers(x, fmt, rank_padded, new):
+    m, k = x.shape
+    qshape, sshape = act_shapes(m, k, fmt)
+    return (new(qshape, dtype=torch.uint8), new(sshape, dtype=torch.float32),
+            new((m, rank_padded), dtype=torch.float32))
+
+
 def quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt: int) -> None:
     """Kernel 1 into given buffers. smooth_rcp = 1/smooth_factor (fp32); every element of lora (M, rp) is
     written (no zeroing needed). The K-split LoRA-down partials go to a workspace allocated here through
@@ -52,10 +67,11 @@ def quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt: int) -> No
 
 
 def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: int, variant: int = 0) -> None:
-    """Kernel 2 into a given output buffer (M, N)."""
+    """Kernel 2 into a given output buffer (M, N). Path 91 (int_ratio on Hopper): qact/qweight int8 codes x
+    multipliers, ascales the activation bases, wscales the weight bases (N,)."""
     lib = _lib.load()
     m, n = out.shape
-    k = wscales.shape[0] * GROUP
+    k = qweight.shape[1] if path == 91 else wscales.shape[0] * GROUP
     rp = lora.shape[1] if lora is not None else 0
     code = lib.svdq_w4a4_gemm(
         _ptr(qact), _ptr(ascales), _ptr(qweight), _ptr(wscales), _ptr(lora) if rp else None,
@@ -67,57 +83,47 @@ def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: i
 @torch.library.custom_op("svdquant::quantize_act_lora_down", mutates_args=(), device_types="cuda")
 def quantize_act_lora_down(x: torch.Tensor, smooth_rcp: torch.Tensor, proj_down: Optional[torch.Tensor],
                            rank_padded: int, fmt: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    m, k = x.shape
     if x.data_ptr() % 16 or not x.is_contiguous():  # the kernel reads 16-byte vectors
         x = x.contiguous().clone()
-    qact = torch.empty((m, k if fmt == _lib.FMT_E4M3 else k // 2), dtype=torch.uint8, device=x.device)
-    ascales = torch.empty((k // GROUP, padded_rows(m)), dtype=torch.float32, device=x.device)
-    lora = torch.empty((m, rank_padded), dtype=torch.float32, device=x.device)
+    qact, ascales, lora = _act_buffers(x, fmt, rank_padded, lambda shape, dtype: torch.empty(shape, dtype=dtype, device=x.device))
     quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt)
     return qact, ascales, lora
 
 
 @quantize_act_lora_down.register_fake
 def _(x, smooth_rcp, proj_down, rank_padded, fmt):
-    m, k = x.shape
-    qact = x.new_empty((m, k if fmt == _lib.FMT_E4M3 else k // 2), dtype=torch.uint8)
-    ascales = x.new_empty((k // GROUP, padded_rows(m)), dtype=torch.float32)
-    lora = x.new_empty((m, rank_padded), dtype=torch.float32)
-    return qact, ascales, lora
+    return _act_buffers(x, fmt, rank_padded, lambda shape, dtype: x.new_empty(shape, dtype=dtype))
 
 
 @torch.library.custom_op("svdquant::w4a4_gemm", mutates_args=(), device_types="cuda")
 def w4a4_gemm(qact: torch.Tensor, ascales: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
               lora: torch.Tensor, proj_up: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
               path: int) -> torch.Tensor:
-    out = torch.empty((qact.shape[0], wscales.shape[1]), dtype=out_dtype, device=qact.device)
+    out = torch.empty((qact.shape[0], qweight.shape[0]), dtype=out_dtype, device=qact.device)
     gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path)
     return out
 
 
 @w4a4_gemm.register_fake
 def _(qact, ascales, qweight, wscales, lora, proj_up, bias, out_dtype, path):
-    return qact.new_empty((qact.shape[0], wscales.shape[1]), dtype=out_dtype)
+    return qact.new_empty((qact.shape[0], qweight.shape[0]), dtype=out_dtype)
+
+
+def _proj_down(p, dtype):
+    pd = p["_proj_down"]
+    return pd.to(dtype) if pd is not None and pd.dtype != dtype else pd
 
 
 def linear_direct(x2: torch.Tensor, p: dict) -> torch.Tensor:
     """Eager fast path: the same two kernels without the custom-op dispatch (tens of microseconds less
     host time per call; still capturable in CUDA graphs)."""
-    path = p["_path"]
-    fmt = _lib.FMT_E4M3 if path == 90 else _lib.FMT_INT4
-    pd = p["_proj_down"]
-    if pd is not None and pd.dtype != x2.dtype:
-        pd = pd.to(x2.dtype)
-    m, k = x2.shape
     if x2.data_ptr() % 16:
         x2 = x2.clone()
     dev = x2.device
-    qact = torch.empty((m, k if fmt == _lib.FMT_E4M3 else k // 2), dtype=torch.uint8, device=dev)
-    ascales = torch.empty((k // GROUP, padded_rows(m)), dtype=torch.float32, device=dev)
-    lora = torch.empty((m, p["_rp"]), dtype=torch.float32, device=dev)
-    quantize_into(x2, p["_smooth_rcp"], pd, qact, ascales, lora, fmt)
-    out = torch.empty((m, p["_qw"].shape[0]), dtype=x2.dtype, device=dev)
-    gemm_into(qact, ascales, p["_qw"], p["_wscales"], lora, p["_proj_up"], p["_bias"], out, path)
+    qact, ascales, lora = _act_buffers(x2, p["_afmt"], p["_rp"], lambda shape, dtype: torch.empty(shape, dtype=dtype, device=dev))
+    quantize_into(x2, p["_smooth_rcp"], _proj_down(p, x2.dtype), qact, ascales, lora, p["_afmt"])
+    out = torch.empty((x2.shape[0], p["_qw"].shape[0]), dtype=x2.dtype, device=dev)
+    gemm_into(qact, ascales, p["_qw"], p["_wscales"], lora, p["_proj_up"], p["_bias"], out, p["_path"])
     return out
 
 
@@ -125,10 +131,5 @@ def linear(x2: torch.Tensor, p: dict) -> torch.Tensor:
     """The whole 4-bit linear on the CUDA path for x2 (M, K) with tensors from prepare_weights."""
     if not torch.compiler.is_compiling():
         return linear_direct(x2, p)
-    path = p["_path"]
-    fmt = _lib.FMT_E4M3 if path == 90 else _lib.FMT_INT4
-    pd = p["_proj_down"]
-    if pd is not None and pd.dtype != x2.dtype:
-        pd = pd.to(x2.dtype)
-    qact, ascales, lora = quantize_act_lora_down(x2, p["_smooth_rcp"], pd, p["_rp"], fmt)
-    return w4a4_gemm(qact, ascales, p["_qw"], p["_wscales"], lora, p["_proj_up"], p["_bias"], x2.dtype, path)
+    qact, ascales, lora = quantize_act_lora_down(x2, p["_smooth_rcp"], _proj_down(p, x2.dtype), p["_rp"], p["_afmt"])
+    return w4a4_gemm(qact, ascales, p["_qw"], p["_wscales"], lora, p["_proj_up"], p["_bias"], x2.dtype, p["_path"])

@@ -57,8 +57,8 @@ def quantized_state_dict(diffusion_model, results: dict, dtype) -> dict:
             continue
         sd[k] = v.to(dtype) if v.is_floating_point() else v
     for name, q in results.items():
-        for t, v in q.tensors().items():
-            sd[f"{name}.{t}"] = v.to(dtype) if (v.is_floating_point()) else v
+        for t, v in q.tensors().items():  # int_ratio bases stay fp32 (docs/FORMAT.md)
+            sd[f"{name}.{t}"] = v.to(dtype) if (v.is_floating_point() and t != "wscale_base") else v
     return sd
 
 

@@ -41,4 +41,17 @@ for n in (128, 256):
       : "l"(da), "l"(db), "r"(scale_d));
 }}
 ''')
+# s8 x s8 -> s32 (integer accumulators; integer wgmma takes no imm-scale/transpose operands)
+for n in (128, 192, 256):
+    nreg = n // 2
+    regs = ", ".join(f"%{i}" for i in range(nreg))
+    outs = ", ".join(f'"+r"(d[{i}])' for i in range(nreg))
+    print(f'''__device__ __forceinline__ void wgmma_s8_n{n}(int32_t* d, uint64_t da, uint64_t db, int scale_d) {{
+  asm volatile(
+      "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nreg + 2}, 0;\\n"
+      "wgmma.mma_async.sync.aligned.m64n{n}k32.s32.s8.s8 {{{regs}}}, %{nreg}, %{nreg + 1}, p;\\n}}\\n"
+      : {outs}
+      : "l"(da), "l"(db), "r"(scale_d));
+}}
+''')
 print("#endif")

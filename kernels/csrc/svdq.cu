@@ -33,10 +33,13 @@
 #define SVDQ_API extern "C" __attribute__((visibility("default")))
 
 enum { DT_F16 = 0, DT_BF16 = 1 };
-enum { FMT_INT4 = 0, FMT_E4M3 = 1 };
+enum { FMT_INT4 = 0, FMT_E4M3 = 1, FMT_I8 = 2 };
+// ABI activation formats of svdq_quantize_act_lora_down (kernel 1's FMT x float/int_ratio scales)
+enum { AF_INT4 = 0, AF_E4M3 = 1, AF_INT4_RATIO = 2, AF_I8_RATIO = 3 };
 enum { ERR_BAD_ARG = 10001, ERR_NO_PATH = 10002 };
 static constexpr int G = 64;  // group size (the only one the kernels implement)
-static constexpr int QF = 4;  // fan-in of kernel 1's fixed LoRA-down reduction tree over K-splits
+static constexpr int QF = 4;
+static constexpr int RATIO_CHUNK = 4;  // groups sharing one int_ratio activation base (kernels/reference.py ACT_CHUNK_GROUPS)  // fan-in of kernel 1's fixed LoRA-down reduction tree over K-splits
 
 // ------------------------------------------------------------------------------------------------
 // small device helpers
@@ -94,14 +97,19 @@ __device__ __forceinline__ uint32_t code_to_e4m3(int q) {
 // ------------------------------------------------------------------------------------------------
 // Kernel 1: quantize activations + LoRA down.
 // CTA = 4 warps = 64 rows; warp w owns rows [16w, 16w+16) of the CTA's row block; the CTA walks
-// groups [blockIdx.y*gpc, ...). proj_down's 64 x rp chunk is staged in smem once per CTA and group.
+// groups [blockIdx.y*gpc, ...) in chunks of CH groups (CH = 4 for int_ratio scales, whose base is the
+// chunk's absmax / 126; 1 otherwise). proj_down's 64 x rp chunk is staged in smem once per CTA and group.
+// Formats: FMT_INT4 packed codes + fp32 per-group scales; FMT_E4M3 codes as e4m3 bytes + per-group scales;
+// FMT_I8 (int_ratio only) code x multiplier as int8 bytes + one fp32 base per (chunk, row).
 // ------------------------------------------------------------------------------------------------
-template <typename T, int FMT, int RP>
+template <typename T, int FMT, int RP, bool RATIO>
 __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restrict__ x, const float* __restrict__ smooth_rcp,
                                                               const T* __restrict__ pdown, uint8_t* __restrict__ qact,
                                                               float* __restrict__ ascales, float* __restrict__ lora,
                                                               float* __restrict__ part, int* __restrict__ cnt, int M,
                                                               int K, int Mp, int gpc) {
+  static_assert(FMT != FMT_I8 || RATIO, "int8 codes carry the int_ratio multiplier");
+  constexpr int CH = RATIO ? RATIO_CHUNK : 1;
   constexpr int XS = G * 2 + 16;         // X tile row stride in bytes (padded)
   constexpr int PS = RP * 2 + 16;        // proj_down chunk row stride in bytes (padded)
   __shared__ __align__(16) uint8_t xs_all[4][16 * XS];
@@ -111,7 +119,7 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
   const int gid = lane >> 2, tig = lane & 3;
   const int row0 = blockIdx.x * 64 + warp * 16;
   const int ngroups = K / G;
-  const int g_begin = blockIdx.y * gpc;
+  const int g_begin = blockIdx.y * gpc;  // gpc is a multiple of RATIO_CHUNK: chunks never straddle CTAs
   const int g_end = min(ngroups, g_begin + gpc);
   uint8_t* xs = xs_all[warp];
 
@@ -133,11 +141,16 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
     xr[i] = x + (size_t)mc * K + ch * 8;
     qr[i] = qact + (size_t)mc * (FMT == FMT_INT4 ? K / 2 : K) + ch * (FMT == FMT_INT4 ? 4 : 8);
   }
-  uint4 nxt[4];
+  auto load_chunk = [&](uint4 (&dst)[CH][4], int c0) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
-    nxt[i] = (rv[i] && g_begin < g_end) ? __ldg(reinterpret_cast<const uint4*>(xr[i] + g_begin * G))
-                                        : make_uint4(0, 0, 0, 0);
+    for (int j = 0; j < CH; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        dst[j][i] = (rv[i] && c0 + j < g_end) ? __ldg(reinterpret_cast<const uint4*>(xr[i] + (c0 + j) * G))
+                                              : make_uint4(0, 0, 0, 0);
+  };
+  uint4 nxt[CH][4];
+  load_chunk(nxt, g_begin);
   constexpr int CPR = RP * 2 / 16;  // 16-byte chunks per proj_down row
   constexpr int CPT = RP > 0 ? G * CPR / 128 : 1;  // chunks per thread
   uint32_t pd_src[CPT], pd_dst[CPT];  // element offset in a group's proj_down rows / smem byte offset
@@ -155,79 +168,130 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
     for (int k = 0; k < CPT; ++k) cp_async16(d + pd_dst[k], src + pd_src[k], true);
     cp_async_commit();
   };
-  if (RP > 0 && g_begin < g_end) stage_pdown(g_begin, ps_all[0]);
-  for (int g = g_begin; g < g_end; ++g) {
-    uint8_t* ps = ps_all[(g - g_begin) & 1];
-    if (RP > 0) {
-      cp_async_wait<0>();  // this thread's part of chunk g has landed
-      __syncthreads();     // everyone's part visible; everyone done with the other buffer
-      if (g + 1 < g_end) stage_pdown(g + 1, ps_all[(g + 1 - g_begin) & 1]);
+  // x * (1/lambda) for 8 columns of one row (1/lambda prepared once per layer: at most 1 ulp from x / lambda)
+  auto smooth8 = [&](const uint4& raw, const float (&lam)[8], float (&v)[8]) {
+    const uint32_t* u = reinterpret_cast<const uint32_t*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float2 f = Pack2<T>::to_f2(u[j]);
+      v[2 * j] = f.x * lam[2 * j];
+      v[2 * j + 1] = f.y * lam[2 * j + 1];
     }
-    // 1/lambda for this thread's 8 columns (prepared once per layer: x * (1/lambda) is at most 1 ulp
-    // from the reference's x / lambda)
-    float lam[8];
-    {
+  };
+  if (RP > 0 && g_begin < g_end) stage_pdown(g_begin, ps_all[0]);
+  for (int c0 = g_begin; c0 < g_end; c0 += CH) {
+    uint4 raw[CH][4];
+#pragma unroll
+    for (int j = 0; j < CH; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) raw[j][i] = nxt[j][i];
+    if (c0 + CH < g_end) load_chunk(nxt, c0 + CH);  // prefetch the next chunk's X while this one is processed
+    float lam[CH][8];
+#pragma unroll
+    for (int j = 0; j < CH; ++j) {
+      const int g = min(c0 + j, g_end - 1);  // groups past the end (last chunk) are never stored
       const float4* sp = reinterpret_cast<const float4*>(smooth_rcp + g * G + ch * 8);
       float4 a = sp[0], b = sp[1];
-      lam[0] = a.x; lam[1] = a.y; lam[2] = a.z; lam[3] = a.w;
-      lam[4] = b.x; lam[5] = b.y; lam[6] = b.z; lam[7] = b.w;
+      lam[j][0] = a.x; lam[j][1] = a.y; lam[j][2] = a.z; lam[j][3] = a.w;
+      lam[j][4] = b.x; lam[j][5] = b.y; lam[j][6] = b.z; lam[j][7] = b.w;
     }
-    uint4 raw[4];
+    // per (group, row) absmax over the 8 lanes that share the row
+    float amax[CH][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) raw[i] = nxt[i];
-    if (g + 1 < g_end) {  // prefetch the next group's X while this one is processed
+    for (int j = 0; j < CH; ++j)
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        nxt[i] = rv[i] ? __ldg(reinterpret_cast<const uint4*>(xr[i] + (g + 1) * G)) : make_uint4(0, 0, 0, 0);
-    }
-    if (RP > 0) {
+      for (int i = 0; i < 4; ++i) {
+        float v[8];
+        smooth8(raw[j][i], lam[j], v);
+        float a = 0.f;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) *reinterpret_cast<uint4*>(xs + (i * 4 + (lane >> 3)) * XS + ch * 16) = raw[i];
-    }
+        for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
+        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
+        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
+        amax[j][i] = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 4));
+      }
+    // step (scale) per (group, row) and, for int_ratio, the multiplier and the chunk base
+    float step[CH][4], mult[CH][4], base[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      int r = i * 4 + (lane >> 3);
-      int m = row0 + r;
-      float v[8];
-      const uint32_t* u = reinterpret_cast<const uint32_t*>(&raw[i]);
+      if (RATIO) {
+        float cm = 0.f;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        float2 f = Pack2<T>::to_f2(u[j]);
-        v[2 * j] = f.x * lam[2 * j];
-        v[2 * j + 1] = f.y * lam[2 * j + 1];
+        for (int j = 0; j < CH; ++j) cm = fmaxf(cm, amax[j][i]);
+        base[i] = cm * (1.0f / 126.0f);  // the reference's fp32 multiply by the fp32 constant 1/126
+        const float unit = base[i] * 7.0f;
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
+          const float f = unit > 0.f ? fminf(fmaxf(ceilf(__fdiv_rn(amax[j][i], unit)), 1.f), 18.f) : 1.f;
+          mult[j][i] = f;
+          step[j][i] = base[i] * f;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
+          step[j][i] = amax[j][i] * (1.0f / 7.0f);  // as torch computes `amax / 7` on CUDA (times the reciprocal)
+          mult[j][i] = 1.f;
+        }
+        base[i] = 0.f;
       }
-      float amax = 0.f;
+    }
+    // round-half-even to an integer in [-7, 7] with the 1.5*2^23 trick: the low mantissa bits of
+    // t + 1.5*2^23 are the two's-complement integer (no float->int conversion instructions)
+    constexpr float MAGIC = 12582912.0f;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
-      float scale = amax * (1.0f / 7.0f);  // as torch computes `amax / 7` on CUDA (times the reciprocal)
-      float inv;
-      asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv) : "f"(scale > 0.f ? scale : 1.0f));
-      // round-half-even to an integer in [-7, 7] with the 1.5*2^23 trick: the low mantissa bits of
-      // t + 1.5*2^23 are the two's-complement integer (no float->int conversion instructions)
-      constexpr float MAGIC = 12582912.0f;
-      if (m < M) {
-        if (ch == 0) ascales[(size_t)g * Mp + m] = scale;
+    for (int j = 0; j < CH; ++j) {
+      const int g = c0 + j;
+      if (g >= g_end) break;
+      if (RP > 0) {
+        cp_async_wait<0>();  // this thread's part of proj_down chunk g has landed
+        __syncthreads();     // everyone's part visible; everyone done with the other buffer
+        if (g + 1 < g_end) stage_pdown(g + 1, ps_all[(g + 1 - g_begin) & 1]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) *reinterpret_cast<uint4*>(xs + (i * 4 + (lane >> 3)) * XS + ch * 16) = raw[j][i];
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = row0 + i * 4 + (lane >> 3);
+        if (m >= M) continue;
+        float v[8];
+        smooth8(raw[j][i], lam[j], v);
+        const float sc = step[j][i];
+        float inv;
+        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv) : "f"(sc > 0.f ? sc : 1.0f));
+        if (ch == 0) {
+          if (FMT == FMT_I8) {
+            if (j == 0) ascales[(size_t)(c0 / CH) * Mp + m] = base[i];
+          } else {
+            ascales[(size_t)g * Mp + m] = sc;
+          }
+        }
         if (FMT == FMT_INT4) {
           uint32_t w = 0;
 #pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            float t = fminf(fmaxf(v[j] * inv, -7.f), 7.f);
-            w |= (__float_as_uint(t + MAGIC) & 0xFu) << (4 * j);
+          for (int e = 0; e < 8; ++e) {
+            float t = fminf(fmaxf(v[e] * inv, -7.f), 7.f);
+            w |= (__float_as_uint(t + MAGIC) & 0xFu) << (4 * e);
           }
           *reinterpret_cast<uint32_t*>(qr[i] + g * (G / 2)) = w;
+        } else if (FMT == FMT_I8) {
+          const float f = mult[j][i];
+          uint32_t out2[2] = {0u, 0u};
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            const float q = (fminf(fmaxf(v[e] * inv, -7.f), 7.f) + MAGIC) - MAGIC;  // rounded code
+            out2[e >> 2] |= (__float_as_uint(fmaf(q, f, MAGIC)) & 0xFFu) << (8 * (e & 3));  // code x f, int8
+          }
+          *reinterpret_cast<uint2*>(qr[i] + g * G) = make_uint2(out2[0], out2[1]);
         } else {
           uint32_t out2[2];
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             uint32_t sel = 0, sgn = 0;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-              float t = fminf(fmaxf(v[4 * h + j] * inv, -7.f), 7.f);
-              sel |= (__float_as_uint(fabsf(t) + MAGIC) & 0x7u) << (4 * j);
-              sgn |= ((__float_as_uint(t) >> 24) & 0x80u) << (8 * j);
+            for (int e = 0; e < 4; ++e) {
+              float t = fminf(fmaxf(v[4 * h + e] * inv, -7.f), 7.f);
+              sel |= (__float_as_uint(fabsf(t) + MAGIC) & 0x7u) << (4 * e);
+              sgn |= ((__float_as_uint(t) >> 24) & 0x80u) << (8 * e);
             }
             // e4m3 bytes of 0..7 selected by the magnitudes, then the sign bits
             out2[h] = __byte_perm(0x44403800u, 0x4E4C4A48u, sel) | sgn;
@@ -235,49 +299,51 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
           *reinterpret_cast<uint2*>(qr[i] + g * G) = make_uint2(out2[0], out2[1]);
         }
       }
-    }
-    if (RP > 0) {
-      __syncwarp();  // this warp's X tile visible to the warp (the chunk was made visible above)
+      if (RP > 0) {
+        __syncwarp();  // this warp's X tile visible to the warp (the proj_down chunk was made visible above)
+        const uint8_t* ps = ps_all[(g - g_begin) & 1];
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        uint32_t a[4];
-        {
-          uint32_t addr = smem_u32(xs + (lane & 15) * XS + (kk * 16 + (lane >> 4) * 8) * 2);
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                       : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                       : "r"(addr));
-        }
+        for (int kk = 0; kk < 4; ++kk) {
+          uint32_t a[4];
+          {
+            uint32_t addr = smem_u32(xs + (lane & 15) * XS + (kk * 16 + (lane >> 4) * 8) * 2);
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                         : "r"(addr));
+          }
 #pragma unroll
-        for (int nt2 = 0; nt2 < NT / 2; ++nt2) {
-          uint32_t b[4];
-          int mi = lane >> 3;
-          int krow = kk * 16 + (mi & 1) * 8 + (lane & 7);
-          int ncol = nt2 * 16 + (mi >> 1) * 8;
-          uint32_t addr = smem_u32(ps + krow * PS + ncol * 2);
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                       : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                       : "r"(addr));
+          for (int nt2 = 0; nt2 < NT / 2; ++nt2) {
+            uint32_t b[4];
+            int mi = lane >> 3;
+            int krow = kk * 16 + (mi & 1) * 8 + (lane & 7);
+            int ncol = nt2 * 16 + (mi >> 1) * 8;
+            uint32_t addr = smem_u32(ps + krow * PS + ncol * 2);
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                         : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                         : "r"(addr));
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            float* c = acc[nt2 * 2 + h];
-            if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-              asm volatile(
-                  "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                  "{%0,%1,%2,%3};\n"
-                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
-            } else {
-              asm volatile(
-                  "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                  "{%0,%1,%2,%3};\n"
-                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
+            for (int h = 0; h < 2; ++h) {
+              float* c = acc[nt2 * 2 + h];
+              if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+                asm volatile(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                    "{%0,%1,%2,%3};\n"
+                    : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
+              } else {
+                asm volatile(
+                    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                    "{%0,%1,%2,%3};\n"
+                    : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
+              }
             }
           }
         }
+        __syncwarp();  // the X tile is rewritten by the next group
+      } else {
+        __syncwarp();
       }
-    } else {
-      __syncwarp();
     }
   }
   // LoRA-down partial of this split. No float atomics: with one split the CTA owns the whole sum; else
@@ -1510,6 +1576,179 @@ template <int STAGES, typename OutT>
 static int launch_sm90_ws6(const Sm90Params& p, cudaStream_t st);
 
 // ------------------------------------------------------------------------------------------------
+// Kernel 2c (v7, sm_90a): the int_ratio Hopper path. Operands are int8 = code x multiplier (|.| <= 126),
+// so a chunk of RATIO_CHUNK groups (256 K) is summed exactly by s8 wgmma into s32 accumulators with no
+// per-group promotion; once per chunk the s32 sum (|.| < 2^22) becomes fp32 by the magic-number trick
+// and is added with the chunk's activation base: acc += float(s) * abase[m, c]. The weight base (one per
+// output column) multiplies the finished sum in the epilogue, then LoRA-up (tf32 wgmma), bias, cast.
+// Warp-specialised as v2: WG0 = TMA producer, NC consumer warpgroups of 64 tokens; stage = 128 K
+// (half a chunk), STAGES-deep full/empty mbarrier ring; the LoRA tiles follow as extra stages.
+// ------------------------------------------------------------------------------------------------
+template <int BN, int STAGES, int NC>
+struct I8Smem {
+  static constexpr int BM = 64 * NC;
+  static constexpr int A_BYTES = BM * 128;
+  static constexpr int B_BYTES = BN * 128;
+  static constexpr int SA_BYTES = BM * 4;
+  static constexpr int STAGE_BYTES = (A_BYTES + B_BYTES + SA_BYTES + 1023) / 1024 * 1024;
+  static constexpr int TOTAL = STAGES * STAGE_BYTES + 2 * STAGES * 8 + 1024;
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+template <int BN>
+__device__ __forceinline__ void wgmma_s8(int32_t* d, uint64_t da, uint64_t db, int scale_d) {
+  if constexpr (BN == 128) wgmma_s8_n128(d, da, db, scale_d);
+  else if constexpr (BN == 192) wgmma_s8_n192(d, da, db, scale_d);
+  else wgmma_s8_n256(d, da, db, scale_d);
+}
+__device__ __forceinline__ void fence_operand(int32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+#endif
+
+template <int BN, int STAGES, int NC, typename OutT>
+__global__ void __launch_bounds__(128 * (NC + 1), 1)
+    gemm_sm90_i8_kernel(const __grid_constant__ WsMaps maps, const float* __restrict__ wbase,
+                        const float* __restrict__ bias, OutT* __restrict__ out, int M, int N, int K, int rp) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using S = I8Smem<BN, STAGES, NC>;
+  constexpr int BM = S::BM;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+  const uint32_t sbase = smem_u32(smem);
+  const uint32_t bar_base = sbase + STAGES * S::STAGE_BYTES;  // full[STAGES] then empty[STAGES]
+  auto full_bar = [&](int i) { return bar_base + 8 * i; };
+  auto empty_bar = [&](int i) { return bar_base + 8 * (STAGES + i); };
+
+  const int tid = threadIdx.x;
+  const int wg = tid >> 7;
+  // grouped rasterisation: 8 M-tiles share each sweep over N (L2 reuse of the weight tiles)
+  const int ntn = (N + BN - 1) / BN, ntm = (M + BM - 1) / BM;
+  const int tile = blockIdx.x;
+  const int group = 8 * ntn;
+  const int first_m = (tile / group) * 8;
+  const int gm_size = min(ntm - first_m, 8);
+  const int tm = first_m + (tile % group) % gm_size;
+  const int tn = (tile % group) / gm_size;
+  const int m0 = tm * BM, n0 = tn * BN;
+
+  const int nstages = (K / G + 1) / 2;  // 128 K each; two stages per int_ratio chunk
+  const int nkb = rp / 32;
+  const int total = nstages + nkb;
+
+  if (tid == 0) {
+    for (int i = 0; i < STAGES; ++i) {
+      mbar_init(full_bar(i), 1);
+      mbar_init(empty_bar(i), 128 * NC);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (tid == 0) {
+      for (int s = 0; s < total; ++s) {
+        const int slot = s % STAGES;
+        if (s >= STAGES) mbar_wait(empty_bar(slot), ((s / STAGES) - 1) & 1);
+        const uint32_t st = sbase + slot * S::STAGE_BYTES;
+        if (s < nstages) {
+          mbar_expect_tx(full_bar(slot), S::A_BYTES + S::B_BYTES + S::SA_BYTES);
+          tma_2d(st, &maps.a, s * 128, m0, full_bar(slot));
+          tma_2d(st + S::A_BYTES, &maps.b, s * 128, n0, full_bar(slot));
+          tma_2d(st + S::A_BYTES + S::B_BYTES, &maps.sa, m0, s / 2, full_bar(slot));
+        } else {
+          const int kb = s - nstages;
+          mbar_expect_tx(full_bar(slot), BM * 128 + BN * 128);
+          tma_2d(st, &maps.lora, kb * 32, m0, full_bar(slot));
+          tma_2d(st + S::A_BYTES, &maps.pup, kb * 32, n0, full_bar(slot));
+        }
+      }
+    }
+  } else {
+    if constexpr (NC == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    else asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n");
+    const int cw = wg - 1, wl = (tid >> 5) & 3, lane = tid & 31;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int r0 = cw * 64 + wl * 16 + gid;
+    float acc[BN / 2];
+    int32_t P[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) { acc[i] = 0.f; P[i] = 0; }
+
+    for (int s = 0; s < nstages; ++s) {
+      const int slot = s % STAGES;
+      mbar_wait(full_bar(slot), (s / STAGES) & 1);
+      uint8_t* st = smem + slot * S::STAGE_BYTES;
+      const uint32_t a_base = smem_u32(st) + cw * 64 * 128;
+      const uint32_t b_base = smem_u32(st + S::A_BYTES);
+      const int fresh = (s & 1) ? 1 : 0;  // scale-d 0 starts the chunk's integer sum
+      wg_arrive();
+      wgmma_s8<BN>(P, make_desc(a_base + 0), make_desc(b_base + 0), fresh);
+      wgmma_s8<BN>(P, make_desc(a_base + 32), make_desc(b_base + 32), 1);
+      wgmma_s8<BN>(P, make_desc(a_base + 64), make_desc(b_base + 64), 1);
+      wgmma_s8<BN>(P, make_desc(a_base + 96), make_desc(b_base + 96), 1);
+      wg_commit();
+      if ((s & 1) == 0 && s + 1 < nstages) continue;  // first half of a chunk: keep issuing
+      wg_wait<0>();
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) fence_operand(P[i]);
+      const float* sa_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES);
+      const float a0 = sa_s[r0], a1 = sa_s[r0 + 8];
+      // exact int -> float for |v| < 2^22: the bits of 1.5*2^23 + v, minus 1.5*2^23
+      constexpr int MAGIC_I = 0x4B400000;
+      constexpr float MAGIC_F = 12582912.0f;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        acc[4 * j + 0] = fmaf(__int_as_float(P[4 * j + 0] + MAGIC_I) - MAGIC_F, a0, acc[4 * j + 0]);
+        acc[4 * j + 1] = fmaf(__int_as_float(P[4 * j + 1] + MAGIC_I) - MAGIC_F, a0, acc[4 * j + 1]);
+        acc[4 * j + 2] = fmaf(__int_as_float(P[4 * j + 2] + MAGIC_I) - MAGIC_F, a1, acc[4 * j + 2]);
+        acc[4 * j + 3] = fmaf(__int_as_float(P[4 * j + 3] + MAGIC_I) - MAGIC_F, a1, acc[4 * j + 3]);
+      }
+      mbar_arrive(empty_bar(slot));
+      if (s & 1) mbar_arrive(empty_bar((s - 1) % STAGES));  // the chunk's first stage is free too
+    }
+    // weight base per output column, then LoRA-up into the same accumulators
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int col = n0 + 8 * j + 2 * tig;
+      const float2 wb = col < N ? *reinterpret_cast<const float2*>(wbase + col) : make_float2(0.f, 0.f);
+      acc[4 * j + 0] *= wb.x; acc[4 * j + 1] *= wb.y; acc[4 * j + 2] *= wb.x; acc[4 * j + 3] *= wb.y;
+    }
+    if (nkb > 0) {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+      for (int kb = 0; kb < nkb; ++kb) {
+        const int s = nstages + kb, slot = s % STAGES;
+        mbar_wait(full_bar(slot), (s / STAGES) & 1);
+        const uint32_t la = sbase + slot * S::STAGE_BYTES + cw * 64 * 128;
+        const uint32_t lb = sbase + slot * S::STAGE_BYTES + S::A_BYTES;
+        wg_arrive();
+        lora_up_wgmma<BN, 1>(acc, la, lb);
+        wg_commit();
+        wg_wait<0>();
+        mbar_arrive(empty_bar(slot));
+      }
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+    }
+    const int gm0 = m0 + r0, gm1 = gm0 + 8;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      int col = n0 + 8 * j + 2 * tig;
+      if (col >= N) continue;
+      float b0 = 0.f, b1 = 0.f;
+      if (bias) { b0 = bias[col]; b1 = bias[col + 1]; }
+      if (gm0 < M)
+        *reinterpret_cast<uint32_t*>(out + (size_t)gm0 * N + col) =
+            Pack2<OutT>::from_f2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b1);
+      if (gm1 < M)
+        *reinterpret_cast<uint32_t*>(out + (size_t)gm1 * N + col) =
+            Pack2<OutT>::from_f2(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
+    }
+  }
+#endif
+}
+
+// ------------------------------------------------------------------------------------------------
 // Microbenchmark (diagnostics only): `wgs` warpgroups per CTA each issue `iters` x `per_wait` back-to-back
 // SS wgmma m64n{BN}k32 e4m3 on a fixed (zeroed) smem tile, waiting after every `per_wait` instructions.
 // ------------------------------------------------------------------------------------------------
@@ -1570,7 +1809,7 @@ static int sm_count(int dev) {
   return g_sm_count[dev];
 }
 
-SVDQ_API int svdq_abi_version() { return 2; }
+SVDQ_API int svdq_abi_version() { return 3; }
 
 SVDQ_API const char* svdq_error_string(int code) {
   if (code == ERR_BAD_ARG) return "svdq: bad argument (shape/alignment/rank)";
@@ -1603,13 +1842,14 @@ static void quant_grid(int M, int K, int dev, int* rowblocks_out, int* splits_ou
   if (splits > ngroups) splits = ngroups;
   if (splits < 1) splits = 1;
   int gpc = (ngroups + splits - 1) / splits;
+  gpc = (gpc + RATIO_CHUNK - 1) / RATIO_CHUNK * RATIO_CHUNK;  // int_ratio chunks never straddle two splits
   splits = (ngroups + gpc - 1) / gpc;  // every split non-empty
   *rowblocks_out = rowblocks;
   *splits_out = splits;
   *gpc_out = gpc;
 }
 
-template <typename T, int FMT>
+template <typename T, int FMT, bool RATIO>
 static int launch_quant(const void* x, const float* smooth, const void* pdown, void* qact, float* ascales, float* lora,
                         float* part, int* cnt, int M, int K, int Mp, int rp, int dev, cudaStream_t st) {
   int rowblocks, splits, gpc;
@@ -1620,7 +1860,7 @@ static int launch_quant(const void* x, const float* smooth, const void* pdown, v
   const T* pd = (const T*)pdown;
   uint8_t* q = (uint8_t*)qact;
 #define QL(RPV) \
-  quant_lora_down_kernel<T, FMT, RPV><<<grid, 128, 0, st>>>(xx, smooth, pd, q, ascales, lora, part, cnt, M, K, Mp, gpc)
+  quant_lora_down_kernel<T, FMT, RPV, RATIO><<<grid, 128, 0, st>>>(xx, smooth, pd, q, ascales, lora, part, cnt, M, K, Mp, gpc)
   switch (rp) {
     case 0: QL(0); break;
     case 32: QL(32); break;
@@ -1651,8 +1891,10 @@ SVDQ_API int svdq_quant_workspace(int M, int K, int rp, int device, long long* p
 }
 
 // x (M, K) dtype; smooth = 1/smooth_factor, fp32 (K); proj_down (K, rp) dtype or NULL when rp == 0;
-// qact: fmt 0 -> (M, K/2) packed int4, fmt 1 -> (M, K) e4m3; ascales fp32 (K/64, Mp); lora fp32 (M, rp), every
-// element written (need not be zeroed); part/cnt: the workspace of svdq_quant_workspace (NULL where it is 0).
+// fmt (AF_*): AF_INT4 qact (M, K/2) packed int4 + ascales fp32 (K/64, Mp) absmax/7; AF_E4M3 qact (M, K) e4m3 +
+// the same scales; AF_INT4_RATIO packed int4 + per-group int_ratio steps base*f (K/64, Mp); AF_I8_RATIO qact
+// (M, K) int8 = code*f + ascales = bases (ceil(K/256), Mp). lora fp32 (M, rp), every element written (need not
+// be zeroed); part/cnt: the workspace of svdq_quant_workspace (NULL where it is 0).
 SVDQ_API int svdq_quantize_act_lora_down(const void* x, const float* smooth, const void* pdown, void* qact,
                                          float* ascales, float* lora, float* part, int* cnt, int M, int K, int Mp,
                                          int rp, int dtype, int fmt, int device, void* stream) {
@@ -1661,17 +1903,19 @@ SVDQ_API int svdq_quantize_act_lora_down(const void* x, const float* smooth, con
   if (((uintptr_t)x | (uintptr_t)smooth | (uintptr_t)pdown | (uintptr_t)qact) & 15) return ERR_BAD_ARG;
   if (rp > 0 && ((uintptr_t)lora & 15)) return ERR_BAD_ARG;
   cudaStream_t st = (cudaStream_t)stream;
-  if (dtype == DT_BF16) {
-    return fmt ? launch_quant<__nv_bfloat16, FMT_E4M3>(x, smooth, pdown, qact, ascales, lora, part, cnt, M, K, Mp, rp,
-                                                       device, st)
-               : launch_quant<__nv_bfloat16, FMT_INT4>(x, smooth, pdown, qact, ascales, lora, part, cnt, M, K, Mp, rp,
-                                                       device, st);
-  } else if (dtype == DT_F16) {
-    return fmt ? launch_quant<__half, FMT_E4M3>(x, smooth, pdown, qact, ascales, lora, part, cnt, M, K, Mp, rp, device,
-                                                st)
-               : launch_quant<__half, FMT_INT4>(x, smooth, pdown, qact, ascales, lora, part, cnt, M, K, Mp, rp, device,
-                                                st);
+#define QARGS x, smooth, pdown, qact, ascales, lora, part, cnt, M, K, Mp, rp, device, st
+#define QDISPATCH(T)                                                    \
+  switch (fmt) {                                                        \
+    case AF_INT4: return launch_quant<T, FMT_INT4, false>(QARGS);       \
+    case AF_E4M3: return launch_quant<T, FMT_E4M3, false>(QARGS);       \
+    case AF_INT4_RATIO: return launch_quant<T, FMT_INT4, true>(QARGS);  \
+    case AF_I8_RATIO: return launch_quant<T, FMT_I8, true>(QARGS);      \
+    default: return ERR_BAD_ARG;                                        \
   }
+  if (dtype == DT_BF16) { QDISPATCH(__nv_bfloat16) }
+  if (dtype == DT_F16) { QDISPATCH(__half) }
+#undef QDISPATCH
+#undef QARGS
   return ERR_BAD_ARG;
 }
 
@@ -1801,6 +2045,41 @@ static int launch_sm90_ws6(const Sm90Params& p, cudaStream_t st) {
 // path 90: qact/qweight e4m3 bytes; path 80: packed int4. See the layout notes at the top.
 // variant (path 90): 0 = default (v6 for M >= 1536, N >= 640, K < 8192; else v2), 1 = v1 (cp.async), 5 = v3, 8 = v4, 9/10 = v5,
 // 11 = v6, 12 = v2; 2/3/4/6/7 = timing-only diagnostics (wrong results, see gemm_sm90_ws_kernel).
+// int_ratio Hopper GEMM (kernel 2c): qa int8 (M, K), abase fp32 (ceil(K/256), Mp), qw int8 (N, K), wbase fp32 (N).
+template <int BN, int STAGES, int NC, typename OutT>
+static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st) {
+  using S = I8Smem<BN, STAGES, NC>;
+  constexpr int BM = S::BM;
+  WsMaps maps;
+  memset(&maps, 0, sizeof(maps));
+  const int nchunks = (p.K / G + RATIO_CHUNK - 1) / RATIO_CHUNK;
+  bool ok = make_map(&maps.a, p.qa, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K, p.M, p.K, 128, BM, CU_TENSOR_MAP_SWIZZLE_128B) &&
+            make_map(&maps.b, p.qw, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K, p.N, p.K, 128, BN, CU_TENSOR_MAP_SWIZZLE_128B) &&
+            make_map(&maps.sa, p.sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.Mp, nchunks, (uint64_t)p.Mp * 4, BM, 1,
+                     CU_TENSOR_MAP_SWIZZLE_NONE);
+  if (ok && p.rp > 0)
+    ok = make_map(&maps.lora, p.lora, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.rp, p.M, (uint64_t)p.rp * 4, 32, BM,
+                  CU_TENSOR_MAP_SWIZZLE_128B) &&
+         make_map(&maps.pup, p.pup, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.rp, p.N, (uint64_t)p.rp * 4, 32, BN,
+                  CU_TENSOR_MAP_SWIZZLE_128B);
+  if (!ok) return ERR_NO_PATH;
+  auto kern = gemm_sm90_i8_kernel<BN, STAGES, NC, OutT>;
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
+  if (e != cudaSuccess) return (int)e;
+  int tiles = ((p.N + BN - 1) / BN) * ((p.M + BM - 1) / BM);
+  kern<<<tiles, 128 * (NC + 1), S::TOTAL, st>>>(maps, p.sw, p.bias, (OutT*)p.out, p.M, p.N, p.K, p.rp);
+  return (int)cudaGetLastError();
+}
+
+template <typename OutT>
+static int dispatch_sm90_i8(const Sm90Params& p, int variant, cudaStream_t st) {
+  switch (variant) {
+    case 1: return launch_sm90_i8<128, 6, 3, OutT>(p, st);   // 192 x 128 tiles
+    case 2: return launch_sm90_i8<192, 5, 2, OutT>(p, st);   // 128 x 192 tiles
+    default: return launch_sm90_i8<128, 6, 2, OutT>(p, st);  // 128 x 128 tiles
+  }
+}
+
 SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* qweight, const float* wscales,
                             const float* lora, const float* proj_up, const float* bias, void* out, int M, int N, int K,
                             int Mp, int rp, int out_dtype, int path, int variant, int device, void* stream) {
@@ -1848,6 +2127,12 @@ SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* 
       if (out_dtype == DT_BF16) return launch_sm90_ws<128, 5, __nv_bfloat16>(p, st);
       if (out_dtype == DT_F16) return launch_sm90_ws<128, 5, __half>(p, st);
     }
+    return ERR_BAD_ARG;
+  }
+  if (path == 91) {  // int_ratio on Hopper: ascales = activation bases, wscales = weight bases (N)
+    Sm90Params p{(const uint8_t*)qact, ascales, (const uint8_t*)qweight, wscales, lora, proj_up, bias, out, M, N, K, Mp, rp};
+    if (out_dtype == DT_BF16) return dispatch_sm90_i8<__nv_bfloat16>(p, variant, st);
+    if (out_dtype == DT_F16) return dispatch_sm90_i8<__half>(p, variant, st);
     return ERR_BAD_ARG;
   }
   if (path == 80) {

@@ -33,3 +33,13 @@ def make_x(m, k, dtype, device, seed=1):
     cols = torch.randperm(k, generator=g)[: max(1, k // 50)]
     x[:, cols] *= 30.0  # outlier channels
     return x.to(device=device, dtype=dtype)
+
+
+def make_ratio_layer(n, k, rank, dtype, device, bias=True, seed=0):
+    """A random layer with int_ratio scales: multipliers 1..18 per (group, column), one fp32 base per column."""
+    lay = make_layer(n, k, rank, dtype, device, bias=bias, seed=seed)
+    g = torch.Generator(device="cpu").manual_seed(seed + 1000)
+    del lay["wscales"]
+    lay["wscale_mult"] = torch.randint(1, ref.RATIO_MAX + 1, (k // 64, n), generator=g, dtype=torch.uint8).to(device)
+    lay["wscale_base"] = (torch.rand(n, generator=g) * 0.002 + 0.0002).to(device)
+    return lay

@@ -1,0 +1,150 @@
+"""CUDA kernels vs the reference for int_ratio scales (docs/FORMAT.md §1; kernels/csrc/svdq.cu kernel 2c).
+
+Bounds as in test_kernels_gpu.py: kernel 1 codes x multipliers equal to the reference's except on rare
+rounding ties (a code off by one), bases within 2 ulp (x*(1/lambda) vs x/lambda), lora_act within 1e-5 of
+fp64; GEMM / whole linear within bf16 6e-3 / fp16 1.5e-3 relative Frobenius error of the fp32 reference,
+every element finite (outputs are poisoned first).
+"""
+import pytest
+import torch
+
+from comfyui_svdquant import kernels
+from comfyui_svdquant.kernels import _lib
+from comfyui_svdquant.kernels import reference as ref
+
+from _layers import make_ratio_layer, make_x
+from test_kernels_gpu import BOUND, DEV, QUANT_CASES, GEMM_CASES, LINEAR_CASES, rel, sync_check
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_lib")]
+
+
+def _ops():
+    from comfyui_svdquant.kernels import ops
+    return ops
+
+
+def _fmts():
+    return [_lib.FMT_I8_RATIO, _lib.FMT_INT4_RATIO] if _lib.device_path(torch.cuda.current_device()) == 90 \
+        else [_lib.FMT_INT4_RATIO]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,r", QUANT_CASES)
+def test_quantize_ratio(m, k, r, dtype):
+    ops = _ops()
+    lay = make_ratio_layer(64, k, r, dtype, DEV, seed=m + k + r)
+    x = make_x(m, k, dtype, DEV, seed=m * 7 + k)
+    x[min(2, m - 1), : min(k, 128)] = 0  # a zero chunk/row part
+    q_ref, (f_ref, b_ref), l_ref = ref.quantize_act_lora_down(x, lay["smooth_factor"], lay["proj_down"],
+                                                             scale_mode="int_ratio")
+    codes_ref = ref.unpack_int4(q_ref).to(torch.int32)
+    fx = f_ref.to(torch.int32).repeat_interleave(64, dim=1)
+    rp = (r + 31) // 32 * 32
+    pd = torch.nn.functional.pad(lay["proj_down"], (0, rp - r)).contiguous() if r else None
+    for fmt in _fmts():
+        qshape, sshape = ops.act_shapes(m, k, fmt)
+        qact = torch.full(qshape, 0x5A, dtype=torch.uint8, device=DEV)
+        ascales = torch.full(sshape, float("nan"), device=DEV)
+        lora = torch.full((m, rp), float("nan"), device=DEV)
+        ops.quantize_into(x, (1.0 / lay["smooth_factor"].float()).contiguous(), pd, qact, ascales, lora, fmt)
+        sync_check()
+        if fmt == _lib.FMT_I8_RATIO:
+            got = qact.view(torch.int8).to(torch.int32)          # code x multiplier
+            diff = (got - codes_ref * fx).abs()
+            assert bool((diff % fx == 0).all()), "int8 values are not multiples of the reference multiplier"
+            diff = diff // fx
+            sc = ascales[:, :m].t()
+            assert ((sc - b_ref).abs() <= 2.5e-7 * b_ref.abs()).all(), "activation bases differ"
+        else:
+            diff = (ref.unpack_int4(qact.view(torch.int8)).to(torch.int32) - codes_ref).abs()
+            steps = ref.ratio_steps(f_ref, b_ref, ref.ACT_CHUNK_GROUPS)
+            sc = ascales[:, :m].t()
+            assert ((sc - steps).abs() <= 5e-7 * steps.abs()).all(), "activation steps differ"
+        assert diff.max().item() <= 1 and diff.float().mean().item() <= 1e-4, f"fmt {fmt}: {(diff > 0).sum().item()} codes differ"
+        if r:
+            assert rel(lora[:, :r], x.double() @ lay["proj_down"].double()) < 1e-5
+            assert torch.all(lora[:, r:] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,r,bias", GEMM_CASES)
+def test_gemm_ratio(m, n, k, r, bias, dtype):
+    """Kernel 2 on the reference's own quantized activations: path 91 (variants 0/1/2) and the INT4 path."""
+    ops = _ops()
+    lay = make_ratio_layer(n, k, r, dtype, DEV, bias=bias, seed=n + k + r)
+    x = make_x(m, k, dtype, DEV, seed=m * 3 + k)
+    qa, (fa, ba), la = ref.quantize_act_lora_down(x, lay["smooth_factor"], lay["proj_down"], scale_mode="int_ratio")
+    wsc = (lay["wscale_mult"], lay["wscale_base"])
+    y_ref = ref.w4a4_gemm(qa, (fa, ba), lay["qweight"], wsc, la, lay["proj_up"], lay["bias"], torch.float32)
+    prepared = kernels.prepare_weights(lay, torch.device(DEV))
+    rp = prepared["_rp"]
+    mp = ops.padded_rows(m)
+    lora = torch.nn.functional.pad(la, (0, rp - r)).contiguous()
+    codes = ref.unpack_int4(qa).to(torch.int32)
+    runs = []
+    if prepared["_path"] == 91:
+        qa8 = (codes * fa.to(torch.int32).repeat_interleave(64, 1)).to(torch.int8).view(torch.uint8).contiguous()
+        sa = torch.zeros((ba.shape[1], mp), device=DEV)
+        sa[:, :m] = ba.t()
+        runs += [(qa8, sa, prepared["_qw"], prepared["_wscales"], 91, v) for v in (0, 1, 2)]
+        steps_w = (lay["wscale_base"].unsqueeze(0) * lay["wscale_mult"].float()).contiguous()
+        qw4 = lay["qweight"].view(torch.uint8)
+    else:
+        steps_w, qw4 = prepared["_wscales"], prepared["_qw"]
+    steps_a = torch.zeros((k // 64, mp), device=DEV)
+    steps_a[:, :m] = ref.ratio_steps(fa, ba, ref.ACT_CHUNK_GROUPS).t()
+    runs.append((qa.view(torch.uint8), steps_a, qw4, steps_w, 80, 0))
+    for qa_i, sa_i, qw_i, ws_i, path, variant in runs:
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+        ops.gemm_into(qa_i, sa_i, qw_i, ws_i, lora, prepared["_proj_up"], prepared["_bias"], out, path, variant)
+        sync_check()
+        tag = f"path {path} variant {variant}"
+        assert torch.isfinite(out).all(), f"{tag}: {(~torch.isfinite(out)).sum().item()} non-finite"
+        e = rel(out, y_ref)
+        assert e < BOUND[dtype], f"{tag}: rel err {e:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,n,r", LINEAR_CASES)
+def test_linear_ratio_end_to_end(m, k, n, r, dtype):
+    lay = make_ratio_layer(n, k, r, dtype, DEV, seed=3 + n)
+    x = make_x(m, k, dtype, DEV, seed=4 + m).reshape(1, m, k)
+    prepared = kernels.prepare_weights(lay, torch.device(DEV))
+    assert prepared["_path"] in (80, 91)
+    assert kernels.backend_name(DEV, "int_ratio") in ("cuda-sm90a-int8", "cuda-mma-int4")
+    y = kernels.linear(x, prepared)
+    sync_check()
+    y_ref = ref.svdquant_linear(x.float(), lay["qweight"], (lay["wscale_mult"], lay["wscale_base"]),
+                                lay["smooth_factor"].float(), lay["proj_down"].float(), lay["proj_up"].float(),
+                                None if lay["bias"] is None else lay["bias"].float())
+    assert y.shape == (1, m, n) and y.dtype == dtype and torch.isfinite(y).all()
+    e = rel(y, y_ref)
+    assert e < BOUND[dtype], f"rel err {e:.2e}"
+    for _ in range(3):  # bitwise deterministic run to run
+        assert torch.equal(kernels.linear(x, prepared), y)
+
+
+def test_ratio_compile_and_cuda_graph():
+    dtype = torch.bfloat16
+    lay = make_ratio_layer(1280, 640, 32, dtype, DEV, seed=11)
+    prepared = kernels.prepare_weights(lay, torch.device(DEV))
+    x = make_x(333, 640, dtype, DEV, seed=12)
+    eager = kernels.linear(x, prepared)
+    compiled = torch.compile(lambda t: kernels.linear(t, prepared) * 2.0, fullgraph=True)
+    assert torch.equal(compiled(x), eager * 2.0)
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            kernels.linear(static_x, prepared)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = kernels.linear(static_x, prepared)
+    x2 = make_x(333, 640, dtype, DEV, seed=13)
+    static_x.copy_(x2)
+    static_y.fill_(float("nan"))
+    graph.replay()
+    sync_check()
+    assert torch.equal(static_y, kernels.linear(x2, prepared))
