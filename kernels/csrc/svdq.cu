@@ -1585,13 +1585,14 @@ static int launch_sm90_ws6(const Sm90Params& p, cudaStream_t st);
 // (half a chunk), STAGES-deep full/empty mbarrier ring; the LoRA tiles follow as extra stages.
 // ------------------------------------------------------------------------------------------------
 template <int BN, int STAGES, int NC>
-struct I8Smem {
+struct I8Smem {  // TOTAL must stay within the 227 KB an sm_90 CTA may use
   static constexpr int BM = 64 * NC;
   static constexpr int A_BYTES = BM * 128;
   static constexpr int B_BYTES = BN * 128;
   static constexpr int SA_BYTES = BM * 4;
   static constexpr int STAGE_BYTES = (A_BYTES + B_BYTES + SA_BYTES + 1023) / 1024 * 1024;
   static constexpr int TOTAL = STAGES * STAGE_BYTES + 2 * STAGES * 8 + 1024;
+  static_assert(TOTAL <= 227 * 1024, "int_ratio GEMM tile does not fit in shared memory");
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -2074,7 +2075,7 @@ static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st) {
 template <typename OutT>
 static int dispatch_sm90_i8(const Sm90Params& p, int variant, cudaStream_t st) {
   switch (variant) {
-    case 1: return launch_sm90_i8<128, 6, 3, OutT>(p, st);   // 192 x 128 tiles
+    case 1: return launch_sm90_i8<128, 5, 3, OutT>(p, st);   // 192 x 128 tiles
     case 2: return launch_sm90_i8<192, 5, 2, OutT>(p, st);   // 128 x 192 tiles
     default: return launch_sm90_i8<128, 6, 2, OutT>(p, st);  // 128 x 128 tiles
   }
