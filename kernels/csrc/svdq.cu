@@ -149,8 +149,11 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
         dst[j][i] = (rv[i] && c0 + j < g_end) ? __ldg(reinterpret_cast<const uint4*>(xr[i] + (c0 + j) * G))
                                               : make_uint4(0, 0, 0, 0);
   };
-  uint4 nxt[CH][4];
-  load_chunk(nxt, g_begin);
+  // CH == 1: the next group's X is prefetched into registers; int_ratio chunks (CH = 4) issue their 16 loads at
+  // once instead (enough bytes in flight, and the registers are needed for the chunk itself)
+  constexpr int NP = CH == 1 ? 1 : 0;
+  uint4 nxt[NP ? CH : 1][4];
+  if constexpr (NP) load_chunk(nxt, g_begin);
   constexpr int CPR = RP * 2 / 16;  // 16-byte chunks per proj_down row
   constexpr int CPT = RP > 0 ? G * CPR / 128 : 1;  // chunks per thread
   uint32_t pd_src[CPT], pd_dst[CPT];  // element offset in a group's proj_down rows / smem byte offset
@@ -181,28 +184,31 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
   if (RP > 0 && g_begin < g_end) stage_pdown(g_begin, ps_all[0]);
   for (int c0 = g_begin; c0 < g_end; c0 += CH) {
     uint4 raw[CH][4];
+    if constexpr (NP) {
 #pragma unroll
-    for (int j = 0; j < CH; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) raw[j][i] = nxt[j][i];
-    if (c0 + CH < g_end) load_chunk(nxt, c0 + CH);  // prefetch the next chunk's X while this one is processed
-    float lam[CH][8];
-#pragma unroll
-    for (int j = 0; j < CH; ++j) {
+      for (int i = 0; i < 4; ++i) raw[0][i] = nxt[0][i];
+      if (c0 + CH < g_end) load_chunk(nxt, c0 + CH);  // prefetch the next group's X while this one is processed
+    } else {
+      load_chunk(raw, c0);
+    }
+    // 1/lambda of group j for this thread's 8 columns (L1-resident; reloaded rather than held in registers)
+    auto load_lam = [&](int j, float (&lam)[8]) {
       const int g = min(c0 + j, g_end - 1);  // groups past the end (last chunk) are never stored
       const float4* sp = reinterpret_cast<const float4*>(smooth_rcp + g * G + ch * 8);
-      float4 a = sp[0], b = sp[1];
-      lam[j][0] = a.x; lam[j][1] = a.y; lam[j][2] = a.z; lam[j][3] = a.w;
-      lam[j][4] = b.x; lam[j][5] = b.y; lam[j][6] = b.z; lam[j][7] = b.w;
-    }
+      float4 a = __ldg(sp), b = __ldg(sp + 1);
+      lam[0] = a.x; lam[1] = a.y; lam[2] = a.z; lam[3] = a.w;
+      lam[4] = b.x; lam[5] = b.y; lam[6] = b.z; lam[7] = b.w;
+    };
     // per (group, row) absmax over the 8 lanes that share the row
     float amax[CH][4];
 #pragma unroll
-    for (int j = 0; j < CH; ++j)
+    for (int j = 0; j < CH; ++j) {
+      float lam[8];
+      load_lam(j, lam);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         float v[8];
-        smooth8(raw[j][i], lam[j], v);
+        smooth8(raw[j][i], lam, v);
         float a = 0.f;
 #pragma unroll
         for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
@@ -210,8 +216,10 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
         a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
         amax[j][i] = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 4));
       }
-    // step (scale) per (group, row) and, for int_ratio, the multiplier and the chunk base
-    float step[CH][4], mult[CH][4], base[4];
+    }
+    // for int_ratio the multiplier per (group, row) and the chunk base per row; step = base * mult
+    // (float mode: mult holds the step itself and base is unused)
+    float mult[CH][4], base[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       if (RATIO) {
@@ -222,16 +230,12 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
         const float unit = base[i] * 7.0f;
 #pragma unroll
         for (int j = 0; j < CH; ++j) {
-          const float f = unit > 0.f ? fminf(fmaxf(ceilf(__fdiv_rn(amax[j][i], unit)), 1.f), 18.f) : 1.f;
-          mult[j][i] = f;
-          step[j][i] = base[i] * f;
+          mult[j][i] = unit > 0.f ? fminf(fmaxf(ceilf(__fdiv_rn(amax[j][i], unit)), 1.f), 18.f) : 1.f;
         }
       } else {
 #pragma unroll
-        for (int j = 0; j < CH; ++j) {
-          step[j][i] = amax[j][i] * (1.0f / 7.0f);  // as torch computes `amax / 7` on CUDA (times the reciprocal)
-          mult[j][i] = 1.f;
-        }
+        for (int j = 0; j < CH; ++j)
+          mult[j][i] = amax[j][i] * (1.0f / 7.0f);  // as torch computes `amax / 7` on CUDA (times the reciprocal)
         base[i] = 0.f;
       }
     }
@@ -249,13 +253,15 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
 #pragma unroll
         for (int i = 0; i < 4; ++i) *reinterpret_cast<uint4*>(xs + (i * 4 + (lane >> 3)) * XS + ch * 16) = raw[j][i];
       }
+      float lam[8];
+      load_lam(j, lam);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int m = row0 + i * 4 + (lane >> 3);
         if (m >= M) continue;
         float v[8];
-        smooth8(raw[j][i], lam[j], v);
-        const float sc = step[j][i];
+        smooth8(raw[j][i], lam, v);
+        const float sc = RATIO ? base[i] * mult[j][i] : mult[j][i];
         float inv;
         asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv) : "f"(sc > 0.f ? sc : 1.0f));
         if (ch == 0) {
