@@ -1651,7 +1651,9 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
   __syncthreads();
 
   if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    // the register file (64K) must hold 128 x producer + 128*NC x consumer registers, or setmaxnreg.inc waits forever
+    if constexpr (NC == 2) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    else asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
     if (tid == 0) {
       for (int s = 0; s < total; ++s) {
         const int slot = s % STAGES;
@@ -1671,8 +1673,9 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
       }
     }
   } else {
-    if constexpr (NC == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    else asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n");
+    static_assert(NC == 2 || NC == 3, "2 or 3 consumer warpgroups");
+    if constexpr (NC == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");  // 128*40 + 256*232 <= 64K
+    else asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n");                    // 128*24 + 384*160 <= 64K
     const int cw = wg - 1, wl = (tid >> 5) & 3, lane = tid & 31;
     const int gid = lane >> 2, tig = lane & 3;
     const int r0 = cw * 64 + wl * 16 + gid;
