@@ -28,19 +28,6 @@ print("#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)")
 for name, suffix, k in SHAPES:
     for n in NS:
         print(gen(name, suffix, k, n))
-# f16-accumulator e4m3 (packed f16x2 accumulators in 32-bit registers)
-for n in (128, 256):
-    nreg = n // 4
-    regs = ", ".join(f"%{i}" for i in range(nreg))
-    outs = ", ".join(f'"+r"(d[{i}])' for i in range(nreg))
-    print(f'''__device__ __forceinline__ void wgmma_e4m3_f16acc_n{n}(uint32_t* d, uint64_t da, uint64_t db, int scale_d) {{
-  asm volatile(
-      "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{nreg + 2}, 0;\\n"
-      "wgmma.mma_async.sync.aligned.m64n{n}k32.f16.e4m3.e4m3 {{{regs}}}, %{nreg}, %{nreg + 1}, p, 1, 1;\\n}}\\n"
-      : {outs}
-      : "l"(da), "l"(db), "r"(scale_d));
-}}
-''')
 # s8 x s8 -> s32 (integer accumulators; integer wgmma takes no imm-scale/transpose operands)
 for n in (128, 192, 256):
     nreg = n // 2

@@ -538,192 +538,6 @@ __device__ __forceinline__ void lora_up_wgmma(float* acc, uint32_t la, uint32_t 
 }
 #endif
 
-template <int BN, int STAGES>
-struct Sm90Smem {
-  static constexpr int A_BYTES = 128 * 128;
-  static constexpr int B_BYTES = BN * 128;
-  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
-  static constexpr int SCALE_BYTES = (2 * 128 + 2 * BN) * 4;
-  static constexpr int TOTAL = STAGES * (STAGE_BYTES + SCALE_BYTES) + 1024;  // +1024 for alignment
-};
-
-template <int BN, int STAGES, typename OutT>
-__global__ void __launch_bounds__(256, 1) gemm_sm90_kernel(const Sm90Params p) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using S = Sm90Smem<BN, STAGES>;
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);  // keeps the shared-space provenance
-  uint8_t* tiles = smem;                                          // STAGES x (A | B)
-  float* scales = reinterpret_cast<float*>(smem + STAGES * S::STAGE_BYTES);  // STAGES x (sa[2][128] | sw[2][BN])
-  constexpr int SC_STRIDE = 2 * 128 + 2 * BN;
-
-  const int tid = threadIdx.x;
-  const int wg = tid >> 7, wl = (tid >> 5) & 3, lane = tid & 31;
-  const int gid = lane >> 2, tig = lane & 3;
-  const int n0 = blockIdx.x * BN, m0 = blockIdx.y * 128;
-  const int M = p.M, N = p.N, K = p.K, Mp = p.Mp;
-  const int ngroups = K / G;
-  const int nstages = (ngroups + 1) / 2;
-
-  auto load_stage = [&](int s) {
-    if (s < nstages) {
-      const int slot = s % STAGES;
-      uint8_t* As = tiles + slot * S::STAGE_BYTES;
-      uint8_t* Bs = As + S::A_BYTES;
-      const int k0 = s * 128;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        int c = tid + 256 * i;
-        int r = c >> 3, ch = c & 7;
-        int gm = m0 + r, gk = k0 + ch * 16;
-        bool ok = gm < M && gk < K;
-        const uint8_t* src = ok ? p.qa + (size_t)gm * K + gk : p.qa;
-        cp_async16(smem_u32(As + r * 128 + ((ch ^ (r & 7)) << 4)), src, ok);
-      }
-#pragma unroll
-      for (int i = 0; i < BN / 32; ++i) {
-        int c = tid + 256 * i;
-        int r = c >> 3, ch = c & 7;
-        int gn = n0 + r, gk = k0 + ch * 16;
-        bool ok = gn < N && gk < K;
-        const uint8_t* src = ok ? p.qw + (size_t)gn * K + gk : p.qw;
-        cp_async16(smem_u32(Bs + r * 128 + ((ch ^ (r & 7)) << 4)), src, ok);
-      }
-      float* sc = scales + slot * SC_STRIDE;
-      if (tid < 64) {
-        int grp = tid >> 5, j = tid & 31;
-        int g = 2 * s + grp, gm = m0 + j * 4;
-        bool ok = g < ngroups && gm < Mp;
-        const float* src = ok ? p.sa + (size_t)g * Mp + gm : p.sa;
-        cp_async16(smem_u32(sc + grp * 128 + j * 4), src, ok);
-      } else if (tid < 64 + BN / 2) {
-        int c = tid - 64;
-        int grp = c / (BN / 4), j = c % (BN / 4);
-        int g = 2 * s + grp, gn = n0 + j * 4;
-        bool ok = g < ngroups && gn < N;
-        const float* src = ok ? p.sw + (size_t)g * N + gn : p.sw;
-        cp_async16(smem_u32(sc + 256 + grp * BN + j * 4), src, ok);
-      }
-    }
-    cp_async_commit();
-  };
-
-  float acc[BN / 2], P0[BN / 2], P1[BN / 2];
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) { acc[i] = 0.f; P0[i] = 0.f; P1[i] = 0.f; }
-
-  const int r0 = wg * 64 + wl * 16 + gid;  // this thread's token rows in the tile: r0, r0 + 8
-
-  auto promote = [&](float* P, int slot, int grp) {
-    const float* sc = scales + slot * SC_STRIDE;
-    const float a0 = sc[grp * 128 + r0], a1 = sc[grp * 128 + r0 + 8];
-    const float* sws = sc + 256 + grp * BN;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      float2 w = *reinterpret_cast<const float2*>(sws + 8 * j + 2 * tig);
-      acc[4 * j + 0] = fmaf(P[4 * j + 0], a0 * w.x, acc[4 * j + 0]);
-      acc[4 * j + 1] = fmaf(P[4 * j + 1], a0 * w.y, acc[4 * j + 1]);
-      acc[4 * j + 2] = fmaf(P[4 * j + 2], a1 * w.x, acc[4 * j + 2]);
-      acc[4 * j + 3] = fmaf(P[4 * j + 3], a1 * w.y, acc[4 * j + 3]);
-    }
-  };
-
-#pragma unroll
-  for (int s = 0; s < STAGES - 2; ++s) load_stage(s);
-
-  for (int s = 0; s < nstages; ++s) {
-    const int slot = s % STAGES;
-    cp_async_wait<STAGES - 3>();
-    fence_proxy_async();
-    __syncthreads();
-    load_stage(s + STAGES - 2);
-
-    const uint32_t a_base = smem_u32(tiles + slot * S::STAGE_BYTES) + wg * 64 * 128;
-    const uint32_t b_base = smem_u32(tiles + slot * S::STAGE_BYTES + S::A_BYTES);
-
-    // group 0 -> P0 and group 1 -> P1 issued back to back; P0's promotion overlaps P1's wgmma, and the
-    // other warpgroup's wgmmas overlap this one's promotions. A missing second group (odd K/64) is
-    // zero-filled data with zero scales: it adds exactly 0.
-    wg_arrive();
-    wgmma_e4m3<BN>(P0, make_desc(a_base + 0), make_desc(b_base + 0), 0);
-    wgmma_e4m3<BN>(P0, make_desc(a_base + 32), make_desc(b_base + 32), 1);
-    wg_commit();
-    wgmma_e4m3<BN>(P1, make_desc(a_base + 64), make_desc(b_base + 64), 0);
-    wgmma_e4m3<BN>(P1, make_desc(a_base + 96), make_desc(b_base + 96), 1);
-    wg_commit();
-    wg_wait<1>();
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) fence_operand(P0[i]);
-    promote(P0, slot, 0);
-    wg_wait<0>();
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) fence_operand(P1[i]);
-    promote(P1, slot, 1);
-  }
-
-  // ---- epilogue: LoRA-up (tf32 wgmma into acc), bias, cast, store ----
-  const int rp = p.rp;
-  if (rp > 0) {
-    cp_async_wait<0>();
-    __syncthreads();  // every warpgroup is done with the pipeline buffers
-    const int nkb = rp / 32;  // k-blocks of 32 fp32 = 128 bytes
-    uint8_t* La = tiles;                        // nkb x [128 rows x 128 B]
-    uint8_t* Lb = tiles + nkb * 128 * 128;      // nkb x [BN rows x 128 B]
-    for (int c = tid; c < nkb * 128 * 8; c += 256) {
-      int kb = c / (128 * 8), rem = c % (128 * 8);
-      int r = rem >> 3, ch = rem & 7;
-      int gm = m0 + r;
-      bool ok = gm < M;
-      const float* src = ok ? p.lora + (size_t)gm * rp + kb * 32 + ch * 4 : p.lora;
-      cp_async16(smem_u32(La + kb * 128 * 128 + r * 128 + ((ch ^ (r & 7)) << 4)), src, ok);
-    }
-    for (int c = tid; c < nkb * BN * 8; c += 256) {
-      int kb = c / (BN * 8), rem = c % (BN * 8);
-      int r = rem >> 3, ch = rem & 7;
-      int gn = n0 + r;
-      bool ok = gn < N;
-      const float* src = ok ? p.pup + (size_t)gn * rp + kb * 32 + ch * 4 : p.pup;
-      cp_async16(smem_u32(Lb + kb * BN * 128 + r * 128 + ((ch ^ (r & 7)) << 4)), src, ok);
-    }
-    cp_async_commit();
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-    wg_arrive();
-    const uint32_t la = smem_u32(La) + wg * 64 * 128;
-    const uint32_t lb = smem_u32(Lb);
-    switch (nkb) {
-      case 1: lora_up_wgmma<BN, 1>(acc, la, lb); break;
-      case 2: lora_up_wgmma<BN, 2>(acc, la, lb); break;
-      case 3: lora_up_wgmma<BN, 3>(acc, la, lb); break;
-      default: lora_up_wgmma<BN, 4>(acc, la, lb); break;
-    }
-    wg_commit();
-    wg_wait<0>();
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-  }
-
-  OutT* out = reinterpret_cast<OutT*>(p.out);
-  const int gm0 = m0 + r0, gm1 = gm0 + 8;
-#pragma unroll
-  for (int j = 0; j < BN / 8; ++j) {
-    int col = n0 + 8 * j + 2 * tig;
-    if (col >= N) continue;
-    float b0 = 0.f, b1 = 0.f;
-    if (p.bias) { b0 = p.bias[col]; b1 = p.bias[col + 1]; }
-    if (gm0 < M)
-      *reinterpret_cast<uint32_t*>(out + (size_t)gm0 * N + col) =
-          Pack2<OutT>::from_f2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b1);
-    if (gm1 < M)
-      *reinterpret_cast<uint32_t*>(out + (size_t)gm1 * N + col) =
-          Pack2<OutT>::from_f2(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
-  }
-#endif
-}
-
 // ------------------------------------------------------------------------------------------------
 // Kernel 2a (v2): warp-specialised Hopper path. 3 warpgroups: WG0 = producer (one thread issues TMA
 // loads of A/B tiles and both scale vectors per stage, then the LoRA tiles as extra "stages"),
@@ -770,9 +584,7 @@ struct WsSmem {
   static constexpr int TOTAL = STAGES * STAGE_BYTES + 2 * STAGES * 8 + 1024;
 };
 
-// DIAG (timing only, wrong results): 1 = no promotion, 2 = no wgmma, 3 = no A/B tile loads,
-// 4 = no loads and no promotion (the wgmma issue structure alone)
-template <int BN, int STAGES, typename OutT, int DIAG = 0>
+template <int BN, int STAGES, typename OutT>
 __global__ void __launch_bounds__(384, 1)
     gemm_sm90_ws_kernel(const __grid_constant__ WsMaps maps, const float* __restrict__ bias, OutT* __restrict__ out, int M,
                         int N, int K, int rp) {
@@ -819,11 +631,7 @@ __global__ void __launch_bounds__(384, 1)
         const int slot = s % STAGES;
         if (s >= STAGES) mbar_wait(empty_bar(slot), ((s / STAGES) - 1) & 1);
         const uint32_t st = sbase + slot * S::STAGE_BYTES;
-        if (s < nstages && (DIAG == 3 || DIAG == 4)) {  // timing only: operand tiles are not reloaded
-          mbar_expect_tx(full_bar(slot), S::SA_BYTES + S::SW_BYTES);
-          tma_2d(st + S::A_BYTES + S::B_BYTES, &maps.sa, m0, 2 * s, full_bar(slot));
-          tma_2d(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES, &maps.sw, n0, 2 * s, full_bar(slot));
-        } else if (s < nstages) {
+        if (s < nstages) {
           mbar_expect_tx(full_bar(slot), S::STAGE_BYTES);
           tma_2d(st, &maps.a, s * 128, m0, full_bar(slot));
           tma_2d(st + S::A_BYTES, &maps.b, s * 128, n0, full_bar(slot));
@@ -866,32 +674,21 @@ __global__ void __launch_bounds__(384, 1)
       const uint32_t b_base = smem_u32(st + S::A_BYTES);
       const float* sa_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES);
       const float* sw_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES);
-      if (DIAG != 2) {
-        wg_arrive();
-        wgmma_e4m3<BN>(P0, make_desc(a_base + 0), make_desc(b_base + 0), 0);
-        wgmma_e4m3<BN>(P0, make_desc(a_base + 32), make_desc(b_base + 32), 1);
-        wg_commit();
-        wgmma_e4m3<BN>(P1, make_desc(a_base + 64), make_desc(b_base + 64), 0);
-        wgmma_e4m3<BN>(P1, make_desc(a_base + 96), make_desc(b_base + 96), 1);
-        wg_commit();
-        wg_wait<1>();
-      }
+      wg_arrive();
+      wgmma_e4m3<BN>(P0, make_desc(a_base + 0), make_desc(b_base + 0), 0);
+      wgmma_e4m3<BN>(P0, make_desc(a_base + 32), make_desc(b_base + 32), 1);
+      wg_commit();
+      wgmma_e4m3<BN>(P1, make_desc(a_base + 64), make_desc(b_base + 64), 0);
+      wgmma_e4m3<BN>(P1, make_desc(a_base + 96), make_desc(b_base + 96), 1);
+      wg_commit();
+      wg_wait<1>();
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) fence_operand(P0[i]);
-      if (DIAG != 1 && DIAG != 4) promote(P0, sa_s, sw_s);
-      if (DIAG != 2) wg_wait<0>();
+      promote(P0, sa_s, sw_s);  // overlaps group 1's wgmma
+      wg_wait<0>();
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) fence_operand(P1[i]);
-      if (DIAG == 4) {
-        if (s == nstages - 1) {
-#pragma unroll
-          for (int i = 0; i < BN / 2; ++i) acc[i] += P0[i] + P1[i];
-        }
-      } else if (DIAG != 1) promote(P1, sa_s + 128, sw_s + BN);
-      else {
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) acc[i] += P0[i] + P1[i];
-      }
+      promote(P1, sa_s + 128, sw_s + BN);
       mbar_arrive(empty_bar(slot));
     }
     if (nkb > 0) {
@@ -928,504 +725,6 @@ __global__ void __launch_bounds__(384, 1)
   }
 #endif
 }
-
-// ------------------------------------------------------------------------------------------------
-// Kernel 2a (v3): as v2 but a 256-token x 128-output tile per CTA (each consumer warpgroup: 128 tokens =
-// two m64 sub-tiles) with a single partial-sum buffer: 1.5x the MACs per byte moved from L2 (the v2
-// kernel is bound by L2->SM bandwidth), at the price of no overlap inside a warpgroup (the other
-// warpgroup's wgmma overlaps this one's promotion).
-// ------------------------------------------------------------------------------------------------
-template <int BN, int STAGES>
-struct Ws2Smem {
-  static constexpr int A_BYTES = 256 * 128;
-  static constexpr int B_BYTES = BN * 128;
-  static constexpr int SA_BYTES = 2 * 256 * 4;
-  static constexpr int SW_BYTES = 2 * BN * 4;
-  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES + SA_BYTES + SW_BYTES;  // multiple of 1024
-  static constexpr int TOTAL = STAGES * STAGE_BYTES + 2 * STAGES * 8 + 1024;
-};
-
-template <int BN, int STAGES, typename OutT>
-__global__ void __launch_bounds__(384, 1)
-    gemm_sm90_ws2_kernel(const __grid_constant__ WsMaps maps, const float* __restrict__ bias, OutT* __restrict__ out,
-                         int M, int N, int K, int rp) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using S = Ws2Smem<BN, STAGES>;
-  static_assert(S::STAGE_BYTES % 1024 == 0, "stage alignment");
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
-  const uint32_t sbase = smem_u32(smem);
-  const uint32_t bar_base = sbase + STAGES * S::STAGE_BYTES;
-  auto full_bar = [&](int i) { return bar_base + 8 * i; };
-  auto empty_bar = [&](int i) { return bar_base + 8 * (STAGES + i); };
-
-  const int tid = threadIdx.x;
-  const int wg = tid >> 7;
-  const int ntn = (N + BN - 1) / BN, ntm = (M + 255) / 256;
-  const int tile = blockIdx.x;
-  const int group = 8 * ntn;
-  const int first_m = (tile / group) * 8;
-  const int gm_size = min(ntm - first_m, 8);
-  const int tm = first_m + (tile % group) % gm_size;
-  const int tn = (tile % group) / gm_size;
-  const int m0 = tm * 256, n0 = tn * BN;
-
-  const int ngroups = K / G;
-  const int nstages = (ngroups + 1) / 2;
-  const int nkb = rp / 32;
-  const int total = nstages + nkb;
-
-  if (tid == 0) {
-    for (int i = 0; i < STAGES; ++i) {
-      mbar_init(full_bar(i), 1);
-      mbar_init(empty_bar(i), 256);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-
-  if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (tid == 0) {
-      for (int s = 0; s < total; ++s) {
-        const int slot = s % STAGES;
-        if (s >= STAGES) mbar_wait(empty_bar(slot), ((s / STAGES) - 1) & 1);
-        const uint32_t st = sbase + slot * S::STAGE_BYTES;
-        if (s < nstages) {
-          mbar_expect_tx(full_bar(slot), S::STAGE_BYTES);
-          tma_2d(st, &maps.a, s * 128, m0, full_bar(slot));
-          tma_2d(st + S::A_BYTES, &maps.b, s * 128, n0, full_bar(slot));
-          tma_2d(st + S::A_BYTES + S::B_BYTES, &maps.sa, m0, 2 * s, full_bar(slot));
-          tma_2d(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES, &maps.sw, n0, 2 * s, full_bar(slot));
-        } else {
-          const int kb = s - nstages;
-          mbar_expect_tx(full_bar(slot), S::A_BYTES + BN * 128);
-          tma_2d(st, &maps.lora, kb * 32, m0, full_bar(slot));
-          tma_2d(st + S::A_BYTES, &maps.pup, kb * 32, n0, full_bar(slot));
-        }
-      }
-    }
-  } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    const int cw = wg - 1, wl = (tid >> 5) & 3, lane = tid & 31;
-    const int gid = lane >> 2, tig = lane & 3;
-    const int rr = wl * 16 + gid;  // row within an m64 sub-tile
-    float acc0[BN / 2], acc1[BN / 2], P[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) { acc0[i] = 0.f; acc1[i] = 0.f; P[i] = 0.f; }
-
-    auto promote = [&](float* acc, const float* sa_s, const float* sw_s) {
-      const float a0 = sa_s[rr], a1 = sa_s[rr + 8];
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        float2 w = *reinterpret_cast<const float2*>(sw_s + 8 * j + 2 * tig);
-        acc[4 * j + 0] = fmaf(P[4 * j + 0], a0 * w.x, acc[4 * j + 0]);
-        acc[4 * j + 1] = fmaf(P[4 * j + 1], a0 * w.y, acc[4 * j + 1]);
-        acc[4 * j + 2] = fmaf(P[4 * j + 2], a1 * w.x, acc[4 * j + 2]);
-        acc[4 * j + 3] = fmaf(P[4 * j + 3], a1 * w.y, acc[4 * j + 3]);
-      }
-    };
-
-    for (int s = 0; s < nstages; ++s) {
-      const int slot = s % STAGES;
-      mbar_wait(full_bar(slot), (s / STAGES) & 1);
-      uint8_t* st = smem + slot * S::STAGE_BYTES;
-      const uint32_t b_base = smem_u32(st + S::A_BYTES);
-      const float* sa_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES);
-      const float* sw_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES);
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {  // (group, sub-tile) units
-        const int grp = u >> 1, h = u & 1;
-        const uint32_t a_base = smem_u32(st) + (cw * 128 + h * 64) * 128;
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) fence_operand(P[i]);
-        wg_arrive();
-        wgmma_e4m3<BN>(P, make_desc(a_base + grp * 64), make_desc(b_base + grp * 64), 0);
-        wgmma_e4m3<BN>(P, make_desc(a_base + grp * 64 + 32), make_desc(b_base + grp * 64 + 32), 1);
-        wg_commit();
-        wg_wait<0>();
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) fence_operand(P[i]);
-        promote(h ? acc1 : acc0, sa_s + grp * 256 + cw * 128 + h * 64, sw_s + grp * BN);
-      }
-      mbar_arrive(empty_bar(slot));
-    }
-    if (nkb > 0) {
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) { fence_operand(acc0[i]); fence_operand(acc1[i]); }
-      for (int kb = 0; kb < nkb; ++kb) {
-        const int s = nstages + kb, slot = s % STAGES;
-        mbar_wait(full_bar(slot), (s / STAGES) & 1);
-        const uint32_t la = sbase + slot * S::STAGE_BYTES + cw * 128 * 128;
-        const uint32_t lb = sbase + slot * S::STAGE_BYTES + S::A_BYTES;
-        wg_arrive();
-        lora_up_wgmma<BN, 1>(acc0, la, lb);
-        lora_up_wgmma<BN, 1>(acc1, la + 64 * 128, lb);
-        wg_commit();
-        wg_wait<0>();
-        mbar_arrive(empty_bar(slot));
-      }
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) { fence_operand(acc0[i]); fence_operand(acc1[i]); }
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float* acc = h ? acc1 : acc0;
-      const int gm0 = m0 + cw * 128 + h * 64 + rr, gm1 = gm0 + 8;
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        int col = n0 + 8 * j + 2 * tig;
-        if (col >= N) continue;
-        float b0 = 0.f, b1 = 0.f;
-        if (bias) { b0 = bias[col]; b1 = bias[col + 1]; }
-        if (gm0 < M)
-          *reinterpret_cast<uint32_t*>(out + (size_t)gm0 * N + col) =
-              Pack2<OutT>::from_f2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b1);
-        if (gm1 < M)
-          *reinterpret_cast<uint32_t*>(out + (size_t)gm1 * N + col) =
-              Pack2<OutT>::from_f2(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
-      }
-    }
-  }
-#endif
-}
-
-// ------------------------------------------------------------------------------------------------
-// Kernel 2a (v4 candidate): 128 tokens x 256 outputs per CTA; per-group partials accumulated by the tensor
-// core in f16 (m64n256k32 .f16: 64 registers), promoted to the fp32 accumulators (128 registers).
-// f16 holds every integer up to 2048 exactly; a group partial above 2048 in magnitude (16 sigma for
-// random codes) is rounded to an even integer (<= 2^-11 relative).
-// ------------------------------------------------------------------------------------------------
-template <int STAGES>
-struct Ws4Smem {
-  static constexpr int BN = 256;
-  static constexpr int A_BYTES = 128 * 128;
-  static constexpr int B_BYTES = BN * 128;
-  static constexpr int SA_BYTES = 2 * 128 * 4;
-  static constexpr int SW_BYTES = 2 * BN * 4;
-  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES + SA_BYTES + SW_BYTES;  // multiple of 1024
-  static constexpr int TOTAL = STAGES * STAGE_BYTES + 2 * STAGES * 8 + 1024;
-};
-
-template <int STAGES, typename OutT>
-__global__ void __launch_bounds__(384, 1)
-    gemm_sm90_ws4_kernel(const __grid_constant__ WsMaps maps, const float* __restrict__ bias, OutT* __restrict__ out,
-                         int M, int N, int K, int rp) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using S = Ws4Smem<STAGES>;
-  constexpr int BN = S::BN;
-  static_assert(S::STAGE_BYTES % 1024 == 0, "stage alignment");
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
-  const uint32_t sbase = smem_u32(smem);
-  const uint32_t bar_base = sbase + STAGES * S::STAGE_BYTES;
-  auto full_bar = [&](int i) { return bar_base + 8 * i; };
-  auto empty_bar = [&](int i) { return bar_base + 8 * (STAGES + i); };
-
-  const int tid = threadIdx.x;
-  const int wg = tid >> 7;
-  const int ntn = (N + BN - 1) / BN, ntm = (M + 127) / 128;
-  const int tile = blockIdx.x;
-  const int group = 8 * ntn;
-  const int first_m = (tile / group) * 8;
-  const int gm_size = min(ntm - first_m, 8);
-  const int tm = first_m + (tile % group) % gm_size;
-  const int tn = (tile % group) / gm_size;
-  const int m0 = tm * 128, n0 = tn * BN;
-
-  const int ngroups = K / G;
-  const int nstages = (ngroups + 1) / 2;
-  const int nkb = rp / 32;
-  const int total = nstages + nkb;
-
-  if (tid == 0) {
-    for (int i = 0; i < STAGES; ++i) {
-      mbar_init(full_bar(i), 1);
-      mbar_init(empty_bar(i), 256);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-
-  if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (tid == 0) {
-      for (int s = 0; s < total; ++s) {
-        const int slot = s % STAGES;
-        if (s >= STAGES) mbar_wait(empty_bar(slot), ((s / STAGES) - 1) & 1);
-        const uint32_t st = sbase + slot * S::STAGE_BYTES;
-        if (s < nstages) {
-          mbar_expect_tx(full_bar(slot), S::STAGE_BYTES);
-          tma_2d(st, &maps.a, s * 128, m0, full_bar(slot));
-          tma_2d(st + S::A_BYTES, &maps.b, s * 128, n0, full_bar(slot));
-          tma_2d(st + S::A_BYTES + S::B_BYTES, &maps.sa, m0, 2 * s, full_bar(slot));
-          tma_2d(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES, &maps.sw, n0, 2 * s, full_bar(slot));
-        } else {
-          const int kb = s - nstages;
-          mbar_expect_tx(full_bar(slot), S::A_BYTES + S::B_BYTES);
-          tma_2d(st, &maps.lora, kb * 32, m0, full_bar(slot));
-          tma_2d(st + S::A_BYTES, &maps.pup, kb * 32, n0, full_bar(slot));
-        }
-      }
-    }
-  } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    const int cw = wg - 1, wl = (tid >> 5) & 3, lane = tid & 31;
-    const int gid = lane >> 2, tig = lane & 3;
-    const int r0 = cw * 64 + wl * 16 + gid;
-    float acc[BN / 2];
-    uint32_t P[BN / 4];
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-#pragma unroll
-    for (int i = 0; i < BN / 4; ++i) P[i] = 0u;
-
-    for (int s = 0; s < nstages; ++s) {
-      const int slot = s % STAGES;
-      mbar_wait(full_bar(slot), (s / STAGES) & 1);
-      uint8_t* st = smem + slot * S::STAGE_BYTES;
-      const uint32_t a_base = smem_u32(st) + cw * 64 * 128;
-      const uint32_t b_base = smem_u32(st + S::A_BYTES);
-      const float* sa_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES);
-      const float* sw_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES);
-#pragma unroll
-      for (int grp = 0; grp < 2; ++grp) {
-#pragma unroll
-        for (int i = 0; i < BN / 4; ++i) asm volatile("" : "+r"(P[i])::"memory");
-        wg_arrive();
-        wgmma_e4m3_f16acc_n256(P, make_desc(a_base + grp * 64), make_desc(b_base + grp * 64), 0);
-        wgmma_e4m3_f16acc_n256(P, make_desc(a_base + grp * 64 + 32), make_desc(b_base + grp * 64 + 32), 1);
-        wg_commit();
-        wg_wait<0>();
-#pragma unroll
-        for (int i = 0; i < BN / 4; ++i) asm volatile("" : "+r"(P[i])::"memory");
-        const float a0 = sa_s[grp * 128 + r0], a1 = sa_s[grp * 128 + r0 + 8];
-        const float* sws = sw_s + grp * BN;
-#pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-          float2 w = *reinterpret_cast<const float2*>(sws + 8 * j + 2 * tig);
-          float2 p0 = __half22float2(*reinterpret_cast<const __half2*>(&P[2 * j]));
-          float2 p1 = __half22float2(*reinterpret_cast<const __half2*>(&P[2 * j + 1]));
-          acc[4 * j + 0] = fmaf(p0.x, a0 * w.x, acc[4 * j + 0]);
-          acc[4 * j + 1] = fmaf(p0.y, a0 * w.y, acc[4 * j + 1]);
-          acc[4 * j + 2] = fmaf(p1.x, a1 * w.x, acc[4 * j + 2]);
-          acc[4 * j + 3] = fmaf(p1.y, a1 * w.y, acc[4 * j + 3]);
-        }
-      }
-      mbar_arrive(empty_bar(slot));
-    }
-    if (nkb > 0) {
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-      for (int kb = 0; kb < nkb; ++kb) {
-        const int s = nstages + kb, slot = s % STAGES;
-        mbar_wait(full_bar(slot), (s / STAGES) & 1);
-        const uint32_t la = sbase + slot * S::STAGE_BYTES + cw * 64 * 128;
-        const uint32_t lb = sbase + slot * S::STAGE_BYTES + S::A_BYTES;
-        wg_arrive();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) wgmma_tf32_n256(acc, make_desc(la + kk * 32), make_desc(lb + kk * 32), 1);
-        wg_commit();
-        wg_wait<0>();
-        mbar_arrive(empty_bar(slot));
-      }
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-    }
-    const int gm0 = m0 + r0, gm1 = gm0 + 8;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      int col = n0 + 8 * j + 2 * tig;
-      if (col >= N) continue;
-      float b0 = 0.f, b1 = 0.f;
-      if (bias) { b0 = bias[col]; b1 = bias[col + 1]; }
-      if (gm0 < M)
-        *reinterpret_cast<uint32_t*>(out + (size_t)gm0 * N + col) =
-            Pack2<OutT>::from_f2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b1);
-      if (gm1 < M)
-        *reinterpret_cast<uint32_t*>(out + (size_t)gm1 * N + col) =
-            Pack2<OutT>::from_f2(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
-    }
-  }
-#endif
-}
-
-// ------------------------------------------------------------------------------------------------
-// Kernel 2a (v5): v2 with GPS 64-groups per pipeline stage (K-stage = 64*GPS, A/B as GPS/2 swizzled
-// 128-byte sub-tiles). Inside a stage the two partial buffers ping-pong: group g+1's wgmma is issued
-// before group g is promoted, so GPS-1 of GPS promotions overlap a wgmma of the same warpgroup (v2: 1 of 2).
-// ------------------------------------------------------------------------------------------------
-template <int BN, int STAGES, int GPS>
-struct Ws5Smem {
-  static constexpr int SUB = GPS / 2;                  // 128-byte K sub-tiles per stage
-  static constexpr int A_SUB = 128 * 128;
-  static constexpr int B_SUB = BN * 128;
-  static constexpr int A_BYTES = SUB * A_SUB;
-  static constexpr int B_BYTES = SUB * B_SUB;
-  static constexpr int SA_BYTES = GPS * 128 * 4;
-  static constexpr int SW_BYTES = GPS * BN * 4;
-  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES + SA_BYTES + SW_BYTES;
-  static constexpr int TOTAL = STAGES * STAGE_BYTES + 2 * STAGES * 8 + 1024;
-};
-
-template <int BN, int STAGES, int GPS, typename OutT>
-__global__ void __launch_bounds__(384, 1)
-    gemm_sm90_ws5_kernel(const __grid_constant__ WsMaps maps, const float* __restrict__ bias, OutT* __restrict__ out,
-                         int M, int N, int K, int rp) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using S = Ws5Smem<BN, STAGES, GPS>;
-  static_assert(S::STAGE_BYTES % 1024 == 0, "stage alignment");
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
-  const uint32_t sbase = smem_u32(smem);
-  const uint32_t bar_base = sbase + STAGES * S::STAGE_BYTES;
-  auto full_bar = [&](int i) { return bar_base + 8 * i; };
-  auto empty_bar = [&](int i) { return bar_base + 8 * (STAGES + i); };
-
-  const int tid = threadIdx.x;
-  const int wg = tid >> 7;
-  const int ntn = (N + BN - 1) / BN, ntm = (M + 127) / 128;
-  const int tile = blockIdx.x;
-  const int group = 8 * ntn;
-  const int first_m = (tile / group) * 8;
-  const int gm_size = min(ntm - first_m, 8);
-  const int tm = first_m + (tile % group) % gm_size;
-  const int tn = (tile % group) / gm_size;
-  const int m0 = tm * 128, n0 = tn * BN;
-
-  const int ngroups = K / G;
-  const int nstages = (ngroups + GPS - 1) / GPS;
-  const int nkb = rp / 32;
-  const int total = nstages + nkb;
-
-  if (tid == 0) {
-    for (int i = 0; i < STAGES; ++i) {
-      mbar_init(full_bar(i), 1);
-      mbar_init(empty_bar(i), 256);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-
-  if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (tid == 0) {
-      for (int s = 0; s < total; ++s) {
-        const int slot = s % STAGES;
-        if (s >= STAGES) mbar_wait(empty_bar(slot), ((s / STAGES) - 1) & 1);
-        const uint32_t st = sbase + slot * S::STAGE_BYTES;
-        if (s < nstages) {
-          mbar_expect_tx(full_bar(slot), S::STAGE_BYTES);
-#pragma unroll
-          for (int u = 0; u < S::SUB; ++u) {
-            tma_2d(st + u * S::A_SUB, &maps.a, (s * S::SUB + u) * 128, m0, full_bar(slot));
-            tma_2d(st + S::A_BYTES + u * S::B_SUB, &maps.b, (s * S::SUB + u) * 128, n0, full_bar(slot));
-          }
-          tma_2d(st + S::A_BYTES + S::B_BYTES, &maps.sa, m0, GPS * s, full_bar(slot));
-          tma_2d(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES, &maps.sw, n0, GPS * s, full_bar(slot));
-        } else {
-          const int kb = s - nstages;
-          mbar_expect_tx(full_bar(slot), S::A_SUB + S::B_SUB);
-          tma_2d(st, &maps.lora, kb * 32, m0, full_bar(slot));
-          tma_2d(st + S::A_BYTES, &maps.pup, kb * 32, n0, full_bar(slot));
-        }
-      }
-    }
-  } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    const int cw = wg - 1, wl = (tid >> 5) & 3, lane = tid & 31;
-    const int gid = lane >> 2, tig = lane & 3;
-    const int r0 = cw * 64 + wl * 16 + gid;
-    float acc[BN / 2], P0[BN / 2], P1[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) { acc[i] = 0.f; P0[i] = 0.f; P1[i] = 0.f; }
-
-    auto promote = [&](float* P, const float* sa_s, const float* sw_s) {
-      const float a0 = sa_s[r0], a1 = sa_s[r0 + 8];
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        float2 w = *reinterpret_cast<const float2*>(sw_s + 8 * j + 2 * tig);
-        acc[4 * j + 0] = fmaf(P[4 * j + 0], a0 * w.x, acc[4 * j + 0]);
-        acc[4 * j + 1] = fmaf(P[4 * j + 1], a0 * w.y, acc[4 * j + 1]);
-        acc[4 * j + 2] = fmaf(P[4 * j + 2], a1 * w.x, acc[4 * j + 2]);
-        acc[4 * j + 3] = fmaf(P[4 * j + 3], a1 * w.y, acc[4 * j + 3]);
-      }
-    };
-
-    for (int s = 0; s < nstages; ++s) {
-      const int slot = s % STAGES;
-      mbar_wait(full_bar(slot), (s / STAGES) & 1);
-      uint8_t* st = smem + slot * S::STAGE_BYTES;
-      const uint32_t a_base = smem_u32(st) + cw * 64 * 128;
-      const uint32_t b_base = smem_u32(st + S::A_BYTES);
-      const float* sa_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES);
-      const float* sw_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES);
-      auto issue = [&](int g, float* P) {
-        const uint32_t ao = a_base + (g >> 1) * S::A_SUB + (g & 1) * 64;
-        const uint32_t bo = b_base + (g >> 1) * S::B_SUB + (g & 1) * 64;
-        wgmma_e4m3<BN>(P, make_desc(ao), make_desc(bo), 0);
-        wgmma_e4m3<BN>(P, make_desc(ao + 32), make_desc(bo + 32), 1);
-      };
-      wg_arrive();
-      issue(0, P0);
-      wg_commit();
-#pragma unroll
-      for (int g = 0; g < GPS; ++g) {
-        float* Pc = (g & 1) ? P1 : P0;
-        float* Pn = (g & 1) ? P0 : P1;
-        if (g + 1 < GPS) {
-#pragma unroll
-          for (int i = 0; i < BN / 2; ++i) fence_operand(Pn[i]);
-          wg_arrive();
-          issue(g + 1, Pn);
-          wg_commit();
-          wg_wait<1>();
-        } else {
-          wg_wait<0>();
-        }
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) fence_operand(Pc[i]);
-        promote(Pc, sa_s + g * 128, sw_s + g * BN);
-      }
-      mbar_arrive(empty_bar(slot));
-    }
-    if (nkb > 0) {
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-      for (int kb = 0; kb < nkb; ++kb) {
-        const int s = nstages + kb, slot = s % STAGES;
-        mbar_wait(full_bar(slot), (s / STAGES) & 1);
-        const uint32_t la = sbase + slot * S::STAGE_BYTES + cw * 64 * 128;
-        const uint32_t lb = sbase + slot * S::STAGE_BYTES + S::A_BYTES;
-        wg_arrive();
-        lora_up_wgmma<BN, 1>(acc, la, lb);
-        wg_commit();
-        wg_wait<0>();
-        mbar_arrive(empty_bar(slot));
-      }
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-    }
-    const int gm0 = m0 + r0, gm1 = gm0 + 8;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      int col = n0 + 8 * j + 2 * tig;
-      if (col >= N) continue;
-      float b0 = 0.f, b1 = 0.f;
-      if (bias) { b0 = bias[col]; b1 = bias[col + 1]; }
-      if (gm0 < M)
-        *reinterpret_cast<uint32_t*>(out + (size_t)gm0 * N + col) =
-            Pack2<OutT>::from_f2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b1);
-      if (gm1 < M)
-        *reinterpret_cast<uint32_t*>(out + (size_t)gm1 * N + col) =
-            Pack2<OutT>::from_f2(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
-    }
-  }
-#endif
-}
-
-template <int STAGES, int GPS, typename OutT>
-static int launch_sm90_ws5(const Sm90Params& p, cudaStream_t st);
 
 // ------------------------------------------------------------------------------------------------
 // Kernel 2a (v6 candidate): 3 consumer warpgroups (192 tokens x 128 outputs per CTA), one fp32 partial
@@ -1759,52 +1058,6 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
 }
 
 // ------------------------------------------------------------------------------------------------
-// Microbenchmark (diagnostics only): `wgs` warpgroups per CTA each issue `iters` x `per_wait` back-to-back
-// SS wgmma m64n{BN}k32 e4m3 on a fixed (zeroed) smem tile, waiting after every `per_wait` instructions.
-// ------------------------------------------------------------------------------------------------
-template <int BN>
-__global__ void __launch_bounds__(256, 1) wgmma_rate_kernel(float* sink, int iters, int per_wait) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
-  for (int i = threadIdx.x; i < (128 + BN) * 128 / 16; i += blockDim.x)
-    reinterpret_cast<uint4*>(smem)[i] = make_uint4(0, 0, 0, 0);
-  fence_proxy_async();
-  __syncthreads();
-  const int wg = threadIdx.x >> 7;
-  const uint32_t a = smem_u32(smem) + wg * 64 * 128, b = smem_u32(smem) + 128 * 128;
-  float d[BN / 2];
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) d[i] = 0.f;
-  for (int it = 0; it < iters; ++it) {
-    wg_arrive();
-    for (int k = 0; k < per_wait; ++k) wgmma_e4m3<BN>(d, make_desc(a + (k & 3) * 32), make_desc(b + (k & 3) * 32), 1);
-    wg_commit();
-    wg_wait<0>();
-  }
-  float sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) sum += d[i];
-  if (sum != 0.f) sink[threadIdx.x] = sum;
-#endif
-}
-
-SVDQ_API int svdq_bench_wgmma(int bn, int wgs, int iters, int per_wait, int blocks, float* sink, int device, void* stream) {
-  if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
-  int smem = (128 + 256) * 128 + 1024;
-  if (bn == 128) {
-    cudaFuncSetAttribute(wgmma_rate_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    wgmma_rate_kernel<128><<<blocks, 128 * wgs, smem, (cudaStream_t)stream>>>(sink, iters, per_wait);
-  } else if (bn == 256) {
-    cudaFuncSetAttribute(wgmma_rate_kernel<256>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    wgmma_rate_kernel<256><<<blocks, 128 * wgs, smem, (cudaStream_t)stream>>>(sink, iters, per_wait);
-  } else {
-    return ERR_BAD_ARG;
-  }
-  return (int)cudaGetLastError();
-}
-
-// ------------------------------------------------------------------------------------------------
 // host side
 // ------------------------------------------------------------------------------------------------
 static int g_sm_count[64];
@@ -1929,17 +1182,6 @@ SVDQ_API int svdq_quantize_act_lora_down(const void* x, const float* smooth, con
   return ERR_BAD_ARG;
 }
 
-template <int BN, int STAGES, typename OutT>
-static int launch_sm90(const Sm90Params& p, cudaStream_t st) {
-  using S = Sm90Smem<BN, STAGES>;
-  auto kern = gemm_sm90_kernel<BN, STAGES, OutT>;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
-  if (e != cudaSuccess) return (int)e;
-  dim3 grid((p.N + BN - 1) / BN, (p.M + 127) / 128);
-  kern<<<grid, 256, S::TOTAL, st>>>(p);
-  return (int)cudaGetLastError();
-}
-
 typedef CUresult (*EncodeTiledFn)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -1967,11 +1209,10 @@ static bool make_map(CUtensorMap* m, const void* base, CUtensorMapDataType dt, u
             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BN, int STAGES, typename OutT, int DIAG = 0, int BM = 128>
+template <int BN, int STAGES, typename OutT>
 static int launch_sm90_ws(const Sm90Params& p, cudaStream_t st) {
-  using S = typename std::conditional<
-      BN == 256, Ws4Smem<STAGES>,
-      typename std::conditional<BM == 128, WsSmem<BN, STAGES>, Ws2Smem<BN, STAGES>>::type>::type;
+  constexpr int BM = 128;
+  using S = WsSmem<BN, STAGES>;
   WsMaps maps;
   memset(&maps, 0, sizeof(maps));
   const int G_ = p.K / G;
@@ -1988,39 +1229,10 @@ static int launch_sm90_ws(const Sm90Params& p, cudaStream_t st) {
                   CU_TENSOR_MAP_SWIZZLE_128B);
   if (!ok) return ERR_NO_PATH;
   void (*kern)(const WsMaps, const float*, OutT*, int, int, int, int);
-  if constexpr (BN == 256) kern = gemm_sm90_ws4_kernel<STAGES, OutT>;
-  else if constexpr (BM == 128) kern = gemm_sm90_ws_kernel<BN, STAGES, OutT, DIAG>;
-  else kern = gemm_sm90_ws2_kernel<BN, STAGES, OutT>;
+  kern = gemm_sm90_ws_kernel<BN, STAGES, OutT>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
   if (e != cudaSuccess) return (int)e;
   int tiles = ((p.N + BN - 1) / BN) * ((p.M + BM - 1) / BM);
-  kern<<<tiles, 384, S::TOTAL, st>>>(maps, p.bias, (OutT*)p.out, p.M, p.N, p.K, p.rp);
-  return (int)cudaGetLastError();
-}
-
-template <int STAGES, int GPS, typename OutT>
-static int launch_sm90_ws5(const Sm90Params& p, cudaStream_t st) {
-  constexpr int BN = 128;
-  using S = Ws5Smem<BN, STAGES, GPS>;
-  WsMaps maps;
-  memset(&maps, 0, sizeof(maps));
-  const int G_ = p.K / G;
-  bool ok = make_map(&maps.a, p.qa, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K, p.M, p.K, 128, 128, CU_TENSOR_MAP_SWIZZLE_128B) &&
-            make_map(&maps.b, p.qw, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K, p.N, p.K, 128, BN, CU_TENSOR_MAP_SWIZZLE_128B) &&
-            make_map(&maps.sa, p.sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.Mp, G_, (uint64_t)p.Mp * 4, 128, GPS,
-                     CU_TENSOR_MAP_SWIZZLE_NONE) &&
-            make_map(&maps.sw, p.sw, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.N, G_, (uint64_t)p.N * 4, BN, GPS,
-                     CU_TENSOR_MAP_SWIZZLE_NONE);
-  if (ok && p.rp > 0)
-    ok = make_map(&maps.lora, p.lora, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.rp, p.M, (uint64_t)p.rp * 4, 32, 128,
-                  CU_TENSOR_MAP_SWIZZLE_128B) &&
-         make_map(&maps.pup, p.pup, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.rp, p.N, (uint64_t)p.rp * 4, 32, BN,
-                  CU_TENSOR_MAP_SWIZZLE_128B);
-  if (!ok) return ERR_NO_PATH;
-  auto kern = gemm_sm90_ws5_kernel<BN, STAGES, GPS, OutT>;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
-  if (e != cudaSuccess) return (int)e;
-  int tiles = ((p.N + BN - 1) / BN) * ((p.M + 127) / 128);
   kern<<<tiles, 384, S::TOTAL, st>>>(maps, p.bias, (OutT*)p.out, p.M, p.N, p.K, p.rp);
   return (int)cudaGetLastError();
 }
@@ -2081,12 +1293,32 @@ static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st) {
   return (int)cudaGetLastError();
 }
 
+// Tile shape for the int_ratio GEMM by a wave-quantisation cost model: waves = ceil(tiles / SMs), cost = waves x
+// tile MACs x the shape's relative per-MAC time (192x128: 0.85, its 3 consumer warpgroups hide the per-chunk
+// promotion better; 128x192: 0.95). It picks the fastest measured shape on all 12 benchmark shapes (H200,
+// docs/KERNELS.md) or one within 2% of it.
+static int pick_i8_variant(int M, int N, int dev) {
+  struct Shape { int variant, bm, bn; double eff; };
+  const Shape shapes[3] = {{3, 128, 128, 1.0}, {1, 192, 128, 0.85}, {2, 128, 192, 0.95}};
+  const int sms = sm_count(dev);
+  int best = 3;
+  double best_cost = 0;
+  for (const Shape& sh : shapes) {
+    const long tiles = (long)((M + sh.bm - 1) / sh.bm) * ((N + sh.bn - 1) / sh.bn);
+    const double cost = (double)((tiles + sms - 1) / sms) * sh.bm * sh.bn * sh.eff;
+    if (best_cost == 0 || cost < best_cost) { best_cost = cost; best = sh.variant; }
+  }
+  return best;
+}
+
 template <typename OutT>
-static int dispatch_sm90_i8(const Sm90Params& p, int variant, cudaStream_t st) {
+static int dispatch_sm90_i8(const Sm90Params& p, int variant, int dev, cudaStream_t st) {
+  if (variant == 0) variant = pick_i8_variant(p.M, p.N, dev);
   switch (variant) {
-    case 1: return launch_sm90_i8<128, 5, 3, OutT>(p, st);   // 192 x 128 tiles
-    case 2: return launch_sm90_i8<192, 5, 2, OutT>(p, st);   // 128 x 192 tiles
-    default: return launch_sm90_i8<128, 6, 2, OutT>(p, st);  // 128 x 128 tiles
+    case 1: return launch_sm90_i8<128, 5, 3, OutT>(p, st);  // 192 x 128 tiles, 3 consumer warpgroups
+    case 2: return launch_sm90_i8<192, 5, 2, OutT>(p, st);  // 128 x 192 tiles
+    case 3: return launch_sm90_i8<128, 6, 2, OutT>(p, st);  // 128 x 128 tiles
+    default: return ERR_BAD_ARG;
   }
 }
 
@@ -2103,37 +1335,13 @@ SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* 
   cudaStream_t st = (cudaStream_t)stream;
   if (path == 90) {
     Sm90Params p{(const uint8_t*)qact, ascales, (const uint8_t*)qweight, wscales, lora, proj_up, bias, out, M, N, K, Mp, rp};
-    if (variant == 1) {
-      if (out_dtype == DT_BF16) return launch_sm90<128, 5, __nv_bfloat16>(p, st);
-      if (out_dtype == DT_F16) return launch_sm90<128, 5, __half>(p, st);
-    } else if (variant == 4 && out_dtype == DT_BF16) {
-      return launch_sm90_ws<128, 6, __nv_bfloat16>(p, st);
-    } else if (variant == 11) {
+    // variant 0: v6 where it measured faster (docs/KERNELS.md), else v2; 11 = v6, 12 = v2
+    const bool v6 = variant == 11 || (variant == 0 && M >= 1536 && N >= 640 && K < 8192);
+    if (variant != 0 && variant != 11 && variant != 12) return ERR_BAD_ARG;
+    if (v6) {
       if (out_dtype == DT_BF16) return launch_sm90_ws6<5, __nv_bfloat16>(p, st);
       if (out_dtype == DT_F16) return launch_sm90_ws6<5, __half>(p, st);
-    } else if (variant == 9) {
-      if (out_dtype == DT_BF16) return launch_sm90_ws5<3, 4, __nv_bfloat16>(p, st);
-      if (out_dtype == DT_F16) return launch_sm90_ws5<3, 4, __half>(p, st);
-    } else if (variant == 10 && out_dtype == DT_BF16) {
-      return launch_sm90_ws5<2, 6, __nv_bfloat16>(p, st);
-    } else if (variant == 8) {
-      if (out_dtype == DT_BF16) return launch_sm90_ws<256, 4, __nv_bfloat16>(p, st);
-      if (out_dtype == DT_F16) return launch_sm90_ws<256, 4, __half>(p, st);
-    } else if (variant == 7 && out_dtype == DT_BF16) {
-      return launch_sm90_ws<128, 5, __nv_bfloat16, 4>(p, st);
-    } else if (variant == 6 && out_dtype == DT_BF16) {
-      return launch_sm90_ws<128, 5, __nv_bfloat16, 3>(p, st);
-    } else if (variant == 5) {
-      if (out_dtype == DT_BF16) return launch_sm90_ws<128, 4, __nv_bfloat16, 0, 256>(p, st);
-      if (out_dtype == DT_F16) return launch_sm90_ws<128, 4, __half, 0, 256>(p, st);
-    } else if (variant == 2 && out_dtype == DT_BF16) {
-      return launch_sm90_ws<128, 5, __nv_bfloat16, 1>(p, st);
-    } else if (variant == 3 && out_dtype == DT_BF16) {
-      return launch_sm90_ws<128, 5, __nv_bfloat16, 2>(p, st);
-    } else if (variant == 0 && M >= 1536 && N >= 640 && K < 8192) {  // default: v6 where it measured faster
-      if (out_dtype == DT_BF16) return launch_sm90_ws6<5, __nv_bfloat16>(p, st);
-      if (out_dtype == DT_F16) return launch_sm90_ws6<5, __half>(p, st);
-    } else {  // default, small M, and variant 12: v2
+    } else {
       if (out_dtype == DT_BF16) return launch_sm90_ws<128, 5, __nv_bfloat16>(p, st);
       if (out_dtype == DT_F16) return launch_sm90_ws<128, 5, __half>(p, st);
     }
@@ -2141,8 +1349,8 @@ SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* 
   }
   if (path == 91) {  // int_ratio on Hopper: ascales = activation bases, wscales = weight bases (N)
     Sm90Params p{(const uint8_t*)qact, ascales, (const uint8_t*)qweight, wscales, lora, proj_up, bias, out, M, N, K, Mp, rp};
-    if (out_dtype == DT_BF16) return dispatch_sm90_i8<__nv_bfloat16>(p, variant, st);
-    if (out_dtype == DT_F16) return dispatch_sm90_i8<__half>(p, variant, st);
+    if (out_dtype == DT_BF16) return dispatch_sm90_i8<__nv_bfloat16>(p, variant, device, st);
+    if (out_dtype == DT_F16) return dispatch_sm90_i8<__half>(p, variant, device, st);
     return ERR_BAD_ARG;
   }
   if (path == 80) {
