@@ -1,0 +1,216 @@
+"""End to end through ComfyUI: 4-bit vs 16-bit sampling speed, memory, quantize and load time (issue 5).
+
+Builds the published SD1.5 / SDXL / FLUX.1-dev architectures with ComfyUI's own model classes and random
+bf16 weights (std 1/sqrt(fan_in): no trained weights can be downloaded here, so nothing about image quality
+is measured), samples with ComfyUI's sampler (comfy.sample.sample: the KSampler path), quantizes with the
+pack's Calibrate & Quantize path (wrappers/quantize.py, default settings except where --fast-quant says),
+saves, reloads with Load SVDQuant Model's code, samples again. Per family and batch size it reports:
+DiT/UNet weight bytes, peak VRAM while sampling, time per denoising step, calibrate+quantize time, save
+and load time. Ratios are 4-bit / 16-bit from the same run. Prints a table, writes JSON.
+
+  python3 bench/bench_e2e.py --family sd15 sdxl --json out.json          # on the GPU machine
+  python3 bench/bench_e2e.py --family sd15 --tiny --steps 2              # plumbing check (CPU ok)
+FLUX at full depth (19 + 38 blocks) needs ~24 GB for bf16 weights; --flux-depth D S builds fewer blocks
+(reported as such, never extrapolated).
+"""
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "gpu"))
+import conftest  # noqa: E402,F401  (registers the comfyui_svdquant package alias)
+
+# Published architectures (the configs ComfyUI's model_detection derives for these checkpoints).
+_SD_COMMON = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+              "legacy": False, "in_channels": 4, "model_channels": 320, "use_temporal_attention": False,
+              "use_temporal_resblock": False}
+SD15 = {**_SD_COMMON, "adm_in_channels": None, "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+        "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0]}
+SDXL = {**_SD_COMMON, "num_classes": "sequential", "adm_in_channels": 2816, "num_res_blocks": [2, 2, 2],
+        "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4], "transformer_depth_middle": 10,
+        "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}
+FLUX_DEV = {"image_model": "flux", "axes_dim": [16, 56, 56], "num_heads": 24, "mlp_ratio": 4.0, "theta": 10000,
+            "out_channels": 16, "qkv_bias": True, "in_channels": 16, "hidden_size": 3072, "context_in_dim": 4096,
+            "patch_size": 2, "vec_in_dim": 768, "depth": 19, "depth_single_blocks": 38, "guidance_embed": True}
+# (model class, config, latent channels, latent downscale, default resolution, steps, cfg)
+FAMILIES = {"sd15": ("SD15", SD15, 4, 8, 512, 30, 7.0), "sdxl": ("SDXL", SDXL, 4, 8, 1024, 30, 7.0),
+            "flux": ("Flux", FLUX_DEV, 16, 8, 1024, 28, 1.0)}
+
+
+def tiny(family):
+    from comfy_inprocess import SD15_UNET
+    if family == "sd15":
+        return dict(SD15_UNET)
+    if family == "sdxl":
+        return {**SDXL, "num_res_blocks": [6], "channel_mult": [1], "transformer_depth": [0, 0, 2, 2, 10, 10],
+                "transformer_depth_output": [0] * 7, "transformer_depth_middle": -2}
+    return {**FLUX_DEV, "depth": 1, "depth_single_blocks": 1}
+
+
+def conds(family, batch, device):
+    g = torch.Generator().manual_seed(0)
+    if family == "sd15":
+        c = [[torch.randn(batch, 77, 768, generator=g), {}]]
+    elif family == "sdxl":
+        c = [[torch.randn(batch, 77, 2048, generator=g), {"pooled_output": torch.randn(batch, 1280, generator=g)}]]
+    else:
+        c = [[torch.randn(batch, 256, 4096, generator=g), {"pooled_output": torch.randn(batch, 768, generator=g),
+                                                            "guidance": 3.5}]]
+    neg = [[torch.zeros_like(c[0][0]), {k: (torch.zeros_like(v) if torch.is_tensor(v) else v) for k, v in c[0][1].items()}]]
+    return c, neg
+
+
+def build(family, cfg, dtype, device):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    mc = getattr(sm, FAMILIES[family][0])(dict(cfg))
+    mc.set_inference_dtype(dtype, None)
+    model = mc.get_model({}, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) / p[0].numel() ** 0.5)
+            elif name.endswith("weight"):
+                p.fill_(1)
+            else:
+                p.zero_()
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def sample(patcher, family, batch, res, steps, cfg, device):
+    """Seconds for `steps` denoising steps and the peak VRAM (GiB) of that run, through comfy.sample.sample."""
+    import comfy.model_management as mm
+    import comfy.sample
+    ch, down = FAMILIES[family][2], FAMILIES[family][3]
+    latent = torch.zeros(batch, ch, res // down, res // down)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+    pos, neg = conds(family, batch, device)
+    mm.load_models_gpu([patcher])
+    comfy.sample.sample(patcher, noise, 2, cfg, "euler", "normal", pos, neg, latent, seed=1)  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    t0 = time.perf_counter()
+    out = comfy.sample.sample(patcher, noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=1)
+    sync()
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
+    assert torch.isfinite(out).all(), "sampling produced non-finite latents"
+    return dt, peak
+
+
+def weight_bytes(patcher):
+    return sum(p.numel() * p.element_size() for p in patcher.model.diffusion_model.parameters())
+
+
+def run_family(family, args, dtype, device):
+    from comfyui_svdquant.core.config import QuantConfig
+    from comfyui_svdquant.wrappers.loader import load_svdquant_model
+    from comfyui_svdquant.wrappers.quantize import calibrate_and_quantize
+    import comfy.model_management as mm
+    cls, cfg, _, _, res, steps, cfg_scale = FAMILIES[family]
+    cfg = tiny(family) if args.tiny else dict(cfg)
+    if family == "flux" and args.flux_depth:
+        cfg["depth"], cfg["depth_single_blocks"] = args.flux_depth
+    res = args.res or (64 if args.tiny else res)
+    steps = args.steps or steps
+    t0 = time.perf_counter()
+    p16 = build(family, cfg, dtype, device)
+    row = {"family": family, "config": {k: cfg[k] for k in ("depth", "depth_single_blocks") if k in cfg},
+           "res": res, "steps": steps, "build_s": time.perf_counter() - t0, "bytes_16": weight_bytes(p16)}
+    for b in args.batch:
+        dt, peak = sample(p16, family, b, res, steps, cfg_scale, device)
+        row[f"b{b}_step16_s"], row[f"b{b}_peak16_gib"] = dt / steps, peak
+    qcfg = QuantConfig(alpha_grid=(0.5,)) if args.fast_quant else QuantConfig()
+    pos, neg = conds(family, 1, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{family}_svdq.safetensors")
+        sync()
+        t0 = time.perf_counter()
+        q, _, report = calibrate_and_quantize(p16, [(pos, neg)] * args.calib_samples, qcfg, args.calib_steps,
+                                              cfg_scale, "euler", "normal", 0, res, res, save_path=path)
+        sync()
+        row["quantize_s"] = time.perf_counter() - t0  # includes the save
+        row["file_bytes"] = os.path.getsize(path)
+        row["layers_4bit"] = len(report["layers"])
+        del q
+        p16.model.to("cpu")
+        del p16
+        mm.soft_empty_cache()
+        t0 = time.perf_counter()
+        q, _ = load_svdquant_model(path, compute_dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype])
+        row["load_s"] = time.perf_counter() - t0
+    row["bytes_4"] = weight_bytes(q)
+    for b in args.batch:
+        dt, peak = sample(q, family, b, res, steps, cfg_scale, device)
+        row[f"b{b}_step4_s"], row[f"b{b}_peak4_gib"] = dt / steps, peak
+        row[f"b{b}_step_ratio"] = row[f"b{b}_step4_s"] / row[f"b{b}_step16_s"]
+    row["bytes_ratio"] = row["bytes_4"] / row["bytes_16"]
+    del q
+    mm.soft_empty_cache()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", nargs="+", default=["sd15"], choices=list(FAMILIES))
+    ap.add_argument("--batch", nargs="+", type=int, default=[1])
+    ap.add_argument("--steps", type=int, default=0, help="denoising steps timed (default: the family's)")
+    ap.add_argument("--res", type=int, default=0)
+    ap.add_argument("--calib-samples", type=int, default=1)
+    ap.add_argument("--calib-steps", type=int, default=2)
+    ap.add_argument("--fast-quant", action="store_true", help="one smoothing strength instead of the search")
+    ap.add_argument("--flux-depth", nargs=2, type=int, default=None, metavar=("DOUBLE", "SINGLE"))
+    ap.add_argument("--tiny", action="store_true", help="the test suite's tiny configs (plumbing check)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    on_gpu = torch.cuda.is_available()
+    os.environ["SVDQ_COMFY_DEVICE"] = "cuda" if on_gpu else "cpu"
+    from comfy_inprocess import import_comfy
+    import_comfy()
+    from comfyui_svdquant import kernels
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    device = torch.device("cuda" if on_gpu else "cpu")
+    rows = [run_family(f, args, dtype, device) for f in args.family]
+    gpu = torch.cuda.get_device_name() if on_gpu else "cpu"
+    print(f"GPU: {gpu}  torch {torch.__version__}  driver {_driver()}  4-bit backend {kernels.backend_name(device, 'int_ratio')}")
+    for r in rows:
+        print(f"{r['family']} {r['config'] or ''} {r['res']}px {r['steps']} steps: weights {r['bytes_16'] / 2**30:.2f} -> "
+              f"{r['bytes_4'] / 2**30:.2f} GiB ({r['bytes_ratio']:.2f}x), file {r['file_bytes'] / 2**30:.2f} GiB, "
+              f"{r['layers_4bit']} 4-bit linears, quantize {r['quantize_s']:.1f} s, load {r['load_s']:.1f} s")
+        for b in args.batch:
+            print(f"   batch {b}: step {r[f'b{b}_step16_s'] * 1e3:8.1f} ms -> {r[f'b{b}_step4_s'] * 1e3:8.1f} ms "
+                  f"({r[f'b{b}_step_ratio']:.2f}x), peak VRAM {r[f'b{b}_peak16_gib']:.2f} -> {r[f'b{b}_peak4_gib']:.2f} GiB")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "driver": _driver(),
+                                                       "rows": rows}, indent=1))
+
+
+def _driver():
+    try:
+        import subprocess
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "?"
+    except Exception:
+        return "?"
+
+
+if __name__ == "__main__":
+    main()
