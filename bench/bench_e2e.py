@@ -188,19 +188,22 @@ def main():
     from comfyui_svdquant import kernels
     dtype = torch.bfloat16 if on_gpu else torch.float32
     device = torch.device("cuda" if on_gpu else "cpu")
-    rows = [run_family(f, args, dtype, device) for f in args.family]
     gpu = torch.cuda.get_device_name() if on_gpu else "cpu"
     print(f"GPU: {gpu}  torch {torch.__version__}  driver {_driver()}  4-bit backend {kernels.backend_name(device, 'int_ratio')}")
-    for r in rows:
+    rows = []
+    for fam in args.family:  # each family's result is printed and saved as soon as it exists
+        r = run_family(fam, args, dtype, device)
+        rows.append(r)
         print(f"{r['family']} {r['config'] or ''} {r['res']}px {r['steps']} steps: weights {r['bytes_16'] / 2**30:.2f} -> "
               f"{r['bytes_4'] / 2**30:.2f} GiB ({r['bytes_ratio']:.2f}x), file {r['file_bytes'] / 2**30:.2f} GiB, "
-              f"{r['layers_4bit']} 4-bit linears, quantize {r['quantize_s']:.1f} s, load {r['load_s']:.1f} s")
+              f"{r['layers_4bit']} 4-bit linears, quantize {r['quantize_s']:.1f} s, load {r['load_s']:.1f} s", flush=True)
         for b in args.batch:
             print(f"   batch {b}: step {r[f'b{b}_step16_s'] * 1e3:8.1f} ms -> {r[f'b{b}_step4_s'] * 1e3:8.1f} ms "
-                  f"({r[f'b{b}_step_ratio']:.2f}x), peak VRAM {r[f'b{b}_peak16_gib']:.2f} -> {r[f'b{b}_peak4_gib']:.2f} GiB")
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "driver": _driver(),
-                                                       "rows": rows}, indent=1))
+                  f"({r[f'b{b}_step_ratio']:.2f}x), peak VRAM {r[f'b{b}_peak16_gib']:.2f} -> {r[f'b{b}_peak4_gib']:.2f} GiB",
+                  flush=True)
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "driver": _driver(),
+                                                           "rows": rows}, indent=1))
 
 
 def _driver():
