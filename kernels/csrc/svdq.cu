@@ -544,6 +544,11 @@ __device__ __forceinline__ void lora_up_wgmma(float* acc, uint32_t la, uint32_t 
 // WG1/WG2 = consumers (64 tokens each). Full/empty mbarriers per stage: the two consumer warpgroups
 // run decoupled, so one's promotion overlaps the other's wgmma. setmaxnreg: producer 40, consumers 232.
 // ------------------------------------------------------------------------------------------------
+// TMA descriptors of one GEMM launch (passed by value as a __grid_constant__ parameter)
+struct WsMaps {
+  CUtensorMap a, b, sa, sw, lora, pup;
+};
+
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void mbar_init(uint32_t a, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(a), "r"(count) : "memory");
@@ -568,11 +573,103 @@ __device__ __forceinline__ void tma_2d(uint32_t dst, const CUtensorMap* map, int
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
+
+// Grouped rasterisation of blockIdx.x into a (BM x BN) output tile origin: 8 M-tiles share each sweep over N,
+// so the weight tiles they all read stay in L2.
+template <int BM, int BN>
+__device__ __forceinline__ void tile_origin(int M, int N, int& m0, int& n0) {
+  const int ntn = (N + BN - 1) / BN, ntm = (M + BM - 1) / BM;
+  const int tile = blockIdx.x;
+  const int group = 8 * ntn;
+  const int first_m = (tile / group) * 8;
+  const int gm_size = min(ntm - first_m, 8);
+  m0 = (first_m + (tile % group) % gm_size) * BM;
+  n0 = ((tile % group) / gm_size) * BN;
+}
+
+// The producer/consumer ring's mbarriers at bar_base: full[STAGES] (one TMA arrival + bytes), then empty[STAGES]
+// (one arrival per consumer thread).
+template <int STAGES>
+__device__ __forceinline__ void init_ring(uint32_t bar_base, int consumer_threads) {
+  for (int i = 0; i < STAGES; ++i) {
+    mbar_init(bar_base + 8 * i, 1);
+    mbar_init(bar_base + 8 * (STAGES + i), consumer_threads);
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// The producer thread of every Hopper GEMM. Per 128-K stage: the A and B tiles and the stage's scales (float path:
+// the activation and weight scales of its two groups, at (m0, 2s) / (n0, 2s); int_ratio: the activation bases of
+// its 256-K chunk, at (m0, s/2)); then the LoRA-up tiles (lora_act rows into A's place, proj_up rows into B's) as
+// extra stages. Offsets and transaction byte counts come from the kernel's shared-memory layout.
+struct StageLayout {
+  int stage_bytes, a_bytes, b_bytes;  // slot pitch; A and B tile sizes (B starts at a_bytes)
+  int sa_tx, sw_off, sw_tx;           // scale bytes per stage; weight scales' offset (sw_tx 0: none)
+  int lora_tx;                        // bytes of one LoRA stage
+};
+template <int STAGES, bool RATIO>
+__device__ __forceinline__ void produce_stages(const WsMaps& maps, const StageLayout& L, uint32_t sbase, uint32_t bar_base,
+                                               int m0, int n0, int nstages, int total) {
+  for (int s = 0; s < total; ++s) {
+    const int slot = s % STAGES;
+    const uint32_t full = bar_base + 8 * slot;
+    if (s >= STAGES) mbar_wait(bar_base + 8 * (STAGES + slot), ((s / STAGES) - 1) & 1);
+    const uint32_t st = sbase + slot * L.stage_bytes;
+    if (s < nstages) {
+      mbar_expect_tx(full, L.a_bytes + L.b_bytes + L.sa_tx + L.sw_tx);
+      tma_2d(st, &maps.a, s * 128, m0, full);
+      tma_2d(st + L.a_bytes, &maps.b, s * 128, n0, full);
+      tma_2d(st + L.a_bytes + L.b_bytes, &maps.sa, m0, RATIO ? s / 2 : 2 * s, full);
+      if (!RATIO) tma_2d(st + L.sw_off, &maps.sw, n0, 2 * s, full);
+    } else {
+      const int kb = s - nstages;
+      mbar_expect_tx(full, L.lora_tx);
+      tma_2d(st, &maps.lora, kb * 32, m0, full);
+      tma_2d(st + L.a_bytes, &maps.pup, kb * 32, n0, full);
+    }
+  }
+}
+
+// The consumer warpgroup's tail, shared by every Hopper GEMM: the LoRA-up tiles (extra pipeline stages after the K
+// loop, A = lora_act rows, B = proj_up rows, fp32) as tf32 wgmma into the fp32 accumulators, then + bias, cast and
+// store of this warpgroup's 64 x BN outputs. Barrier layout: full[STAGES] then empty[STAGES] at bar_base.
+template <int BN, int STAGES, typename OutT>
+__device__ __forceinline__ void consumer_tail(float (&acc)[BN / 2], uint32_t sbase, uint32_t bar_base, int stage_bytes,
+                                              int a_bytes, int nstages, int nkb, int cw, int r0, int tig, int m0,
+                                              int n0, int M, int N, const float* __restrict__ bias,
+                                              OutT* __restrict__ out) {
+  if (nkb > 0) {
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+    for (int kb = 0; kb < nkb; ++kb) {
+      const int s = nstages + kb, slot = s % STAGES;
+      mbar_wait(bar_base + 8 * slot, (s / STAGES) & 1);
+      const uint32_t la = sbase + slot * stage_bytes + cw * 64 * 128;
+      const uint32_t lb = sbase + slot * stage_bytes + a_bytes;
+      wg_arrive();
+      lora_up_wgmma<BN, 1>(acc, la, lb);
+      wg_commit();
+      wg_wait<0>();
+      mbar_arrive(bar_base + 8 * (STAGES + slot));
+    }
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
+  }
+  const int gm0 = m0 + r0, gm1 = gm0 + 8;
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int col = n0 + 8 * j + 2 * tig;
+    if (col >= N) continue;
+    float b0 = 0.f, b1 = 0.f;
+    if (bias) { b0 = bias[col]; b1 = bias[col + 1]; }
+    if (gm0 < M)
+      *reinterpret_cast<uint32_t*>(out + (size_t)gm0 * N + col) = Pack2<OutT>::from_f2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b1);
+    if (gm1 < M)
+      *reinterpret_cast<uint32_t*>(out + (size_t)gm1 * N + col) = Pack2<OutT>::from_f2(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
+  }
+}
 #endif
 
-struct WsMaps {
-  CUtensorMap a, b, sa, sw, lora, pup;
-};
 
 template <int BN, int STAGES>
 struct WsSmem {
@@ -600,50 +697,23 @@ __global__ void __launch_bounds__(384, 1)
 
   const int tid = threadIdx.x;
   const int wg = tid >> 7;
-  // grouped rasterisation: 8 M-tiles share each sweep over N (L2 reuse of the weight tiles)
-  const int ntn = (N + BN - 1) / BN, ntm = (M + 127) / 128;
-  int tile = blockIdx.x;
-  const int group = 8 * ntn;
-  const int first_m = (tile / group) * 8;
-  const int gm_size = min(ntm - first_m, 8);
-  const int tm = first_m + (tile % group) % gm_size;
-  const int tn = (tile % group) / gm_size;
-  const int m0 = tm * 128, n0 = tn * BN;
+  int m0, n0;
+  tile_origin<128, BN>(M, N, m0, n0);
 
   const int ngroups = K / G;
   const int nstages = (ngroups + 1) / 2;
   const int nkb = rp / 32;
   const int total = nstages + nkb;
 
-  if (tid == 0) {
-    for (int i = 0; i < STAGES; ++i) {
-      mbar_init(full_bar(i), 1);
-      mbar_init(empty_bar(i), 256);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
+  if (tid == 0) init_ring<STAGES>(bar_base, 256);
   __syncthreads();
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (tid == 0) {
-      for (int s = 0; s < total; ++s) {
-        const int slot = s % STAGES;
-        if (s >= STAGES) mbar_wait(empty_bar(slot), ((s / STAGES) - 1) & 1);
-        const uint32_t st = sbase + slot * S::STAGE_BYTES;
-        if (s < nstages) {
-          mbar_expect_tx(full_bar(slot), S::STAGE_BYTES);
-          tma_2d(st, &maps.a, s * 128, m0, full_bar(slot));
-          tma_2d(st + S::A_BYTES, &maps.b, s * 128, n0, full_bar(slot));
-          tma_2d(st + S::A_BYTES + S::B_BYTES, &maps.sa, m0, 2 * s, full_bar(slot));
-          tma_2d(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES, &maps.sw, n0, 2 * s, full_bar(slot));
-        } else {
-          const int kb = s - nstages;
-          mbar_expect_tx(full_bar(slot), S::A_BYTES + S::B_BYTES);
-          tma_2d(st, &maps.lora, kb * 32, m0, full_bar(slot));
-          tma_2d(st + S::A_BYTES, &maps.pup, kb * 32, n0, full_bar(slot));
-        }
-      }
+      const StageLayout L = {S::STAGE_BYTES, S::A_BYTES, S::B_BYTES, S::SA_BYTES, S::A_BYTES + S::B_BYTES + S::SA_BYTES,
+                             S::SW_BYTES, S::A_BYTES + S::B_BYTES};
+      produce_stages<STAGES, false>(maps, L, sbase, bar_base, m0, n0, nstages, total);
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
@@ -691,37 +761,8 @@ __global__ void __launch_bounds__(384, 1)
       promote(P1, sa_s + 128, sw_s + BN);
       mbar_arrive(empty_bar(slot));
     }
-    if (nkb > 0) {
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-      for (int kb = 0; kb < nkb; ++kb) {
-        const int s = nstages + kb, slot = s % STAGES;
-        mbar_wait(full_bar(slot), (s / STAGES) & 1);
-        const uint32_t la = sbase + slot * S::STAGE_BYTES + cw * 64 * 128;
-        const uint32_t lb = sbase + slot * S::STAGE_BYTES + S::A_BYTES;
-        wg_arrive();
-        lora_up_wgmma<BN, 1>(acc, la, lb);
-        wg_commit();
-        wg_wait<0>();
-        mbar_arrive(empty_bar(slot));
-      }
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-    }
-    const int gm0 = m0 + r0, gm1 = gm0 + 8;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      int col = n0 + 8 * j + 2 * tig;
-      if (col >= N) continue;
-      float b0 = 0.f, b1 = 0.f;
-      if (bias) { b0 = bias[col]; b1 = bias[col + 1]; }
-      if (gm0 < M)
-        *reinterpret_cast<uint32_t*>(out + (size_t)gm0 * N + col) =
-            Pack2<OutT>::from_f2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b1);
-      if (gm1 < M)
-        *reinterpret_cast<uint32_t*>(out + (size_t)gm1 * N + col) =
-            Pack2<OutT>::from_f2(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
-    }
+    consumer_tail<BN, STAGES, OutT>(acc, sbase, bar_base, S::STAGE_BYTES, S::A_BYTES, nstages, nkb, cw, r0, tig, m0, n0, M,
+                                    N, bias, out);
   }
 #endif
 }
@@ -758,49 +799,23 @@ __global__ void __launch_bounds__(512, 1)
 
   const int tid = threadIdx.x;
   const int wg = tid >> 7;
-  const int ntn = (N + BN - 1) / BN, ntm = (M + BM - 1) / BM;
-  const int tile = blockIdx.x;
-  const int group = 8 * ntn;
-  const int first_m = (tile / group) * 8;
-  const int gm_size = min(ntm - first_m, 8);
-  const int tm = first_m + (tile % group) % gm_size;
-  const int tn = (tile % group) / gm_size;
-  const int m0 = tm * BM, n0 = tn * BN;
+  int m0, n0;
+  tile_origin<BM, BN>(M, N, m0, n0);
 
   const int ngroups = K / G;
   const int nstages = (ngroups + 1) / 2;
   const int nkb = rp / 32;
   const int total = nstages + nkb;
 
-  if (tid == 0) {
-    for (int i = 0; i < STAGES; ++i) {
-      mbar_init(full_bar(i), 1);
-      mbar_init(empty_bar(i), 384);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
+  if (tid == 0) init_ring<STAGES>(bar_base, 384);
   __syncthreads();
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
     if (tid == 0) {
-      for (int s = 0; s < total; ++s) {
-        const int slot = s % STAGES;
-        if (s >= STAGES) mbar_wait(empty_bar(slot), ((s / STAGES) - 1) & 1);
-        const uint32_t st = sbase + slot * S::STAGE_BYTES;
-        if (s < nstages) {
-          mbar_expect_tx(full_bar(slot), S::A_BYTES + S::B_BYTES + 2 * BM * 4 + S::SW_BYTES);
-          tma_2d(st, &maps.a, s * 128, m0, full_bar(slot));
-          tma_2d(st + S::A_BYTES, &maps.b, s * 128, n0, full_bar(slot));
-          tma_2d(st + S::A_BYTES + S::B_BYTES, &maps.sa, m0, 2 * s, full_bar(slot));
-          tma_2d(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES, &maps.sw, n0, 2 * s, full_bar(slot));
-        } else {
-          const int kb = s - nstages;
-          mbar_expect_tx(full_bar(slot), S::A_BYTES + BN * 128);
-          tma_2d(st, &maps.lora, kb * 32, m0, full_bar(slot));
-          tma_2d(st + S::A_BYTES, &maps.pup, kb * 32, n0, full_bar(slot));
-        }
-      }
+      const StageLayout L = {S::STAGE_BYTES, S::A_BYTES, S::B_BYTES, 2 * BM * 4, S::A_BYTES + S::B_BYTES + S::SA_BYTES,
+                             S::SW_BYTES, S::A_BYTES + BN * 128};
+      produce_stages<STAGES, false>(maps, L, sbase, bar_base, m0, n0, nstages, total);
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n");
@@ -842,37 +857,8 @@ __global__ void __launch_bounds__(512, 1)
       }
       mbar_arrive(empty_bar(slot));
     }
-    if (nkb > 0) {
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-      for (int kb = 0; kb < nkb; ++kb) {
-        const int s = nstages + kb, slot = s % STAGES;
-        mbar_wait(full_bar(slot), (s / STAGES) & 1);
-        const uint32_t la = sbase + slot * S::STAGE_BYTES + cw * 64 * 128;
-        const uint32_t lb = sbase + slot * S::STAGE_BYTES + S::A_BYTES;
-        wg_arrive();
-        lora_up_wgmma<BN, 1>(acc, la, lb);
-        wg_commit();
-        wg_wait<0>();
-        mbar_arrive(empty_bar(slot));
-      }
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-    }
-    const int gm0 = m0 + r0, gm1 = gm0 + 8;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      int col = n0 + 8 * j + 2 * tig;
-      if (col >= N) continue;
-      float b0 = 0.f, b1 = 0.f;
-      if (bias) { b0 = bias[col]; b1 = bias[col + 1]; }
-      if (gm0 < M)
-        *reinterpret_cast<uint32_t*>(out + (size_t)gm0 * N + col) =
-            Pack2<OutT>::from_f2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b1);
-      if (gm1 < M)
-        *reinterpret_cast<uint32_t*>(out + (size_t)gm1 * N + col) =
-            Pack2<OutT>::from_f2(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
-    }
+    consumer_tail<BN, STAGES, OutT>(acc, sbase, bar_base, S::STAGE_BYTES, S::A_BYTES, nstages, nkb, cw, r0, tig, m0, n0, M,
+                                    N, bias, out);
   }
 #endif
 }
@@ -926,27 +912,14 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
 
   const int tid = threadIdx.x;
   const int wg = tid >> 7;
-  // grouped rasterisation: 8 M-tiles share each sweep over N (L2 reuse of the weight tiles)
-  const int ntn = (N + BN - 1) / BN, ntm = (M + BM - 1) / BM;
-  const int tile = blockIdx.x;
-  const int group = 8 * ntn;
-  const int first_m = (tile / group) * 8;
-  const int gm_size = min(ntm - first_m, 8);
-  const int tm = first_m + (tile % group) % gm_size;
-  const int tn = (tile % group) / gm_size;
-  const int m0 = tm * BM, n0 = tn * BN;
+  int m0, n0;
+  tile_origin<BM, BN>(M, N, m0, n0);
 
   const int nstages = (K / G + 1) / 2;  // 128 K each; two stages per int_ratio chunk
   const int nkb = rp / 32;
   const int total = nstages + nkb;
 
-  if (tid == 0) {
-    for (int i = 0; i < STAGES; ++i) {
-      mbar_init(full_bar(i), 1);
-      mbar_init(empty_bar(i), 128 * NC);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
+  if (tid == 0) init_ring<STAGES>(bar_base, 128 * NC);
   __syncthreads();
 
   if (wg == 0) {
@@ -954,22 +927,8 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
     if constexpr (NC == 2) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     else asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
     if (tid == 0) {
-      for (int s = 0; s < total; ++s) {
-        const int slot = s % STAGES;
-        if (s >= STAGES) mbar_wait(empty_bar(slot), ((s / STAGES) - 1) & 1);
-        const uint32_t st = sbase + slot * S::STAGE_BYTES;
-        if (s < nstages) {
-          mbar_expect_tx(full_bar(slot), S::A_BYTES + S::B_BYTES + S::SA_BYTES);
-          tma_2d(st, &maps.a, s * 128, m0, full_bar(slot));
-          tma_2d(st + S::A_BYTES, &maps.b, s * 128, n0, full_bar(slot));
-          tma_2d(st + S::A_BYTES + S::B_BYTES, &maps.sa, m0, s / 2, full_bar(slot));
-        } else {
-          const int kb = s - nstages;
-          mbar_expect_tx(full_bar(slot), BM * 128 + BN * 128);
-          tma_2d(st, &maps.lora, kb * 32, m0, full_bar(slot));
-          tma_2d(st + S::A_BYTES, &maps.pup, kb * 32, n0, full_bar(slot));
-        }
-      }
+      const StageLayout L = {S::STAGE_BYTES, S::A_BYTES, S::B_BYTES, S::SA_BYTES, 0, 0, BM * 128 + BN * 128};
+      produce_stages<STAGES, true>(maps, L, sbase, bar_base, m0, n0, nstages, total);
     }
   } else {
     static_assert(NC == 2 || NC == 3, "2 or 3 consumer warpgroups");
@@ -1022,37 +981,8 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
       const float2 wb = col < N ? *reinterpret_cast<const float2*>(wbase + col) : make_float2(0.f, 0.f);
       acc[4 * j + 0] *= wb.x; acc[4 * j + 1] *= wb.y; acc[4 * j + 2] *= wb.x; acc[4 * j + 3] *= wb.y;
     }
-    if (nkb > 0) {
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-      for (int kb = 0; kb < nkb; ++kb) {
-        const int s = nstages + kb, slot = s % STAGES;
-        mbar_wait(full_bar(slot), (s / STAGES) & 1);
-        const uint32_t la = sbase + slot * S::STAGE_BYTES + cw * 64 * 128;
-        const uint32_t lb = sbase + slot * S::STAGE_BYTES + S::A_BYTES;
-        wg_arrive();
-        lora_up_wgmma<BN, 1>(acc, la, lb);
-        wg_commit();
-        wg_wait<0>();
-        mbar_arrive(empty_bar(slot));
-      }
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
-    }
-    const int gm0 = m0 + r0, gm1 = gm0 + 8;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      int col = n0 + 8 * j + 2 * tig;
-      if (col >= N) continue;
-      float b0 = 0.f, b1 = 0.f;
-      if (bias) { b0 = bias[col]; b1 = bias[col + 1]; }
-      if (gm0 < M)
-        *reinterpret_cast<uint32_t*>(out + (size_t)gm0 * N + col) =
-            Pack2<OutT>::from_f2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b1);
-      if (gm1 < M)
-        *reinterpret_cast<uint32_t*>(out + (size_t)gm1 * N + col) =
-            Pack2<OutT>::from_f2(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
-    }
+    consumer_tail<BN, STAGES, OutT>(acc, sbase, bar_base, S::STAGE_BYTES, S::A_BYTES, nstages, nkb, cw, r0, tig, m0, n0, M,
+                                    N, bias, out);
   }
 #endif
 }

@@ -15,7 +15,7 @@ from comfyui_svdquant import kernels
 from comfyui_svdquant.kernels import _lib
 from comfyui_svdquant.kernels import reference as ref
 
-from _layers import make_layer, make_x
+from _layers import make_layer, make_ratio_layer, make_x
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_lib")]
 DEV = "cuda"
@@ -158,9 +158,10 @@ def test_linear_end_to_end(m, k, n, r, dtype):
     assert e < BOUND[dtype], f"rel err {e:.2e}"
 
 
-def test_torch_compile_and_cuda_graph():
+@pytest.mark.parametrize("make", [make_layer, make_ratio_layer], ids=["float", "int_ratio"])
+def test_torch_compile_and_cuda_graph(make):
     dtype = torch.bfloat16
-    lay = make_layer(1280, 640, 32, dtype, DEV, seed=11)
+    lay = make(1280, 640, 32, dtype, DEV, seed=11)
     prepared = kernels.prepare_weights(lay, torch.device(DEV))
     x = make_x(333, 640, dtype, DEV, seed=12)
     eager = kernels.linear(x, prepared)

@@ -3,7 +3,8 @@
 Bounds as in test_kernels_gpu.py: kernel 1 codes x multipliers equal to the reference's except on rare
 rounding ties (a code off by one), bases within 2 ulp (x*(1/lambda) vs x/lambda), lora_act within 1e-5 of
 fp64; GEMM / whole linear within bf16 6e-3 / fp16 1.5e-3 relative Frobenius error of the fp32 reference,
-every element finite (outputs are poisoned first).
+every element finite (outputs are poisoned first). torch.compile / CUDA-graph capture of int_ratio layers:
+test_kernels_gpu.py::test_torch_compile_and_cuda_graph[int_ratio].
 """
 import pytest
 import torch
@@ -130,28 +131,3 @@ def test_linear_ratio_end_to_end(m, k, n, r, dtype):
     for _ in range(3):  # bitwise deterministic run to run
         assert torch.equal(kernels.linear(x, prepared), y)
 
-
-def test_ratio_compile_and_cuda_graph():
-    dtype = torch.bfloat16
-    lay = make_ratio_layer(1280, 640, 32, dtype, DEV, seed=11)
-    prepared = kernels.prepare_weights(lay, torch.device(DEV))
-    x = make_x(333, 640, dtype, DEV, seed=12)
-    eager = kernels.linear(x, prepared)
-    compiled = torch.compile(lambda t: kernels.linear(t, prepared) * 2.0, fullgraph=True)
-    assert torch.equal(compiled(x), eager * 2.0)
-    static_x = x.clone()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            kernels.linear(static_x, prepared)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = kernels.linear(static_x, prepared)
-    x2 = make_x(333, 640, dtype, DEV, seed=13)
-    static_x.copy_(x2)
-    static_y.fill_(float("nan"))
-    graph.replay()
-    sync_check()
-    assert torch.equal(static_y, kernels.linear(x2, prepared))
