@@ -23,9 +23,13 @@ for bn in (128, 256):
             def run():
                 rc = lib.svdq_bench_wgmma(bn, wgs, iters, per_wait, sms, sink.data_ptr(), 0, stream)
                 assert rc == 0, rc
-            run(); torch.cuda.synchronize()
+            run()
+            torch.cuda.synchronize()
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record(); run(); b.record(); b.synchronize()
+            a.record()
+            run()
+            b.record()
+            b.synchronize()
             us = a.elapsed_time(b) * 1000
             flop = 2.0 * 64 * bn * 32 * iters * per_wait * wgs * sms
             print(f"n{bn} wgs={wgs} per_wait={per_wait}: {flop / us / 1e6:7.0f} TFLOP/s", flush=True)

@@ -1,7 +1,8 @@
 import sys, types, pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if "comfyui_svdquant" not in sys.modules:
-    _pkg = types.ModuleType("comfyui_svdquant"); _pkg.__path__ = [str(ROOT)]
+    _pkg = types.ModuleType("comfyui_svdquant")
+    _pkg.__path__ = [str(ROOT)]
     sys.modules["comfyui_svdquant"] = _pkg
 
 # --- ComfyUI harness: markers, skips, the session server (tests/harness/) ---------------
