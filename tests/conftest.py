@@ -25,6 +25,7 @@ _TIMINGS = {}  # filled by tests through the comfy_timings fixture, printed at t
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "comfy: needs the ComfyUI venv/tree (scripts/setup_comfyui.sh); slow")
+    config.addinivalue_line("markers", "browser: the real ComfyUI frontend in Chromium (tests/browser); slow")
 
 
 def _cuda_available():
