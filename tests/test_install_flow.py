@@ -140,7 +140,8 @@ def test_pack_imports_and_registers(server, comfy_timings):
 def doc_inputs(md: str) -> list:
     """Input names of the `## Inputs` table of a help page."""
     section = md.split("\n## Inputs", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"^\|\s*`([^`]+)`\s*\|", section, re.M)
+    first_cells = re.findall(r"^\|([^|]*)\|", section, re.M)  # a row may document several: `width`, `height`
+    return [name for cell in first_cells for name in re.findall(r"`([^`]+)`", cell)]
 
 
 def test_every_node_is_listed_documented_and_explained(server):
