@@ -168,9 +168,10 @@ def test_every_node_is_listed_documented_and_explained(server):
                 assert r.read(8) == b"\x89PNG\r\n\x1a\n", pic
 
 
-def test_import_does_not_touch_cuda_or_build(tmp_path):
-    """Importing the pack the way ComfyUI does (nodes.load_custom_node) initialises no CUDA, loads
-    no kernel library, compiles nothing and starts no process; it is fast."""
+def test_import_does_not_touch_cuda_or_build(tmp_path, comfy_timings):
+    """Importing the pack the way ComfyUI does (nodes.load_custom_node) loads no kernel library,
+    compiles nothing, starts no process and initialises no CUDA of its own (on a GPU machine ComfyUI's
+    own imports have initialised CUDA before; on a CPU one it must stay uninitialised); it is fast."""
     script = tmp_path / "import_pack.py"
     script.write_text(IMPORT_PROBE)
     proc = subprocess.run([str(config.venv_python()), str(script), str(config.comfyui_path()),
@@ -183,6 +184,7 @@ def test_import_does_not_touch_cuda_or_build(tmp_path):
     assert not r["cuda_after"] or r["cuda_before"], "importing the pack initialised CUDA"
     assert not r["calls"], f"import ran {r['calls']}"
     assert not r["kernel_library_loaded"], "the CUDA kernel library was loaded at import (it should load on first use)"
+    comfy_timings["pack import, ComfyUI already loaded (s)"] = round(r["seconds"], 2)
     assert r["seconds"] < 10, r
 
 
