@@ -13,7 +13,6 @@ What a user does, and what this class does for it:
 - see dialogs and error toasts -> `problems()` lists every visible one.
 """
 import base64
-import json
 import os
 import pathlib
 import shutil
