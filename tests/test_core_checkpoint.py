@@ -115,7 +115,8 @@ def test_unsupported_version_is_refused(tmp_path):
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
         meta = dict(f.metadata())
-    fm = json.loads(meta["svdquant"]); fm["version"] = 99
+    fm = json.loads(meta["svdquant"])
+    fm["version"] = 99
     meta["svdquant"] = json.dumps(fm)
     bad = str(tmp_path / "v99.safetensors")
     save_file(tensors, bad, metadata=meta)

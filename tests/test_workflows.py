@@ -8,7 +8,6 @@ quantize workflow saved in this server's models/svdquant.
 """
 import importlib.util
 import json
-import os
 import pathlib
 import time
 import urllib.parse
@@ -16,52 +15,18 @@ import urllib.request
 
 import pytest
 
-from harness import config, frontend_schema, graphs
+from harness import config, frontend_schema
+from harness.tiny_runs import NAMES, TINY_MODELS, TINY_SIZE, WORKFLOW_DIR, family_of, load, size_and_steps
 from harness.workflow_convert import check_ui_workflow, find_nodes, set_inputs, ui_to_api
 
 pytestmark = pytest.mark.comfy
 
-WORKFLOW_DIR = pathlib.Path(__file__).resolve().parents[1] / "workflows"
-NAMES = [f"{fam}_{kind}.json" for fam in ("sd15", "sdxl", "flux") for kind in ("quantize", "generate_4bit")]
 # Combo inputs naming model files: the workflows name the files a user has, not the server's.
 MODEL_FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "vae_name", "model_name"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-TINY_SIZE, TINY_STEPS = 64, 2
-TINY = {  # family -> overrides pointing the workflow at the tiny models
-    "sd15": {"CheckpointLoaderSimple": {"ckpt_name": graphs.SD15_CKPT}},
-    "sdxl": {"CheckpointLoaderSimple": {"ckpt_name": graphs.SDXL_CKPT}},
-    "flux": {"UNETLoader": {"unet_name": graphs.FLUX_UNET},
-             "DualCLIPLoader": {"clip_name1": graphs.CLIP_L, "clip_name2": graphs.T5_STUB},
-             "VAELoader": {"vae_name": graphs.TAEF1}},
-}
-CALIBRATION = {"calibration_samples": 1, "steps": 1, "width": TINY_SIZE, "height": TINY_SIZE,
-               # The workflows' `prompts` would be encoded by the stub text encoders, whose output
-               # is garbage: the node then refuses the non-finite activations (verified), and each
-               # line costs a T5 encode (~30 s on CPU). Calibrate on the workflow's own (zeroed)
-               # positive/negative instead.
-               "prompts": ""}
-
-# Smoothing per family in these tests. The workflows use "search" (11 candidate settings per
-# layer). Whole quantize workflow on the 2-core CPU box, other load present, server with
-# OMP_NUM_THREADS=1: tiny FLUX (hidden 3072, the smallest ComfyUI's UNETLoader detects) 245 s
-# with search vs 50-62 s with off (~25 s of it the T5 stub's encode); tiny SDXL 49 s vs 20-23 s;
-# tiny SD1.5 7.5 s vs 3 s. With torch's default 2 threads and another busy process, the same runs
-# took 4-20x longer (SDXL off 149 s, SD1.5 search 89-224 s, FLUX search 400-724 s).
-# SVDQ_WORKFLOW_SMOOTHING=search runs every workflow as shipped.
-SMOOTHING = {"sd15": "search", "sdxl": "off", "flux": "off"}
-SMOOTHING_ALL = os.environ.get("SVDQ_WORKFLOW_SMOOTHING")
-
 _quantized = {}  # family -> "svdquant/<file>" saved by that family's quantize workflow
 _images = {}  # family -> the image the quantize workflow sampled with the in-memory 4-bit model
-
-
-def load(name) -> dict:
-    return json.loads((WORKFLOW_DIR / name).read_text())
-
-
-def family_of(name) -> str:
-    return name.split("_", 1)[0]
 
 
 @pytest.fixture(scope="module")
@@ -151,16 +116,11 @@ def zero_text(prompt):
 def tiny_prompt(name, object_info, prefix, model_name=None, **calibration):
     prompt = ui_to_api(load(name), object_info)
     present = {n["class_type"] for n in prompt.values()}
-    overrides = {cls: v for cls, v in TINY[family_of(name)].items() if cls in present}
-    for latent in ("EmptyLatentImage", "EmptySD3LatentImage"):
-        if find_nodes(prompt, latent):
-            overrides[latent] = {"width": TINY_SIZE, "height": TINY_SIZE}
-    overrides["KSampler"] = {"steps": TINY_STEPS}
+    overrides = {cls: v for cls, v in TINY_MODELS[family_of(name)].items() if cls in present}
+    overrides.update(size_and_steps(name, present))
     overrides["SaveImage"] = {"filename_prefix": prefix}
-    if find_nodes(prompt, "SVDQuantCalibrateQuantize"):
-        smoothing = SMOOTHING_ALL or SMOOTHING[family_of(name)]
-        overrides["SVDQuantCalibrateQuantize"] = {**CALIBRATION, "smoothing": smoothing, "filename_prefix": prefix,
-                                                  **calibration}
+    if "SVDQuantCalibrateQuantize" in overrides:
+        overrides["SVDQuantCalibrateQuantize"].update(filename_prefix=prefix, **calibration)
     if model_name:
         overrides["SVDQuantLoadModel"] = {"model_name": model_name}
     return zero_text(set_inputs(prompt, overrides))

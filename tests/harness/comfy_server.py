@@ -105,7 +105,7 @@ class ComfyServer:
     """Start with `with ComfyServer() as srv:` or srv.start() / srv.stop()."""
 
     def __init__(self, base_dir=None, comfyui=None, python=None, port=None, pack_dir=None,
-                 extra_args=(), env=None, startup_timeout=180, keep_base_dir=False):
+                 extra_args=(), env=None, startup_timeout=180, keep_base_dir=False, link_pack=True):
         self._own_base = base_dir is None
         self.base_dir = pathlib.Path(base_dir or tempfile.mkdtemp(prefix="svdq-comfy-"))
         self.comfyui = pathlib.Path(comfyui or config.comfyui_path())
@@ -116,6 +116,7 @@ class ComfyServer:
         self.env = env or {}
         self.startup_timeout = startup_timeout
         self.keep_base_dir = keep_base_dir
+        self.link_pack = link_pack  # False: custom_nodes/ is the caller's (e.g. an installed copy of the pack)
         self.client_id = uuid.uuid4().hex
         self.proc = None
         self.startup_seconds = None
@@ -143,6 +144,8 @@ class ComfyServer:
         for sub in ("models", "custom_nodes", "input", "output", "user", "temp"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
         link = self.pack_link
+        if not self.link_pack:
+            return
         if link.is_symlink() or link.exists():
             link.unlink()
         # Without a root __init__.py the repo is not (yet) a ComfyUI pack; linking
