@@ -45,8 +45,10 @@ def test_version1_float_file_still_loads(tmp_path):
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
         meta = dict(f.metadata())
-    fm = json.loads(meta["svdquant"]); fm["version"] = 1
-    qm = json.loads(meta["_quantization_metadata"]); del qm["layers"]["blocks.0.fc"]["scales"]
+    fm = json.loads(meta["svdquant"])
+    fm["version"] = 1
+    qm = json.loads(meta["_quantization_metadata"])
+    del qm["layers"]["blocks.0.fc"]["scales"]
     meta["svdquant"], meta["_quantization_metadata"] = json.dumps(fm), json.dumps(qm)
     old = str(tmp_path / "v1.safetensors")
     save_file(tensors, old, metadata=meta)
