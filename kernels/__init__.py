@@ -137,13 +137,22 @@ def _use_cuda(x, prepared) -> bool:
     return prepared["_qw"].device == x.device
 
 
+def _log_backend_once(key, msg, *args):
+    """One log line per backend and device. Skipped while torch.compile traces: a logger call there
+    is a graph break in every 4-bit linear of the compiled model."""
+    import torch
+
+    if key in _BACKEND_LOGGED or torch.compiler.is_compiling():
+        return
+    _BACKEND_LOGGED.add(key)
+    log.info(msg, *args)
+
+
 def linear(x, prepared: dict, group_size: int = 64):
     """Y = 4-bit linear of x (..., K) with the layer tensors from `prepare_weights`."""
     if group_size == 64 and _use_cuda(x, prepared):
-        key = ("cuda", x.device, prepared["_path"])
-        if key not in _BACKEND_LOGGED:
-            _BACKEND_LOGGED.add(key)
-            log.info("svdquant: %s kernels on %s", _NAMES[prepared["_path"]], x.device)
+        _log_backend_once(("cuda", x.device, prepared["_path"]), "svdquant: %s kernels on %s",
+                          _NAMES[prepared["_path"]], x.device)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] == 0:
@@ -152,10 +161,8 @@ def linear(x, prepared: dict, group_size: int = 64):
             x2 = x2.contiguous()
         y = _get_ops().linear(x2, prepared)
         return y.reshape(*lead, y.shape[-1])
-    key = ("reference", x.device.type)
-    if key not in _BACKEND_LOGGED:
-        _BACKEND_LOGGED.add(key)
-        log.info("svdquant: pure-torch reference path on %s (no CUDA kernel for this device/dtype)", x.device)
+    _log_backend_once(("reference", x.device.type),
+                      "svdquant: pure-torch reference path on %s (no CUDA kernel for this device/dtype)", x.device)
     return reference.svdquant_linear(
         x,
         prepared["qweight"],

@@ -205,3 +205,39 @@ def test_calibrate_node_encodes_prompts_with_the_clip(comfy):
         _conditionings(None, None, None, "a cat", 1)
     with pytest.raises(ValueError, match="connect positive/negative conditioning"):
         _conditionings(None, None, None, "", 1)
+
+
+def _sample(comfy_sample, model, pos, neg, seed=3):
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy_sample.prepare_noise(latent, seed)
+    return comfy_sample.sample(model, noise, 2, 2.0, "euler", "normal", pos, neg, latent, disable_pbar=True, seed=seed)
+
+
+def test_torch_compile_model_adds_no_graph_break(comfy, quantized_sd15):
+    """The stock TorchCompileModel node's path (set_torch_compile_wrapper, sampling through KSampler's
+    code) on the 4-bit model: dynamo captures the 4-bit linears inside the graphs, so the 4-bit model
+    compiles into exactly as many graphs as the 16-bit one (ComfyUI's own code breaks some graphs on
+    CPU: psutil memory queries in attention), and the captured graphs compute what eager does.
+    A logger call in the linear once broke every graph in two (kernels.linear)."""
+    import comfy.sample as comfy_sample
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    from comfyui_svdquant import kernels
+    mp, qm, *_ = quantized_sd15
+    pos, neg = comfy.sd15_conds()
+    graphs = {}
+
+    def count_graphs(gm, example_inputs):
+        graphs[key] += 1
+        return gm.forward  # run the captured graph as is: its output must equal eager's
+
+    for key, model in (("16-bit", mp), ("4-bit", qm)):
+        torch._dynamo.reset()
+        graphs[key] = 0
+        eager = _sample(comfy_sample, model, pos, neg)
+        compiled = model.clone()
+        kernels._BACKEND_LOGGED.clear()  # the first call ever is the compiled one, as for a user
+        set_torch_compile_wrapper(model=compiled, backend=count_graphs)
+        assert torch.equal(_sample(comfy_sample, compiled, pos, neg), eager), key
+    torch._dynamo.reset()
+    print(f"graphs captured: {graphs}")
+    assert graphs["16-bit"] > 0 and graphs["4-bit"] == graphs["16-bit"]
