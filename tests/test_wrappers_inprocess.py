@@ -214,30 +214,36 @@ def _sample(comfy_sample, model, pos, neg, seed=3):
 
 
 def test_torch_compile_model_adds_no_graph_break(comfy, quantized_sd15):
-    """The stock TorchCompileModel node's path (set_torch_compile_wrapper, sampling through KSampler's
-    code) on the 4-bit model: dynamo captures the 4-bit linears inside the graphs, so the 4-bit model
-    compiles into exactly as many graphs as the 16-bit one (ComfyUI's own code breaks some graphs on
-    CPU: psutil memory queries in attention), and the captured graphs compute what eager does.
-    A logger call in the linear once broke every graph in two (kernels.linear)."""
+    """torch.compile on the 4-bit model: (1) dynamo traces every 4-bit linear without a graph break
+    (no break's stack has a frame of this pack; ComfyUI's own code breaks some graphs on CPU, e.g.
+    psutil memory queries in attention); (2) the stock TorchCompileModel node's path
+    (set_torch_compile_wrapper, sampling through KSampler's code) runs the captured graphs and gives
+    what eager gives. A logger call in the linear once broke every compiled graph in two."""
+    import comfy.model_management as mm
     import comfy.sample as comfy_sample
     from comfy_api.torch_helpers import set_torch_compile_wrapper
     from comfyui_svdquant import kernels
     mp, qm, *_ = quantized_sd15
     pos, neg = comfy.sd15_conds()
-    graphs = {}
+    x, s = _probe_inputs()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kernels.__file__)))
+    pack_dirs = tuple(os.path.join(root, d) + os.sep for d in ("core", "kernels", "wrappers", "nodes"))
 
-    def count_graphs(gm, example_inputs):
-        graphs[key] += 1
-        return gm.forward  # run the captured graph as is: its output must equal eager's
-
-    for key, model in (("16-bit", mp), ("4-bit", qm)):
-        torch._dynamo.reset()
-        graphs[key] = 0
-        eager = _sample(comfy_sample, model, pos, neg)
-        compiled = model.clone()
-        kernels._BACKEND_LOGGED.clear()  # the first call ever is the compiled one, as for a user
-        set_torch_compile_wrapper(model=compiled, backend=count_graphs)
-        assert torch.equal(_sample(comfy_sample, compiled, pos, neg), eager), key
     torch._dynamo.reset()
-    print(f"graphs captured: {graphs}")
-    assert graphs["16-bit"] > 0 and graphs["4-bit"] == graphs["16-bit"]
+    kernels._BACKEND_LOGGED.clear()  # the first call ever is the traced one, as for a user
+    mm.load_models_gpu([qm])
+    dm = qm.model.diffusion_model
+    explained = torch._dynamo.explain(dm)(x.to(qm.load_device), s.to(qm.load_device),
+                                          context=pos[0][0].to(qm.load_device))
+    ours = [str(b.reason).splitlines()[0] + " at " + f"{f.filename}:{f.lineno}"
+            for b in explained.break_reasons for f in (b.user_stack or []) if f.filename.startswith(pack_dirs)]
+    assert explained.graph_count > 0 and not ours, ours
+
+    graphs = []
+    torch._dynamo.reset()
+    eager = _sample(comfy_sample, qm, pos, neg)
+    compiled = qm.clone()
+    set_torch_compile_wrapper(model=compiled, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    assert torch.equal(_sample(comfy_sample, compiled, pos, neg), eager)
+    torch._dynamo.reset()
+    assert graphs  # the wrapper really compiled the model
