@@ -182,30 +182,25 @@ def build(out_dir, seed, version):
     save(out_dir, "vae/tiny_taesd.safetensors", taesd, meta, manifest, {"detected": "TAESD 4ch"})
     save(out_dir, "vae/tiny_taef1.safetensors", taef1, meta, manifest, {"detected": "TAESD 16ch"})
 
-    timed("sd15")
-    unet, n = unet_state_dict(sm.SD15, SD15_UNET, _generator(seed, "sd15"))
-    info = {"detected": check_unet(unet, "", "SD15"), "unet_params": n}
-    save(out_dir, "diffusion_models/tiny_sd15_unet.safetensors", unet, meta, manifest, info)
-    ckpt = {"model.diffusion_model." + k: v for k, v in unet.items()}
-    ckpt.update({"first_stage_model." + k: v for k, v in taesd.items()})
-    ckpt.update({"cond_stage_model.transformer." + k: v for k, v in clip_l.items()})
-    check_unet(ckpt, "model.diffusion_model.", "SD15")
-    save(out_dir, "checkpoints/tiny_sd15.safetensors", ckpt, meta, manifest, info)
-    del unet, ckpt
+    def unet_files(name, model_class, unet_config, expected, text_encoder_keys):
+        """The UNet as a diffusion_models file and as a full checkpoint (+ TAESD + text-encoder stubs)."""
+        timed(name)
+        unet, n = unet_state_dict(model_class, unet_config, _generator(seed, name))
+        info = {"detected": check_unet(unet, "", expected), "unet_params": n}
+        save(out_dir, f"diffusion_models/tiny_{name}_unet.safetensors", unet, meta, manifest, info)
+        ckpt = {"model.diffusion_model." + k: v for k, v in unet.items()}
+        ckpt.update({"first_stage_model." + k: v for k, v in taesd.items()})
+        ckpt.update(text_encoder_keys)
+        check_unet(ckpt, "model.diffusion_model.", expected)
+        save(out_dir, f"checkpoints/tiny_{name}.safetensors", ckpt, meta, manifest, info)
 
-    timed("sdxl")
-    unet, n = unet_state_dict(sm.SDXL, SDXL_UNET, _generator(seed, "sdxl"))
-    info = {"detected": check_unet(unet, "", "SDXL"), "unet_params": n}
-    save(out_dir, "diffusion_models/tiny_sdxl_unet.safetensors", unet, meta, manifest, info)
-    ckpt = {"model.diffusion_model." + k: v for k, v in unet.items()}
-    ckpt.update({"first_stage_model." + k: v for k, v in taesd.items()})
-    ckpt.update({"conditioner.embedders.0.transformer." + k: v for k, v in clip_l.items()})
+    unet_files("sd15", sm.SD15, SD15_UNET, "SD15",
+               {"cond_stage_model.transformer." + k: v for k, v in clip_l.items()})
+    sdxl_te = {"conditioner.embedders.0.transformer." + k: v for k, v in clip_l.items()}
     # open_clip naming, as in real SDXL checkpoints (ComfyUI converts it on load).
-    g_fc1 = clip_g["text_model.encoder.layers.30.mlp.fc1.weight"]
-    ckpt["conditioner.embedders.1.model.transformer.resblocks.30.mlp.c_fc.weight"] = g_fc1
-    check_unet(ckpt, "model.diffusion_model.", "SDXL")
-    save(out_dir, "checkpoints/tiny_sdxl.safetensors", ckpt, meta, manifest, info)
-    del unet, ckpt
+    sdxl_te["conditioner.embedders.1.model.transformer.resblocks.30.mlp.c_fc.weight"] = \
+        clip_g["text_model.encoder.layers.30.mlp.fc1.weight"]
+    unet_files("sdxl", sm.SDXL, SDXL_UNET, "SDXL", sdxl_te)
 
     timed("flux")
     unet, n = unet_state_dict(sm.Flux, FLUX_UNET, _generator(seed, "flux"))
