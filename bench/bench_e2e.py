@@ -7,6 +7,8 @@ pack's Calibrate & Quantize path (wrappers/quantize.py, default settings except 
 saves, reloads with Load SVDQuant Model's code, samples again. Per family and batch size it reports:
 DiT/UNet weight bytes, peak VRAM while sampling, time per denoising step, calibrate+quantize time, save
 and load time. Ratios are 4-bit / 16-bit from the same run. Prints a table, writes JSON.
+--compile adds both models under the stock TorchCompileModel node's wrapper (inductor): step time, the
+first (compiling) run's time, and the compiled output's relative distance from eager's.
 
   python3 bench/bench_e2e.py --family sd15 sdxl --json out.json          # on the GPU machine
   python3 bench/bench_e2e.py --family sd15 --tiny --steps 2              # plumbing check (CPU ok)
@@ -95,7 +97,8 @@ def sync():
 
 
 def sample(patcher, family, batch, res, steps, cfg, device):
-    """Seconds for `steps` denoising steps and the peak VRAM (GiB) of that run, through comfy.sample.sample."""
+    """Seconds for `steps` denoising steps, the peak VRAM (GiB) of that run, the warm-up's seconds and the
+    output latent, through comfy.sample.sample."""
     import comfy.model_management as mm
     import comfy.sample
     ch, down = FAMILIES[family][2], FAMILIES[family][3]
@@ -103,7 +106,11 @@ def sample(patcher, family, batch, res, steps, cfg, device):
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
     pos, neg = conds(family, batch, device)
     mm.load_models_gpu([patcher])
-    comfy.sample.sample(patcher, noise, 2, cfg, "euler", "normal", pos, neg, latent, seed=1)  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    comfy.sample.sample(patcher, noise, 2, cfg, "euler", "normal", pos, neg, latent, seed=1)  # warm-up (compiles)
+    sync()
+    warm = time.perf_counter() - t0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     sync()
@@ -113,7 +120,21 @@ def sample(patcher, family, batch, res, steps, cfg, device):
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
     assert torch.isfinite(out).all(), "sampling produced non-finite latents"
-    return dt, peak
+    return dt, peak, warm, out.float().cpu()
+
+
+def sample_row(row, tag, patcher, family, b, res, steps, cfg_scale, device, compile_too):
+    """Eager (and with --compile, TorchCompileModel/inductor) timings of one model into `row`."""
+    dt, peak, _, eager = sample(patcher, family, b, res, steps, cfg_scale, device)
+    row[f"b{b}_step{tag}_s"], row[f"b{b}_peak{tag}_gib"] = dt / steps, peak
+    if compile_too:
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+        compiled = patcher.clone()
+        set_torch_compile_wrapper(model=compiled, backend="inductor")
+        dt, _, warm, out = sample(compiled, family, b, res, steps, cfg_scale, device)
+        row[f"b{b}_step{tag}c_s"], row[f"b{b}_compile{tag}_s"] = dt / steps, warm
+        row[f"b{b}_compiled_vs_eager{tag}"] = float((out - eager).norm() / eager.norm())
+        torch._dynamo.reset()
 
 
 def weight_bytes(patcher):
@@ -136,8 +157,7 @@ def run_family(family, args, dtype, device):
     row = {"family": family, "config": {k: cfg[k] for k in ("depth", "depth_single_blocks") if k in cfg},
            "res": res, "steps": steps, "build_s": time.perf_counter() - t0, "bytes_16": weight_bytes(p16)}
     for b in args.batch:
-        dt, peak = sample(p16, family, b, res, steps, cfg_scale, device)
-        row[f"b{b}_step16_s"], row[f"b{b}_peak16_gib"] = dt / steps, peak
+        sample_row(row, "16", p16, family, b, res, steps, cfg_scale, device, args.compile)
     qcfg = QuantConfig(alpha_grid=(0.5,)) if args.fast_quant else QuantConfig()
     pos, neg = conds(family, 1, device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,9 +179,10 @@ def run_family(family, args, dtype, device):
         row["load_s"] = time.perf_counter() - t0
     row["bytes_4"] = weight_bytes(q)
     for b in args.batch:
-        dt, peak = sample(q, family, b, res, steps, cfg_scale, device)
-        row[f"b{b}_step4_s"], row[f"b{b}_peak4_gib"] = dt / steps, peak
+        sample_row(row, "4", q, family, b, res, steps, cfg_scale, device, args.compile)
         row[f"b{b}_step_ratio"] = row[f"b{b}_step4_s"] / row[f"b{b}_step16_s"]
+        if args.compile:
+            row[f"b{b}_step_ratio_compiled"] = row[f"b{b}_step4c_s"] / row[f"b{b}_step16c_s"]
     row["bytes_ratio"] = row["bytes_4"] / row["bytes_16"]
     del q
     mm.soft_empty_cache()
@@ -179,6 +200,7 @@ def main():
     ap.add_argument("--fast-quant", action="store_true", help="one smoothing strength instead of the search")
     ap.add_argument("--flux-depth", nargs=2, type=int, default=None, metavar=("DOUBLE", "SINGLE"))
     ap.add_argument("--tiny", action="store_true", help="the test suite's tiny configs (plumbing check)")
+    ap.add_argument("--compile", action="store_true", help="also time both models under TorchCompileModel (inductor)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     on_gpu = torch.cuda.is_available()
@@ -201,6 +223,11 @@ def main():
             print(f"   batch {b}: step {r[f'b{b}_step16_s'] * 1e3:8.1f} ms -> {r[f'b{b}_step4_s'] * 1e3:8.1f} ms "
                   f"({r[f'b{b}_step_ratio']:.2f}x), peak VRAM {r[f'b{b}_peak16_gib']:.2f} -> {r[f'b{b}_peak4_gib']:.2f} GiB",
                   flush=True)
+            if args.compile:
+                print(f"   batch {b}, TorchCompileModel (inductor): step {r[f'b{b}_step16c_s'] * 1e3:8.1f} ms -> "
+                      f"{r[f'b{b}_step4c_s'] * 1e3:8.1f} ms ({r[f'b{b}_step_ratio_compiled']:.2f}x), compile "
+                      f"{r[f'b{b}_compile16_s']:.0f} / {r[f'b{b}_compile4_s']:.0f} s, compiled vs eager "
+                      f"{r[f'b{b}_compiled_vs_eager16']:.1e} / {r[f'b{b}_compiled_vs_eager4']:.1e}", flush=True)
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "driver": _driver(),
                                                            "rows": rows}, indent=1))
