@@ -77,10 +77,18 @@ def read_metadata(path: str) -> dict:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def read_header(path: str):
+    """(metadata, tensor names) of a safetensors file, without reading tensor data."""
+    meta = read_metadata(path)
+    with safe_open(path, framework="pt") as f:
+        return meta, list(f.keys())
+
+
 def parse_declaration(meta: dict, path: str):
     """(file_meta, layer_meta) from a header's string metadata; CheckpointError if it is not ours."""
     if FILE_META_KEY not in meta or QUANT_META_KEY not in meta:
-        raise CheckpointError(f"{path}: not an SVDQuant 4-bit file (no '{FILE_META_KEY}' declaration in its header)")
+        raise CheckpointError(f"{path}: not an SVDQuant 4-bit file (no '{FILE_META_KEY}' declaration in its header) "
+                              "and not a Nunchaku INT4 checkpoint")
     try:
         fmeta = json.loads(meta[FILE_META_KEY])
         layers = json.loads(meta[QUANT_META_KEY])["layers"]
