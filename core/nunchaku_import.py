@@ -129,7 +129,7 @@ def _refuse_variant(path, meta, keys):
         except ValueError as e:
             raise NunchakuImportError(f"{path}: unreadable quantization_config in the header ({e})") from e
     wdtype = str((qc.get("weight") or {}).get("dtype", "int4"))
-    if wdtype.startswith("fp4") or wdtype.startswith("nvfp4") or any(k.rpartition(".")[2] in NVFP4_TENSORS for k in keys):
+    if wdtype.startswith(("fp4", "nvfp4")) or any(k.rpartition(".")[2] in NVFP4_TENSORS for k in keys):
         raise NunchakuImportError(f"{path}: this is a Nunchaku NVFP4 file (weight dtype {wdtype!r}); only their INT4 "
                                   "FLUX files can be opened (NVFP4 needs FP4 tensor cores and another format)")
     if wdtype != "int4" or int((qc.get("weight") or {}).get("group_size", GROUP) or GROUP) != GROUP:

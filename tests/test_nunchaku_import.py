@@ -333,3 +333,30 @@ def test_refusals_of_incomplete_or_damaged_files(tmp_path, bf16_flux):
         with pytest.raises(CheckpointError, match=msg) as e:
             ni.convert_nunchaku_flux(str(path))
         assert str(path) in str(e.value), name
+
+
+def test_unjoinable_linear1_is_dequantized_and_missing_lowrank_is_rank_0(tmp_path, bf16_flux):
+    """A file whose single-block qkv_proj and mlp_fc1 have different smoothing (their exporter never
+    writes one) gets a 16-bit linear1 = R·diag(1/λ) + P_up·P_downᵀ of each part; a layer without a
+    low-rank branch (their loader allows it) gets rank 0."""
+    sd, _, theirs = bf16_flux
+    theirs = dict(theirs)
+    l1 = {k: sd[f"single_blocks.0.linear1.{k}"] for k in ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up", "bias")}
+    _, fc1 = npk.split_rows(l1, 768)
+    fc1["smooth_factor"] = fc1["smooth_factor"] * 2
+    theirs["single_transformer_blocks.0.mlp_fc1.smooth"] = npk.pack_scales(fc1["smooth_factor"].reshape(-1, 1))
+    del theirs["transformer_blocks.1.out_proj.lora_down"], theirs["transformer_blocks.1.out_proj.lora_up"]
+    path = str(tmp_path / "odd.safetensors")
+    npk.write(path, theirs, npk.flux_metadata(CFG))
+    out, header = ni.convert_nunchaku_flux(path)
+    fmeta, layers = parse_declaration(header, path)
+    check_layers(out, layers, 64, path)
+    assert "single_blocks.0.linear1" not in layers and "single_blocks.1.linear1" in layers
+    w = out["single_blocks.0.linear1.weight"]
+    assert w.shape == (1792, 256) and w.dtype == torch.bfloat16
+    assert torch.equal(out["single_blocks.0.linear1.bias"], sd["single_blocks.0.linear1.bias"].float())
+    want = (npk.residual(fc1) / fc1["smooth_factor"].double()
+            + fc1["proj_up"].double() @ fc1["proj_down"].double().t())
+    assert torch.allclose(w[768:].double(), want, rtol=1e-2, atol=1e-3)
+    assert layers["double_blocks.1.img_attn.proj"]["rank"] == 0
+    assert out["double_blocks.1.img_attn.proj.proj_down"].shape == (256, 0)

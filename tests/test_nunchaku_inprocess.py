@@ -69,7 +69,7 @@ def test_nunchaku_file_loads_to_the_same_model_as_our_file(comfy, files):
     from comfyui_svdquant.wrappers.loader import load_svdquant_model
     folder_paths.add_model_folder_path("diffusion_models", str(files["folder"]))
     dt = str(comfy.DTYPE).removeprefix("torch.")
-    ours, meta = load_svdquant_model(files["a"], "flux", dt)
+    ours, _ = load_svdquant_model(files["a"], "flux", dt)
     node = LoadSVDQuantModel()
     theirs = node.load(f"diffusion_models/{files['b']}", "flux", dt, "default")[0]
     wrong = node.load(f"diffusion_models/{files['c']}", "flux", dt, "default")[0]
@@ -104,3 +104,40 @@ def test_loader_refuses_other_nunchaku_files_and_families(comfy, files, tmp_path
               {"model_class": "NunchakuQwenImageTransformer2DModel", "quantization_config": json.dumps({"rank": 128})})
     with pytest.raises(CheckpointError, match="Nunchaku NunchakuQwenImageTransformer2DModel file; only FLUX.1 INT4"):
         load_svdquant_model(str(qwen))
+
+
+def test_names_agree_with_comfyuis_own_diffusers_map(comfy):
+    """Our name tables against comfy.utils.flux_to_diffusers (ComfyUI's map of diffusers FLUX names)."""
+    import comfy.utils
+    from comfyui_svdquant.core import nunchaku_import as ni
+    h = 256
+    km = comfy.utils.flux_to_diffusers({"depth": 1, "depth_single_blocks": 1, "hidden_size": h})
+
+    def target(key):
+        v = km[key]
+        return v if isinstance(v, str) else v[0]
+    for theirs, ours in ni.TOP_LEVEL.items():
+        for leaf in ("weight", "bias"):
+            assert target(f"{theirs}.{leaf}") == f"{ours}.{leaf}"
+            assert (len(km[f"{theirs}.{leaf}"]) == 3) == (theirs in ni.SWAP_HALVES)  # ComfyUI swaps these halves too
+    for v2_name, v1_name in ni.V2_DOUBLE.items():  # their v2 names are the diffusers names
+        if v1_name in ("qkv_proj", "qkv_proj_context"):
+            continue  # fused in both: checked below through the q/k/v slices
+        want = ni.DOUBLE_NORMS[v1_name] if v1_name in ni.DOUBLE_NORMS else f"{ni.DOUBLE_LINEARS[v1_name]}.weight"
+        assert target(f"transformer_blocks.0.{v2_name}.weight") == f"double_blocks.0.{want}", v2_name
+    for src, ours in (("to_", "img_attn.qkv"), ("add_", "txt_attn.qkv")):
+        assert ni.DOUBLE_LINEARS["qkv_proj" if src == "to_" else "qkv_proj_context"] == ours
+        for j, part in enumerate("qkv"):
+            name = f"transformer_blocks.0.attn.{src}{part}.weight" if src == "to_" else f"transformer_blocks.0.attn.add_{part}_proj.weight"
+            assert km[name] == (f"double_blocks.0.{ours}.weight", (0, j * h, h))
+    for theirs, ours, *_ in ni.DOUBLE_MODS:
+        assert target(f"transformer_blocks.0.{theirs}.weight") == f"double_blocks.0.{ours}.weight"
+    for theirs, ours, *_ in ni.SINGLE_MODS:
+        assert target(f"single_transformer_blocks.0.{theirs}.weight") == f"single_blocks.0.{ours}.weight"
+    for v1_name, ours in ni.SINGLE_NORMS.items():
+        assert target(f"single_transformer_blocks.0.attn.{v1_name}.weight") == f"single_blocks.0.{ours}"
+    # linear1 = [q; k; v; mlp] in this order (our join order), linear2 = the whole proj_out
+    for j, part in enumerate("qkv"):
+        assert km[f"single_transformer_blocks.0.attn.to_{part}.weight"] == ("single_blocks.0.linear1.weight", (0, j * h, h))
+    assert km["single_transformer_blocks.0.proj_mlp.weight"] == ("single_blocks.0.linear1.weight", (0, 3 * h, 4 * h))
+    assert target("single_transformer_blocks.0.proj_out.weight") == "single_blocks.0.linear2.weight"
