@@ -26,6 +26,7 @@ def test_w4a4_weight_round_trip_is_bit_identical(n, k):
     assert theirs.dtype == torch.int8 and theirs.shape == (n, k // 2)
     assert not torch.equal(theirs, ref.pack_int4(codes))  # a real permutation, not the identity
     assert torch.equal(nl.unpack_w4a4_weight(theirs), ref.pack_int4(codes))
+    assert torch.equal(ref.unpack_int4(nl.unpack_w4a4_weight(theirs)), codes.to(torch.int8))  # -8 decodes as -8
 
 
 def test_w4a4_weight_tiles_follow_the_mma_fragment():
