@@ -77,11 +77,18 @@ def read_metadata(path: str) -> dict:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def load_checkpoint(path: str, device="cpu"):
-    """Returns (state_dict, file_meta, layer_meta). Every quantized layer is checked."""
+def read_header(path: str):
+    """(metadata, tensor names) of a safetensors file, without reading tensor data."""
     meta = read_metadata(path)
+    with safe_open(path, framework="pt") as f:
+        return meta, list(f.keys())
+
+
+def parse_declaration(meta: dict, path: str):
+    """(file_meta, layer_meta) from a header's string metadata; CheckpointError if it is not ours."""
     if FILE_META_KEY not in meta or QUANT_META_KEY not in meta:
-        raise CheckpointError(f"{path}: not an SVDQuant 4-bit file (no '{FILE_META_KEY}' declaration in its header)")
+        raise CheckpointError(f"{path}: not an SVDQuant 4-bit file (no '{FILE_META_KEY}' declaration in its header) "
+                              "and not a Nunchaku INT4 checkpoint")
     try:
         fmeta = json.loads(meta[FILE_META_KEY])
         layers = json.loads(meta[QUANT_META_KEY])["layers"]
@@ -93,13 +100,12 @@ def load_checkpoint(path: str, device="cpu"):
     g = int(fmeta.get("group_size", 0))
     if g != 64:
         raise CheckpointError(f"{path}: group size {g} is not supported (INT4 group 64 only)")
-    sd = {}
-    try:
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            for k in f.keys():
-                sd[k] = f.get_tensor(k)
-    except Exception as e:
-        raise CheckpointError(f"{path}: truncated or corrupt tensor data ({e})") from e
+    return fmeta, layers
+
+
+def check_layers(sd: dict, layers: dict, group_size: int, path: str) -> None:
+    """Every declared 4-bit layer's tensors: presence, shape and dtype; names the tensor at fault."""
+    g = group_size
     for name, lm in layers.items():
         if lm.get("format") != LAYER_FORMAT:
             raise CheckpointError(f"{path}: layer {name} has format {lm.get('format')!r}, expected {LAYER_FORMAT!r}")
@@ -129,4 +135,17 @@ def load_checkpoint(path: str, device="cpu"):
             if int(mult.max()) > 18:
                 raise CheckpointError(f"{path}: tensor {name}.wscale_mult holds multipliers above 18 "
                                       f"(max {int(mult.max())}); int_ratio allows 1..18")
+
+
+def load_checkpoint(path: str, device="cpu"):
+    """Returns (state_dict, file_meta, layer_meta). Every quantized layer is checked."""
+    fmeta, layers = parse_declaration(read_metadata(path), path)
+    sd = {}
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            for k in f.keys():
+                sd[k] = f.get_tensor(k)
+    except Exception as e:
+        raise CheckpointError(f"{path}: truncated or corrupt tensor data ({e})") from e
+    check_layers(sd, layers, int(fmeta["group_size"]), path)
     return sd, fmeta, layers

@@ -126,3 +126,30 @@ def with_lora(patcher, lora_sd, strength):
     import comfy.sd
     model, _ = comfy.sd.load_lora_for_models(patcher, None, lora_sd, strength, 0)
     return model
+
+
+def write_tiny_sd15_controlnet(path, seed: int = 3) -> None:
+    """A random-weight SD1.5 ControlNet in the original (ldm) key layout that ComfyUI's
+    load_controlnet detects (zero_convs.*, input_hint_block.*, the UNet encoder copy), matching
+    tiny_sd15_patcher's UNet. Zero convs get random weights too, so the control has an effect."""
+    import comfy.cldm.cldm
+    import comfy.ops
+    import safetensors.torch
+    cfg = dict(SD15_UNET)
+    cfg.pop("out_channels", None)
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                     dtype=torch.float32, device="cpu", **cfg)
+    random_init(net, seed)
+    safetensors.torch.save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(path))
+
+
+def sample(patcher, positive, negative, steps: int = 2, cfg: float = 2.0, seed: int = 0, size: int = 64,
+           channels: int = 4):
+    """A KSampler run (comfy.sample.sample, the stock node's path): the conditioning's control, model
+    patches and model options all take part. Returns the final latent (fp32, CPU)."""
+    import comfy.sample
+    latent = torch.zeros(1, channels, size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    out = comfy.sample.sample(patcher, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                              disable_pbar=True, seed=seed)
+    return out.float().cpu()

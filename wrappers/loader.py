@@ -12,7 +12,8 @@ import torch
 import comfy.model_management as mm
 import comfy.model_patcher
 
-from ..core.checkpoint import CheckpointError, load_checkpoint
+from ..core.checkpoint import CheckpointError, check_layers, load_checkpoint, parse_declaration, read_header
+from ..core.nunchaku_import import convert_nunchaku_flux, looks_like_nunchaku
 from .families import model_class_by_name
 from .lora import enable_lora
 from .ops import SVDQuantOps
@@ -54,9 +55,21 @@ def build_patcher(sd: dict, fmeta: dict, n_declared: int, source: str, dtype=Non
     return patcher
 
 
+def read_4bit_file(path: str):
+    """(state dict, file declaration, layer declarations) of our file, or of a Nunchaku INT4 FLUX
+    file converted to our layout (core/nunchaku_import.py); both checked layer by layer."""
+    meta, keys = read_header(path)
+    if not looks_like_nunchaku(meta, keys):
+        return load_checkpoint(path)
+    sd, header = convert_nunchaku_flux(path)
+    fmeta, layers = parse_declaration(header, path)
+    check_layers(sd, layers, int(fmeta["group_size"]), path)
+    return sd, fmeta, layers
+
+
 def load_svdquant_model(path: str, expected_family: str = "auto", compute_dtype: str = "auto",
                         device: str = "default"):
-    sd, fmeta, layers = load_checkpoint(path)
+    sd, fmeta, layers = read_4bit_file(path)
     family = fmeta.get("family")
     if expected_family != "auto" and family != expected_family:
         raise CheckpointError(f"{path}: this is a {family} 4-bit model, but the loader was set to {expected_family}; "
