@@ -1,7 +1,8 @@
 """Pure-torch reference of every kernel: the oracle for the CUDA kernels and the CPU fallback.
 
 Numeric contract (docs/FORMAT.md):
-- INT4 codes are symmetric, in [-7, 7]; packed two per byte, low nibble = even column.
+- INT4 codes are symmetric, in [-7, 7] as this pack quantizes; float-scale layers imported from Nunchaku
+  files may also hold -8 (docs/FORMAT.md §3). Packed two per byte, low nibble = even column.
 - Two scale modes per layer (docs/FORMAT.md §1):
   "float":     per-group scale `absmax / 7` over `group_size` consecutive input channels (K).
   "int_ratio": per-group scale = base × integer multiplier f in [1, 18], the base shared by a chunk of
