@@ -313,8 +313,8 @@ class LayerProblem:
             q = QuantizedLinear(
                 qweight=ref.pack_int4(wq.codes[s:e]).cpu(),
                 scales=scales,
-                smooth_factor=smooth,
-                proj_down=proj_down,
+                smooth_factor=smooth.clone(),     # own copies: files and modules never alias tensors
+                proj_down=proj_down.clone(),
                 proj_up=l_up[s:e].contiguous().to(out_dtype).cpu(),
                 bias=None if b is None else b.to(out_dtype).cpu(),
                 rank=rank,
