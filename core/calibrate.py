@@ -346,10 +346,12 @@ def _smoothing_text(alpha) -> str:
 def format_report(results: dict, outliers: dict | None = None, limit: int = 0) -> str:
     """Plain-text table a node can show: one line per layer. `outliers`: name -> ActivationStats.outlier_report().
 
-    smooth α/β: the smoothing λ = max|x|^α / max|w|^β chosen ('-' = none); flags: g = GPTQ,
+    smooth α/β: the smoothing λ = max|x|^α / max|w|^β chosen ('-' = none); ch>kσ: input channels whose
+    max |x| lies more than k standard deviations above the mean over channels; flags: g = GPTQ,
     u = unsigned activations, s = shares its input's smoothing and low-rank down projection."""
+    k_std = next(iter(outliers.values()))["k_std"] if outliers else 0
     lines = [f"{'layer':60s} {'rank':>4s} {'smooth α/β':>10s} {'err naive':>9s} {'err':>7s} {'KiB 16b':>8s} {'KiB 4b':>7s}"
-             + (f" {'outl.ch':>7s} {'max/med':>7s}" if outliers else "") + " flags"]
+             + (f" {f'ch>{k_std:g}σ':>7s} {'max/med':>7s}" if outliers else "") + " flags"]
     items = list(results.items())
     for n, q in items[:limit or len(items)]:
         r = q.report

@@ -57,7 +57,9 @@ class QuantConfig:
     # low-rank down projection, fitted on their concatenated weight and output.
     share_inputs: bool = False
     # GPTQ rounding of the 4-bit residual (scales fixed first) from the calibration Hessian X̂ᵀX̂.
-    gptq: bool = False
+    # On: it lowered the held-out output error by 3-19% on every synthetic layer measured
+    # (docs/CALIBRATION.md); the 39-grid, refinement and shared q/k/v stay off on the same evidence.
+    gptq: bool = True
     gptq_damp: float = 0.01        # relative to the mean of diag(H), as the reference
     gptq_block: int = 128
     # Memory (MiB) for exact XᵀX accumulated over every calibration row at capture time (layers in

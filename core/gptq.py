@@ -43,28 +43,30 @@ def gptq_codes(r: torch.Tensor, steps: torch.Tensor, h: torch.Tensor, group_size
     ref.quantize_with_steps would, except that each column's rounding error is compensated on the
     later columns: the output error ||X̂ (R − R_q)ᵀ|| falls, the stored scales do not change.
     """
-    w = r.float().clone()
-    n, k = w.shape
+    n, k = r.shape
     if h.shape != (k, k):
         raise GPTQError(f"layer {name}: Hessian shape {tuple(h.shape)} does not match {k} input channels")
     hinv = _inverse_cholesky(h, damp, name)
-    col_steps = steps.float().repeat_interleave(group_size, dim=1)       # (N, K)
-    safe = torch.where(col_steps > 0, col_steps, torch.ones_like(col_steps))
-    live = col_steps > 0
-    codes = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    # Column-major working copies (row c = input channel c): every step below reads contiguous rows.
+    wt = r.float().t().contiguous()                                      # (K, N)
+    st = steps.float().t().repeat_interleave(group_size, dim=0)          # (K, N) step of each weight
+    live = (st > 0).float()
+    safe = torch.where(st > 0, st, torch.ones_like(st))
+    q_all = torch.empty_like(wt)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
+        w1 = wt[i1:i2]
+        err1 = torch.empty_like(w1)
         hb = hinv[i1:i2, i1:i2]
+        dinv = 1.0 / torch.diagonal(hb)
         for j in range(i2 - i1):
             c = i1 + j
-            q = torch.round(w1[:, j] / safe[:, c]).clamp_(-ref.QMAX, ref.QMAX)
-            q = torch.where(live[:, c], q, torch.zeros_like(q))
-            codes[:, c] = q.to(torch.int8)
-            e = (w1[:, j] - q * col_steps[:, c]) / hb[j, j]
-            w1[:, j:] -= e.unsqueeze(1) * hb[j, j:].unsqueeze(0)
-            err1[:, j] = e
+            q = torch.round(w1[j] / safe[c]).clamp_(-ref.QMAX, ref.QMAX).mul_(live[c])
+            q_all[c] = q
+            e = (w1[j] - q * st[c]).mul_(dinv[j])
+            err1[j] = e
+            if j + 1 < i2 - i1:
+                w1[j + 1:].addr_(hb[j, j + 1:], e, alpha=-1.0)
         if i2 < k:
-            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return codes
+            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
+    return q_all.t().to(torch.int8).contiguous()

@@ -51,7 +51,7 @@ class CalibrateAndQuantize:
                 "height": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8, "tooltip": "Height in pixels of the calibration images."}),
                 "rank": ("INT", {"default": 32, "min": 0, "max": 1024, "step": 8, "tooltip": "Low-rank components per layer (ignored when a rank_policy is connected)."}),
                 "smoothing": (list(SMOOTHING), {"default": "search", "tooltip": "search: pick the migration strength α per layer by its output error (11 settings); search 39: the reference toolchain's 39 (α, β) settings (slower); off: no smoothing."}),
-                "lowrank_iters": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Refinements of the low-rank branch against the 4-bit residual error (1 = one SVD)."}),
+                "lowrank_iters": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "At most this many SVDs per layer: the low-rank branch is refitted to what the 4-bit residual misses while the output error falls (1 = one SVD; more: a little lower error, several times slower)."}),
                 "skip_layers": ("STRING", {"default": "", "tooltip": "Comma-separated name patterns (fnmatch) of linears to keep 16-bit, on top of the family's defaults."}),
                 "save": ("BOOLEAN", {"default": False, "tooltip": "Also save the 4-bit model to models/svdquant (never overwrites)."}),
                 "filename_prefix": ("STRING", {"default": "model_svdq_int4", "tooltip": "File name under models/svdquant; a counter is appended."}),

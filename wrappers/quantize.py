@@ -22,6 +22,9 @@ from ..core.timing import PhaseTimer
 from .families import DEFAULT_SKIP, POST_GELU, family_of
 from .loader import build_patcher
 
+# Stored in fp32 whatever the model dtype (docs/FORMAT.md): int_ratio bases, the unsigned-activation shift.
+FP32_TENSORS = ("wscale_base", "act_shift")
+
 
 def run_calibration(model, conds, steps, cfg, sampler_name, scheduler, seed, width, height, pbar=None):
     """One sampler run per (positive, negative) pair; the activations are what we keep, not the images."""
@@ -65,7 +68,7 @@ def quantized_state_dict(diffusion_model, results: dict, dtype) -> dict:
         sd[k] = v.to(dtype) if v.is_floating_point() else v
     for name, q in results.items():
         for t, v in q.tensors().items():  # int_ratio bases stay fp32 (docs/FORMAT.md)
-            sd[f"{name}.{t}"] = v.to(dtype) if (v.is_floating_point() and t != "wscale_base") else v
+            sd[f"{name}.{t}"] = v.to(dtype) if (v.is_floating_point() and t not in FP32_TENSORS) else v
     return sd
 
 
