@@ -46,7 +46,7 @@ LAYERS = {
     "gelu": [("post-GELU 640x2560", 640, 2560, True), ("post-GELU 1280x5120", 1280, 5120, True)],
 }
 
-BASE = dict(scale_mode="int_ratio")
+BASE = dict(scale_mode="int_ratio", gptq=False)  # every option explicit: defaults change
 # name -> (QuantConfig fields, rank, use the exact XᵀX of all calibration rows for GPTQ, unsigned activations)
 METHODS = {
     "smooth only": (dict(), 0, False, False),
