@@ -402,3 +402,18 @@ def test_outlier_threshold_is_settable():
     assert counts[0] >= counts[1] >= counts[2] >= 1
     with pytest.raises(ValueError, match="outlier k"):
         QuantConfig(outlier_k_std=0.5)
+
+
+def test_gram_budget_goes_to_layers_in_order_and_feeds_the_hessian():
+    from comfyui_svdquant.core.calibrate import gram_layers
+    m = nn.Sequential(nn.Linear(256, 512), nn.Linear(512, 256), nn.Linear(256, 128))
+    cfg = QuantConfig(gram_budget_mb=1)   # 1 MiB: "0" (K=256, 264 KB) fits, "1" (K=512, 1.05 MB) not, "2" then fits
+    layers = find_target_linears(m, cfg)
+    assert gram_layers(layers, cfg) == {"0", "2"}
+    assert gram_layers(layers, QuantConfig(gram_budget_mb=0)) == set()
+    assert gram_layers(layers, QuantConfig(gram_budget_mb=1, gptq=False)) == set()
+    x = torch.randn(300, 128)
+    s = _stats(x, track_gram=True)
+    p = LayerProblem(torch.randn(64, 128), s.absmax, s.sample, QuantConfig(), gram=s.gram)
+    lam = p.lam((0.5, 0.5))
+    assert torch.allclose(p.hessian(lam), (x / lam).t() @ (x / lam), rtol=1e-4, atol=1e-2)
