@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 
 FORMAT_NAME = "svdquant"
 FORMAT_VERSION = 2            # 2 added int_ratio scales (docs/FORMAT.md §1); version-1 files are all "float"
-READABLE_VERSIONS = (1, 2)
+UNSIGNED_VERSION = 3          # files with unsigned-activation layers: older readers must refuse them
+READABLE_VERSIONS = (1, 2, 3)
+ACT_UNSIGNED = "unsigned"     # a layer's "act" declaration: X + act_shift quantized to [0, 15]
 LAYER_FORMAT = "svdquant_w4a4"
 QUANT_META_KEY = "_quantization_metadata"  # ComfyUI's per-layer declaration key
 FILE_META_KEY = "svdquant"
@@ -23,17 +25,26 @@ class CheckpointError(ValueError):
     """A 4-bit file that cannot be used; the message names the file and what is wrong."""
 
 
+def _layer_decl(v: dict, group_size: int) -> dict:
+    d = {"format": LAYER_FORMAT, "rank": int(v["rank"]), "group_size": group_size, "scales": v.get("scales", "float")}
+    if v.get("unsigned_acts"):
+        d["act"] = ACT_UNSIGNED
+    return d
+
+
 def build_metadata(layers: dict, family: str, source_dtype: torch.dtype, group_size: int = 64,
-                   model_class: str | None = None, unet_config: dict | None = None, extra: dict | None = None) -> dict:
-    """layers: name -> {"rank": r, ...}. Returns the string→string header metadata."""
-    qmeta = {"format_version": "1.0",
-             "layers": {n: {"format": LAYER_FORMAT, "rank": int(v["rank"]), "group_size": group_size,
-                            "scales": v.get("scales", "float")}
-                        for n, v in layers.items()}}
-    fmeta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "weight_bits": 4, "act_bits": 4,
+                   model_class: str | None = None, unet_config: dict | None = None, extra: dict | None = None,
+                   input_groups: list | None = None) -> dict:
+    """layers: name -> {"rank": r, "scales": ..., "unsigned_acts": bool}. input_groups: lists of layer
+    names that share one input (and so one smooth_factor and proj_down). Returns the header metadata."""
+    qmeta = {"format_version": "1.0", "layers": {n: _layer_decl(v, group_size) for n, v in layers.items()}}
+    unsigned = any(v.get("unsigned_acts") for v in layers.values())
+    groups = {"input_groups": [list(g) for g in input_groups]} if input_groups else {}
+    fmeta = {"format": FORMAT_NAME, "version": UNSIGNED_VERSION if unsigned else FORMAT_VERSION,
+             "weight_bits": 4, "act_bits": 4,
              "weight_dtype": "int4", "group_size": group_size, "family": family,
              "source_dtype": str(source_dtype).replace("torch.", ""), "model_class": model_class,
-             "unet_config": unet_config or {}, **(extra or {})}
+             "unet_config": unet_config or {}, **groups, **(extra or {})}
     return {QUANT_META_KEY: json.dumps(qmeta), FILE_META_KEY: json.dumps(fmeta)}
 
 
@@ -54,10 +65,12 @@ def save_checkpoint(path: str, tensors: dict, metadata: dict) -> None:
         raise
 
 
-def _expected(n: int, k: int, rank: int, group_size: int, scales: str) -> dict:
+def _expected(n: int, k: int, rank: int, group_size: int, scales: str, unsigned: bool = False) -> dict:
     """tensor -> (shape, dtype or None for 'any floating point') of one layer."""
     exp = {"qweight": ((n, k // 2), torch.int8), "smooth_factor": ((k,), None),
            "proj_down": ((k, rank), None), "proj_up": ((n, rank), None), "bias": ((n,), None)}
+    if unsigned:
+        exp["act_shift"] = ((1,), torch.float32)
     if scales == "int_ratio":
         exp["wscale_mult"] = ((k // group_size, n), torch.uint8)
         exp["wscale_base"] = ((n,), torch.float32)
@@ -118,7 +131,13 @@ def check_layers(sd: dict, layers: dict, group_size: int, path: str) -> None:
         scales = lm.get("scales", "float")
         if scales not in ("float", "int_ratio"):
             raise CheckpointError(f"{path}: layer {name} declares scales {scales!r} (this pack reads float, int_ratio)")
-        for t, (shape, dtype) in _expected(n, k, int(lm["rank"]), g, scales).items():
+        act = lm.get("act")
+        if act not in (None, ACT_UNSIGNED):
+            raise CheckpointError(f"{path}: layer {name} declares activations {act!r} (this pack reads signed, {ACT_UNSIGNED!r})")
+        if act is None and f"{name}.act_shift" in sd:
+            raise CheckpointError(f"{path}: tensor {name}.act_shift is present but layer {name} does not declare "
+                                  f"unsigned activations")
+        for t, (shape, dtype) in _expected(n, k, int(lm["rank"]), g, scales, act == ACT_UNSIGNED).items():
             key = f"{name}.{t}"
             if key not in sd:
                 if t == "bias":
@@ -148,4 +167,18 @@ def load_checkpoint(path: str, device="cpu"):
     except Exception as e:
         raise CheckpointError(f"{path}: truncated or corrupt tensor data ({e})") from e
     check_layers(sd, layers, int(fmeta["group_size"]), path)
+    _check_input_groups(path, fmeta.get("input_groups") or [], layers, sd)
     return sd, fmeta, layers
+
+
+def _check_input_groups(path, groups, layers, sd) -> None:
+    """Members of an input group are declared 4-bit layers with one smooth_factor and one proj_down."""
+    for g in groups:
+        if not isinstance(g, list) or len(g) < 2 or any(n not in layers for n in g):
+            raise CheckpointError(f"{path}: input group {g!r} names layers that are not declared 4-bit")
+        for t in ("smooth_factor", "proj_down"):
+            first = sd[f"{g[0]}.{t}"]
+            for n in g[1:]:
+                if not torch.equal(sd[f"{n}.{t}"], first):
+                    raise CheckpointError(f"{path}: layers {g[0]} and {n} are declared an input group but their "
+                                          f"{t} differ")

@@ -17,6 +17,8 @@ TENSOR_NAMES = {
 }
 # Tensors computed in the model's dtype; int_ratio multipliers (uint8) and bases (fp32) keep theirs.
 COMPUTE_DTYPE_TENSORS = ("wscales", "smooth_factor", "proj_down", "proj_up")
+# Optional tensor of layers with unsigned activations (docs/FORMAT.md §1): the shift c (fp32, (1,)).
+ACT_SHIFT = "act_shift"
 
 
 def scale_mode_of(tensors) -> str:
@@ -47,6 +49,8 @@ class QuantizedLinearMixin:
             self.register_parameter(name, nn.Parameter(tensors[name], requires_grad=False))
         b = tensors.get("bias")
         self.register_parameter("bias", None if b is None else nn.Parameter(b, requires_grad=False))
+        shift = tensors.get(ACT_SHIFT)
+        self.register_parameter(ACT_SHIFT, None if shift is None else nn.Parameter(shift.float(), requires_grad=False))
         self.quantized = True
         self._prepared = None
         self._lora = None
@@ -76,6 +80,8 @@ class QuantizedLinearMixin:
             if n in t:
                 t[n] = t[n].to(dtype)
         t["bias"] = None if self.bias is None else self.bias.to(device, dtype)
+        if self.act_shift is not None:
+            t[ACT_SHIFT] = self.act_shift.to(device)
         prepared = kernels.prepare_weights(t, device)
         if self.qweight.device == device:
             self._prepared = (key, prepared)
@@ -106,4 +112,5 @@ class SVDQuantLinear(QuantizedLinearMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"group_size={self.group_size}, scales={self.scale_mode}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, scales={self.scale_mode}, bias={self.bias is not None}"
+                + ("" if self.act_shift is None else ", unsigned activations"))

@@ -77,12 +77,14 @@ def quantize_weight(r: torch.Tensor, group_size: int, mode: str, importance: tor
         unit = base * ref.QMAX
         safe = torch.where(unit > 0, unit, torch.ones_like(unit))
         up = torch.where(unit > 0, torch.ceil(amax / safe), torch.ones_like(amax)).clamp_(1, ref.RATIO_MAX)
-        mult, err = up, _group_error(xg, base * up, imp)
-        if search:
-            down = (up - 1).clamp_(min=1)
-            err_d = _group_error(xg, base * down, imp)
-            take = err_d < err
-            mult, err = torch.where(take, down, up), torch.where(take, err_d, err)
+        if not search:  # one candidate: nothing to compare, no error to compute
+            best_mult, best_base = up, base
+            break
+        err = _group_error(xg, base * up, imp)
+        down = (up - 1).clamp_(min=1)
+        err_d = _group_error(xg, base * down, imp)
+        take = err_d < err
+        mult, err = torch.where(take, down, up), torch.where(take, err_d, err)
         row_err = err.sum(dim=-1, keepdim=True)
         if best_rowerr is None:
             best_mult, best_base, best_rowerr = mult, base, row_err

@@ -9,6 +9,8 @@ Backends: "cuda-sm90a" (Hopper: e4m3 wgmma GEMM with per-group promotion, for fl
 "cuda-sm90a-int8" (Hopper, int_ratio scales: s8 wgmma, exact integer sums per 256-channel chunk),
 "cuda-mma-int4" (sm_80/86/89/120: INT4 mma.sync, either scale mode), "reference".
 `SVDQ_BACKEND=reference` forces the reference.
+Layers with unsigned activations (an `act_shift` tensor, docs/FORMAT.md §1) have no CUDA kernel:
+`prepare_weights` keeps them on the reference whatever the device.
 """
 import logging
 import os
@@ -87,6 +89,8 @@ def prepare_weights(tensors: dict, device) -> dict:
 
     out = dict(tensors)
     out["_path"] = 0
+    if tensors.get("act_shift") is not None:
+        return out  # unsigned activations: reference only (no kernel reads them)
     path = _device_path(device)
     if not path:
         return out
@@ -172,4 +176,5 @@ def linear(x, prepared: dict, group_size: int = 64):
         prepared.get("proj_up"),
         prepared.get("bias"),
         group_size,
+        act_shift=prepared.get("act_shift"),
     )

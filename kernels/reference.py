@@ -9,10 +9,14 @@ Numeric contract (docs/FORMAT.md):
                groups (activations: ACT_CHUNK_GROUPS groups; weights: the whole row). code × f fits int8
                (|7·18| = 126), so 8-bit integer tensor cores sum whole chunks exactly (the Hopper path).
 - Activation scales are fp32; products of codes are summed per group exactly, then scaled in fp32.
+- Unsigned activations (reference only, no CUDA kernel): a layer with an `act_shift` c reads X + c,
+  which is >= 0 for inputs that come out of a GELU (its minimum, -0.17004, lies above -c); its smoothed activations get
+  codes in [0, 15] with a per-group fp32 step max / 15 whatever the layer's weight scale mode.
 """
 import torch
 
 QMAX = 7
+UQMAX = 15                # unsigned activation codes: [0, 15]
 RATIO_MAX = 18            # 7 · 18 = 126 <= 127: code × multiplier is an int8
 ACT_CHUNK_GROUPS = 4      # 4 · 64 · 126² < 2²²: a chunk's integer sum converts to fp32 exactly by the magic-number trick
 SCALE_MODES = ("float", "int_ratio")
@@ -49,6 +53,19 @@ def quantize_groups(x: torch.Tensor, group_size: int):
     return quantize_with_steps(x, scale, group_size), scale
 
 
+def quantize_groups_unsigned(x: torch.Tensor, group_size: int):
+    """Unsigned per-group INT4 along the last dim: (codes int8 (..., K) in [0, 15], scales fp32 (..., K/G)).
+
+    step = max(group) / 15 (values below 0 clip to code 0); a group with no positive value gets
+    step 0 and codes 0.
+    """
+    *lead, k = x.shape
+    if k % group_size:
+        raise ValueError(f"input channels {k} are not a multiple of group size {group_size}")
+    scale = x.float().reshape(*lead, k // group_size, group_size).amax(dim=-1).clamp_min(0) / UQMAX
+    return quantize_with_steps(x, scale, group_size, 0, UQMAX), scale
+
+
 def ratio_scales(amax: torch.Tensor, chunk_groups: int):
     """int_ratio scales from per-group absmax (..., ng) fp32: (mult fp32 integers in [1, 18] (..., ng),
     base fp32 (..., ceil(ng / chunk_groups))). base = chunk absmax / 126; f = ceil(absmax / (7·base)).
@@ -74,12 +91,21 @@ def ratio_steps(mult: torch.Tensor, base: torch.Tensor, chunk_groups: int) -> to
     return base.float().repeat_interleave(chunk_groups, dim=-1)[..., :ng] * mult.float()
 
 
-def quantize_with_steps(x: torch.Tensor, steps: torch.Tensor, group_size: int) -> torch.Tensor:
-    """codes int8 (..., K) = clamp(round(x / step), -7, 7) per group; a step of 0 gives codes 0."""
+def unpack_uint4(p: torch.Tensor) -> torch.Tensor:
+    """int8 (..., K/2) -> int8 codes (..., K) in [0, 15] (no sign extension: unsigned activations)."""
+    p = p.to(torch.int8)
+    lo = p & 0x0F
+    hi = (p >> 4) & 0x0F
+    return torch.stack((lo, hi), dim=-1).flatten(-2)
+
+
+def quantize_with_steps(x: torch.Tensor, steps: torch.Tensor, group_size: int, qmin: int = -QMAX,
+                        qmax: int = QMAX) -> torch.Tensor:
+    """codes int8 (..., K) = clamp(round(x / step), qmin, qmax) per group; a step of 0 gives codes 0."""
     *lead, k = x.shape
     xg = x.float().reshape(*lead, k // group_size, group_size)
     safe = torch.where(steps > 0, steps, torch.ones_like(steps)).unsqueeze(-1)
-    q = torch.round(xg / safe).clamp_(-QMAX, QMAX)
+    q = torch.round(xg / safe).clamp_(qmin, qmax)
     q = torch.where((steps > 0).unsqueeze(-1), q, torch.zeros_like(q))
     return q.to(torch.int8).reshape(*lead, k)
 
@@ -119,15 +145,21 @@ def weight_scales_for_gemm(tensors: dict):
     return tensors["wscales"]
 
 
-def quantize_act_lora_down(x, smooth_factor, proj_down, group_size: int = 64, scale_mode: str = "float"):
+def quantize_act_lora_down(x, smooth_factor, proj_down, group_size: int = 64, scale_mode: str = "float",
+                           act_shift=None):
     """Kernel 1: one pass over X.
 
     x (M, K); smooth_factor (K,); proj_down (K, r) (1/λ folded in) or None.
     Returns (qact int8 packed (M, K/2), ascales, lora_act fp32 (M, r)); ascales is fp32 (M, K/G) in
     float mode, the pair (mult uint8 (M, K/G), base fp32 (M, K/(G·ACT_CHUNK_GROUPS))) in int_ratio mode.
+    act_shift (a (1,) tensor, reference only): both branches read X + act_shift and the codes are
+    unsigned ([0, 15], fp32 scales (M, K/G)) whatever `scale_mode` says.
     """
-    xs = x.float() / smooth_factor.float()
-    if scale_mode == "int_ratio":
+    x = x.float() if act_shift is None else x.float() + act_shift.float()
+    xs = x / smooth_factor.float()
+    if act_shift is not None:
+        codes, ascales = quantize_groups_unsigned(xs, group_size)
+    elif scale_mode == "int_ratio":
         codes, mult, base = quantize_groups_ratio(xs, group_size, ACT_CHUNK_GROUPS)
         ascales = (mult, base)
     elif scale_mode == "float":
@@ -141,7 +173,9 @@ def quantize_act_lora_down(x, smooth_factor, proj_down, group_size: int = 64, sc
     return pack_int4(codes), ascales, lora_act
 
 
-def _dequant_act(qact, ascales, group_size):
+def _dequant_act(qact, ascales, group_size, unsigned=False):
+    if unsigned:
+        return dequantize_groups(unpack_uint4(qact), ascales, group_size)
     codes = unpack_int4(qact)
     if isinstance(ascales, tuple):
         return dequantize_ratio(codes, *ascales, group_size, ACT_CHUNK_GROUPS)
@@ -156,15 +190,17 @@ def _dequant_weight(qweight, wscales, group_size):
     return dequantize_groups(codes, wscales.t(), group_size)
 
 
-def w4a4_gemm(qact, ascales, qweight, wscales, lora_act, proj_up, bias, out_dtype, group_size: int = 64):
+def w4a4_gemm(qact, ascales, qweight, wscales, lora_act, proj_up, bias, out_dtype, group_size: int = 64,
+              unsigned_act: bool = False):
     """Kernel 2: Y = Σ_g a[m,g]·w[g,n]·(qa_g · qw_gᵀ) + lora_act·proj_upᵀ + bias.
 
     qact (M, K/2) int8, ascales (from quantize_act_lora_down), qweight (N, K/2) int8, wscales (K/G, N)
     or the int_ratio pair (see weight_scales_for_gemm), lora_act (M, r) fp32, proj_up (N, r), bias (N,) or None.
     Computed as deq(qa) · deq(qw)ᵀ in fp32: equal to the per-group integer form up to fp32
     summation order, and it needs no (G, M, N) intermediate, so it also serves as the CPU path.
+    unsigned_act: qact holds unsigned codes with fp32 (M, K/G) scales (layers with an act_shift).
     """
-    a = _dequant_act(qact, ascales, group_size)
+    a = _dequant_act(qact, ascales, group_size, unsigned_act)
     w = _dequant_weight(qweight, wscales, group_size)
     y = a @ w.t()
     if lora_act is not None and lora_act.shape[-1] > 0:
@@ -174,12 +210,14 @@ def w4a4_gemm(qact, ascales, qweight, wscales, lora_act, proj_up, bias, out_dtyp
     return y.to(out_dtype)
 
 
-def svdquant_linear(x, qweight, wscales, smooth_factor, proj_down, proj_up, bias, group_size: int = 64):
+def svdquant_linear(x, qweight, wscales, smooth_factor, proj_down, proj_up, bias, group_size: int = 64,
+                    act_shift=None):
     """The whole 4-bit linear (kernel 1 then kernel 2) for x (..., K); wscales as in w4a4_gemm (its
-    form picks the scale mode of the activations too)."""
+    form picks the scale mode of the activations too, unless act_shift makes them unsigned)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     mode = "int_ratio" if isinstance(wscales, tuple) else "float"
-    qact, ascales, lora_act = quantize_act_lora_down(x2, smooth_factor, proj_down, group_size, mode)
-    y = w4a4_gemm(qact, ascales, qweight, wscales, lora_act, proj_up, bias, x.dtype, group_size)
+    qact, ascales, lora_act = quantize_act_lora_down(x2, smooth_factor, proj_down, group_size, mode, act_shift)
+    y = w4a4_gemm(qact, ascales, qweight, wscales, lora_act, proj_up, bias, x.dtype, group_size,
+                  unsigned_act=act_shift is not None)
     return y.reshape(*lead, qweight.shape[0])

@@ -4,7 +4,9 @@ from ..core.config import QuantConfig, RankPolicy
 from ..wrappers.quantize import calibrate_and_quantize, unique_path
 from . import folders
 
-DEFAULT_ALPHAS = QuantConfig().alpha_grid
+DEFAULTS = QuantConfig()
+DEFAULT_ALPHAS = DEFAULTS.alpha_grid
+SMOOTHING = {"search": "alpha", "search 39 (reference grid)": "reference39", "off": None}
 
 
 def _conditionings(positive, negative, clip, prompts, samples):
@@ -48,8 +50,8 @@ class CalibrateAndQuantize:
                 "width": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8, "tooltip": "Width in pixels of the calibration images (the latent is 1/8 of it): use the size you will generate at."}),
                 "height": ("INT", {"default": 512, "min": 16, "max": 8192, "step": 8, "tooltip": "Height in pixels of the calibration images."}),
                 "rank": ("INT", {"default": 32, "min": 0, "max": 1024, "step": 8, "tooltip": "Low-rank components per layer (ignored when a rank_policy is connected)."}),
-                "smoothing": (["search", "off"], {"default": "search", "tooltip": "search: pick the migration strength α per layer by its output error; off: no smoothing."}),
-                "lowrank_iters": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Refinements of the low-rank branch against the 4-bit residual error (1 = one SVD)."}),
+                "smoothing": (list(SMOOTHING), {"default": "search", "tooltip": "search: pick the migration strength α per layer by its output error (11 settings); search 39: the reference toolchain's 39 (α, β) settings (slower); off: no smoothing."}),
+                "lowrank_iters": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "At most this many SVDs per layer: the low-rank branch is refitted to what the 4-bit residual misses while the output error falls (1 = one SVD; more: a little lower error, several times slower)."}),
                 "skip_layers": ("STRING", {"default": "", "tooltip": "Comma-separated name patterns (fnmatch) of linears to keep 16-bit, on top of the family's defaults."}),
                 "save": ("BOOLEAN", {"default": False, "tooltip": "Also save the 4-bit model to models/svdquant (never overwrites)."}),
                 "filename_prefix": ("STRING", {"default": "model_svdq_int4", "tooltip": "File name under models/svdquant; a counter is appended."}),
@@ -60,18 +62,27 @@ class CalibrateAndQuantize:
                 "rank_policy": ("SVDQUANT_RANK_POLICY", {"tooltip": "From Low-Rank Rank Selector; overrides rank."}),
                 "clip": ("CLIP", {"tooltip": "Encodes `prompts`; needed when prompts are given."}),
                 "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "One calibration prompt per line, encoded with clip; when given they replace positive/negative."}),
+                "gptq": ("BOOLEAN", {"default": DEFAULTS.gptq, "tooltip": "GPTQ rounding of the 4-bit residual: the scales stay, the integer codes compensate each other's error through the calibration activations' Hessian. Lower error, slower quantization."}),
+                "share_qkv": ("BOOLEAN", {"default": DEFAULTS.share_inputs, "tooltip": "Linears fed the same input (SD's attention q/k/v, k/v on the text) share one smoothing vector and one low-rank down projection fitted on their concatenated weight."}),
+                "unsigned_gelu": ("BOOLEAN", {"default": DEFAULTS.unsigned_acts, "tooltip": "FLUX: the inputs of the MLPs' second linears (after GELU) are shifted to >= 0 and quantized to [0, 15]. No CUDA kernel reads such layers: they run on the slow pure-torch path."}),
+                "outlier_k": ("FLOAT", {"default": DEFAULTS.outlier_k_std, "min": 3.0, "max": 5.0, "step": 0.5, "tooltip": "Report: an input channel counts as an outlier when its largest |x| exceeds the mean over channels by this many standard deviations."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def quantize(self, model, calibration_samples, steps, cfg, sampler_name, scheduler, seed, width, height, rank,
                  smoothing, lowrank_iters, skip_layers, save, filename_prefix, positive=None, negative=None,
-                 rank_policy=None, clip=None, prompts="", unique_id=None):
+                 rank_policy=None, clip=None, prompts="", gptq=DEFAULTS.gptq, share_qkv=DEFAULTS.share_inputs,
+                 unsigned_gelu=DEFAULTS.unsigned_acts, outlier_k=DEFAULTS.outlier_k_std, unique_id=None):
         if calibration_samples < 1:
             raise ValueError("calibration_samples is 0: at least one calibration sample is needed")
+        if smoothing not in SMOOTHING:
+            raise ValueError(f"smoothing must be one of {list(SMOOTHING)}, got {smoothing!r}")
         policy = rank_policy if rank_policy is not None else RankPolicy("fixed", rank=rank)
-        qcfg = QuantConfig(rank=policy, alpha_grid=DEFAULT_ALPHAS if smoothing == "search" else (),
-                           lowrank_iters=lowrank_iters,
+        grid = SMOOTHING[smoothing]
+        qcfg = QuantConfig(rank=policy, alpha_grid=DEFAULT_ALPHAS if grid else (), smooth_grid=grid or "alpha",
+                           lowrank_iters=lowrank_iters, gptq=gptq, share_inputs=share_qkv,
+                           unsigned_acts=unsigned_gelu, outlier_k_std=outlier_k,
                            skip_patterns=tuple(p.strip() for p in skip_layers.split(",") if p.strip()))
         conds = _conditionings(positive, negative, clip, prompts, calibration_samples)
         path = unique_path(folders.save_folder(), filename_prefix.strip()) if save else None

@@ -110,7 +110,7 @@ def test_fixed_rank_model_output_close_and_better_than_naive():
     rel = float((y4 - y16).norm() / y16.norm())
     s = summarize(res)
     assert s["layers"] == 4 and all(q.rank == 16 for q in res.values())
-    assert s["mean_error"] < 0.7 * s["mean_error_naive_w4a4"]  # measured 0.55x at seed 0
+    assert s["mean_error"] < 0.7 * s["mean_error_naive_w4a4"]  # measured 0.42x at seed 0 (GPTQ on)
     assert rel < 0.1, rel
     assert "mean rank 16.0" in format_report(res)
 

@@ -78,7 +78,7 @@ def test_weight_scale_search_never_hurts(mode):
 
 def test_int_ratio_layer_error_close_to_float():
     """The whole SVDQuant layer with int_ratio scales (what the Hopper path runs) loses little against
-    float scales with the same search (measured +1..4% relative output error on such layers)."""
+    float scales with the same search (measured +2.7% relative output error here, GPTQ on)."""
     errs = {}
     for mode in ("float", "int_ratio"):
         tot = 0.0

@@ -16,6 +16,9 @@ FAMILIES = {
     "sdxl": (graphs.sdxl, 2.0, "normal", "off"),
     "flux": (graphs.flux, 1.0, "simple", "off"),
 }
+# GPTQ (the node's default) where it is cheap on CPU: its factorisations cost K³ per layer and the
+# tiny FLUX has 12288/15360-wide MLP inputs (harness/tiny_runs.py).
+GPTQ = {"sd15": True, "sdxl": False, "flux": False}
 
 
 def calibrate_hook(family, prefix, rank=16, smoothing=None, save=True, **over):
@@ -24,7 +27,7 @@ def calibrate_hook(family, prefix, rank=16, smoothing=None, save=True, **over):
         inputs = dict(model=model_ref, positive=cond, negative=cond, calibration_samples=1, steps=2,
                       cfg=FAMILIES[family][1], sampler_name="euler", scheduler=FAMILIES[family][2], seed=0,
                       width=64, height=64, rank=rank, smoothing=smoothing or FAMILIES[family][3], lowrank_iters=1, skip_layers="",
-                      save=save, filename_prefix=prefix)
+                      save=save, filename_prefix=prefix, gptq=GPTQ[family])
         inputs.update(over)
         g.add("quant", "SVDQuantCalibrateQuantize", **inputs)
         return g.out("quant")

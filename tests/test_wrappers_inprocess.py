@@ -1,4 +1,5 @@
 """The ComfyUI glue in-process: calibrate & quantize, object patches, save -> load, refusals."""
+import json
 import os
 
 import pytest
@@ -247,3 +248,82 @@ def test_torch_compile_model_adds_no_graph_break(comfy, quantized_sd15):
     assert torch.equal(_sample(comfy_sample, compiled, pos, neg), eager)
     torch._dynamo.reset()
     assert graphs  # the wrapper really compiled the model
+
+
+class Interrupted(Exception):
+    """What ComfyUI's progress hook raises when the user presses Cancel (InterruptProcessingException)."""
+
+
+def _file_tensors(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_shared_inputs_gptq_and_an_interrupted_run_resumed(comfy, tmp_path):
+    """SD1.5 with q/k/v sharing and GPTQ: groups found at capture and declared in the file; a run
+    cancelled after 5 layers (from the progress hook, as ComfyUI's Cancel does) writes no file; the
+    rerun reuses the finished layers and writes the same file as an uninterrupted run, bit for bit."""
+    from comfy import utils as comfy_utils  # (`comfy` here is the in-process helper module)
+    from comfyui_svdquant.core.config import QuantConfig, RankPolicy
+    from comfyui_svdquant.wrappers.quantize import calibrate_and_quantize, partial_dir
+    mp = comfy.tiny_sd15_patcher()
+    pos, neg = comfy.sd15_conds()
+    qcfg = QuantConfig(rank=RankPolicy("fixed", 16), alpha_grid=(0.5,), share_inputs=True, gptq=True,
+                       skip_patterns=("*.ff.*", "*emb_layers*"))  # fewer layers: three runs stay quick
+
+    def run(path):
+        return calibrate_and_quantize(mp, [(pos, neg)], qcfg, 1, 2.0, "euler", "normal", 0, 64, 64, save_path=str(path))
+
+    _, _, report = run(tmp_path / "full.safetensors")
+    blocks = {n.rpartition(".")[0] for g in report["input_groups"] for n in g}
+    assert report["input_groups"] and all(n.endswith(("attn1", "attn2")) for n in blocks)
+    assert all([n.rpartition(".")[2] for n in g] in (["to_q", "to_k", "to_v"], ["to_k", "to_v"])
+               for g in report["input_groups"])
+    assert {"capture", "smoothing_search", "lowrank", "gptq", "packing", "saving"} <= set(report["time_s"])
+    full, meta = _file_tensors(str(tmp_path / "full.safetensors"))
+    assert json.loads(meta["svdquant"])["input_groups"] == report["input_groups"]
+
+    path = tmp_path / "cut.safetensors"
+    old_hook = comfy_utils.PROGRESS_BAR_HOOK
+
+    def hook(value, total, preview, node_id=None):
+        if value >= 1 + 5:  # 1 calibration run, then 5 layers
+            raise Interrupted()
+
+    comfy_utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(Interrupted):
+            run(path)
+    finally:
+        comfy_utils.set_progress_bar_global_hook(old_hook)
+    assert not path.exists() and len(os.listdir(partial_dir(str(path)))) >= 2
+    _, text, report2 = run(path)
+    assert not os.path.exists(partial_dir(str(path)))       # removed once the file is saved
+    assert report2["time_s"].get("resume", 0) > 0
+    cut, _ = _file_tensors(str(path))
+    assert set(cut) == set(full) and all(torch.equal(cut[k], full[k]) for k in full)
+
+
+def test_flux_unsigned_gelu_layers(comfy, tmp_path):
+    """FLUX with unsigned activations: the double blocks' MLP output linears (after GELU) get an
+    act_shift, nothing else does; the file (version 3) loads to the same model."""
+    from comfyui_svdquant.core.config import QuantConfig, RankPolicy
+    from comfyui_svdquant.wrappers.loader import load_svdquant_model
+    from comfyui_svdquant.wrappers.quantize import calibrate_and_quantize
+    mp = comfy.tiny_flux_patcher()
+    pos, neg = comfy.flux_conds()
+    path = str(tmp_path / "flux_u.safetensors")
+    qcfg = QuantConfig(rank=RankPolicy("fixed", 16), alpha_grid=(0.5,), unsigned_acts=True)
+    qm, text, report = calibrate_and_quantize(mp, [(pos, neg)], qcfg, 1, 1.0, "euler", "simple", 0, 64, 64, save_path=path)
+    unsigned = {n for n, r in report["layers"].items() if r["unsigned_acts"]}
+    assert unsigned == {"double_blocks.0.img_mlp.2", "double_blocks.0.txt_mlp.2"}
+    lm, meta = load_svdquant_model(path, compute_dtype=str(comfy.DTYPE).removeprefix("torch."))
+    assert meta["version"] == 3
+    mods = dict(lm.model.diffusion_model.named_modules())
+    assert mods["double_blocks.0.img_mlp.2"].act_shift is not None and mods["double_blocks.0.img_mlp.0"].act_shift is None
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    s = torch.tensor([0.7])
+    y_mem = comfy.denoise_once_flux(qm, x, s, pos)
+    y_file = comfy.denoise_once_flux(lm, x, s, pos)
+    assert torch.allclose(y_mem, y_file, rtol=0, atol=1e-5)

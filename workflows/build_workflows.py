@@ -109,7 +109,7 @@ def _calibrate(fam, model_link, pos_link, neg_link, clip_link, cfg, scheduler):
         "seed": 0, "width": fam["size"], "height": fam["size"], "rank": 32, "smoothing": "search",
         "lowrank_iters": 1, "skip_layers": "", "save": True, "filename_prefix": prefix_of(src),
         "prompts": CALIBRATION_PROMPTS,
-    }, controls={"seed": "fixed"}, size=(360, 560))
+    }, controls={"seed": "fixed"}, size=(360, 660))
 
 
 def _tail(fam, model_link, pos, neg, latent_type, cfg, prefix):

@@ -13,6 +13,14 @@ DEFAULT_SKIP = {
 }
 
 
+# Linears whose input comes straight out of a GELU (FLUX's double-block MLPs: Linear, GELU(tanh),
+# Linear): candidates for unsigned activations. SD's feed-forward is GEGLU (x · GELU(gate), signed),
+# FLUX's single blocks feed linear2 attention output and GELU output together: neither qualifies.
+POST_GELU = {
+    "flux": ("double_blocks.*.img_mlp.2", "double_blocks.*.txt_mlp.2"),
+}
+
+
 def family_of(model_config) -> str:
     if isinstance(model_config, sm.Flux):
         return "flux"

@@ -36,6 +36,12 @@ CALIBRATION = {"calibration_samples": 1, "steps": 1, "width": TINY_SIZE, "height
 # SVDQ_WORKFLOW_SMOOTHING=search runs every workflow as shipped.
 SMOOTHING = {"sd15": "search", "sdxl": "off", "flux": "off"}
 SMOOTHING_ALL = os.environ.get("SVDQ_WORKFLOW_SMOOTHING")
+# GPTQ (on in the workflows) per family in these tests: its Cholesky factorisations cost K³ per
+# layer, 1.8 s at K = 3072 on one CPU thread (measured), so the tiny FLUX's 12288- and 15360-wide
+# MLP inputs would add minutes per run and SDXL's 261 linears a lot; SD1.5 runs it.
+# SVDQ_WORKFLOW_GPTQ=1 runs every workflow with it.
+GPTQ = {"sd15": True, "sdxl": False, "flux": False}
+GPTQ_ALL = os.environ.get("SVDQ_WORKFLOW_GPTQ") == "1"
 
 
 def load(name) -> dict:
@@ -53,5 +59,6 @@ def size_and_steps(name, node_types) -> dict:
     out = {"KSampler": {"steps": TINY_STEPS}}
     for latent in ("EmptyLatentImage", "EmptySD3LatentImage"):
         out[latent] = {"width": TINY_SIZE, "height": TINY_SIZE}
-    out["SVDQuantCalibrateQuantize"] = {**CALIBRATION, "smoothing": SMOOTHING_ALL or SMOOTHING[family_of(name)]}
+    out["SVDQuantCalibrateQuantize"] = {**CALIBRATION, "smoothing": SMOOTHING_ALL or SMOOTHING[family_of(name)],
+                                        "gptq": GPTQ_ALL or GPTQ[family_of(name)]}
     return {cls: v for cls, v in out.items() if cls in set(node_types)}
