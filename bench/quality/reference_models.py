@@ -40,7 +40,8 @@ FLUX_GUIDANCE = 3.5  # ComfyUI's default for FLUX conds; trained at this constan
 
 
 def fixture_path(family: str) -> pathlib.Path:
-    return FIXTURES / f"{family}_fmnist.safetensors"
+    """The committed fixture, or the one in $SVDQ_QUALITY_FIXTURES (e.g. a retrained model)."""
+    return pathlib.Path(os.environ.get("SVDQ_QUALITY_FIXTURES") or FIXTURES) / f"{family}_fmnist.safetensors"
 
 
 def build(family: str, dtype=torch.float32):

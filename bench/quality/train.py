@@ -176,7 +176,7 @@ def main():
         torch.save({"model": dm.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step, "gen": gen.get_state()}, tmp)
         os.replace(tmp, state_path)
 
-    t0 = time.time()
+    t0 = t_win = time.time()
     run_loss, seen = 0.0, 0
     dm.train()
     while step < args.steps:
@@ -204,10 +204,10 @@ def main():
         run_loss += float(loss)
         seen += 1
         if step % 25 == 0:
-            el = time.time() - t0
+            now = time.time()
             print(f"step {step} loss {run_loss / seen:.4f} lr {lr_at(step, args.steps, args.lr):.2e} "
-                  f"{el / 60:.1f} min ({el / max(1, seen):.2f} s/step this run)", flush=True)
-            run_loss, seen = 0.0, 0
+                  f"{(now - t0) / 60:.1f} min this run ({(now - t_win) / seen:.2f} s/step)", flush=True)
+            run_loss, seen, t_win = 0.0, 0, now
         if step % args.save_every == 0:
             save_state()
     save_state()
