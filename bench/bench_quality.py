@@ -15,7 +15,6 @@ per-layer activation-outlier profile (max / median of the per-channel max |x|) o
 Methods are data (bench/quality/methods.py); add one with --method NAME='{"quant": {...}, "rank": {...}}'.
 """
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -61,22 +60,6 @@ class Metrics:
         return {f"kid_{prefix}": k, f"kid_{prefix}_std": ks, f"fid_{prefix}": self.m.fid(fa, fb)}
 
 
-def quantize(family, spec, args):
-    """(4-bit ModelPatcher, report dict, seconds)."""
-    t0 = time.time()
-    if spec["kind"] == "w4a16":
-        mp = rm.load_trained(family)
-        n = M.weight_only_int4_(mp.model.diffusion_model, family, spec.get("group_size", 64))
-        return mp, {"summary": {"layers": n}}, time.time() - t0
-    from comfyui_svdquant.wrappers.quantize import calibrate_and_quantize
-    qcfg = M.quant_config(spec)
-    mp16 = rm.load_trained(family)
-    size = rm.comfy_size(family)
-    qm, _, report = calibrate_and_quantize(mp16, rm.calibration_conds(family), qcfg, args.calib_steps, args.cfg,
-                                           args.sampler, args.scheduler, args.calib_seed, size, size)
-    return qm, report, time.time() - t0
-
-
 def outlier_profile(report):
     rows = [(n, r["max_over_median"], r["outlier_channels"]) for n, r in report["layers"].items()]
     ratios = torch.tensor([r[1] for r in rows])
@@ -108,7 +91,8 @@ def run_family(family, names, specs, args, metr, real_feats, log):
     grid = {"w16": img16[picks]}
     for name in names:
         spec = specs[name]
-        qm, report, tq = quantize(family, spec, args)
+        qm, report, tq = M.quantize_trained(family, spec, args.calib_steps, args.cfg, args.sampler, args.scheduler,
+                                            args.calib_seed)
         t0 = time.time()
         img4 = rm.sample(qm, family, classes, seeds, args.steps, args.cfg, args.sampler, args.scheduler)
         ts = time.time() - t0
@@ -196,6 +180,7 @@ def main():
     ap.add_argument("--no-inception", action="store_true", help="skip KID/FID (the slow part on a CPU)")
     ap.add_argument("--no-lpips", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", default=".work/quality_cache", help="where the real images' features are kept ('' = nowhere)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--grid", default=None)
     args = ap.parse_args()
@@ -212,12 +197,19 @@ def main():
     metr = Metrics(inception=not args.no_inception, lpips=not args.no_lpips)
     real_feats = None
     if metr.inc:
-        im, lab = fmnist.load("test")
         per = max(1, args.real // 10)
-        idx = torch.cat([torch.nonzero(lab == c).flatten()[:per] for c in range(10)])
-        real_feats = metr.feats(fmnist.to_unit(im[idx]))
+        cache = pathlib.Path(args.cache) / f"real_inception_{per}x10.pt" if args.cache else None
+        if cache and cache.is_file():
+            real_feats = torch.load(cache)
+        else:
+            im, lab = fmnist.load("test")
+            idx = torch.cat([torch.nonzero(lab == c).flatten()[:per] for c in range(10)])
+            real_feats = metr.feats(fmnist.to_unit(im[idx]))
+            if cache:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(real_feats, cache)
     results, grids = {}, {}
-    meta = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "grid")},
+    meta = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "grid", "cache")},
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "note": "small models of the SD1.5/SDXL/FLUX architectures trained here on Fashion-MNIST; not the real models"}
     for fam in args.family:

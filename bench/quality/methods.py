@@ -77,3 +77,23 @@ def weight_only_int4_(diffusion_model, family, group_size=64):
             w = m.weight.float()
             m.weight.copy_(quantize_weight(w, group_size, "float", None, search=True).dequantize(group_size).to(m.weight.dtype))
     return len(layers)
+
+
+def quantize_trained(family, spec, calib_steps=20, cfg=3.0, sampler="euler", scheduler="normal", calib_seed=1000):
+    """The trained fixture of `family` quantized by `spec`: (ModelPatcher, report dict, seconds).
+    w4a4: the pack's Calibrate & Quantize path, calibrated by sampler runs on the 10 class captions."""
+    import time
+    from . import reference_models as rm
+    t0 = time.time()
+    if spec["kind"] == "w4a16":
+        mp = rm.load_trained(family)
+        n = weight_only_int4_(mp.model.diffusion_model, family, spec.get("group_size", 64))
+        return mp, {"summary": {"layers": n}}, time.time() - t0
+    if spec["kind"] != "w4a4":
+        raise ValueError(f"method {spec.get('label')}: unknown kind {spec['kind']!r} (w4a4 or w4a16)")
+    from comfyui_svdquant.wrappers.quantize import calibrate_and_quantize
+    qcfg = quant_config(spec)
+    size = rm.comfy_size(family)
+    qm, _, report = calibrate_and_quantize(rm.load_trained(family), rm.calibration_conds(family), qcfg, calib_steps,
+                                           cfg, sampler, scheduler, calib_seed, size, size)
+    return qm, report, time.time() - t0
