@@ -71,7 +71,7 @@ def outlier_profile(report):
             "per_layer": {n: {"max_over_median": v, "outlier_channels": c} for n, v, c in rows}}
 
 
-def run_family(family, names, specs, args, metr, real_feats, log):
+def run_family(family, names, specs, args, metr, real_feats, log, checkpoint=None):
     res = {"family": family, "model": rm.FAMILIES[family][0], "config": rm.FAMILIES[family][1], "methods": {}}
     classes = [c for c in range(10) for _ in range(args.n_per_class)]
     seeds = [args.seed + i for i in range(len(classes))]
@@ -111,6 +111,8 @@ def run_family(family, names, specs, args, metr, real_feats, log):
             res["outlier_profile"] = outlier_profile(report)
         res["methods"][name] = row
         grid[name] = img4[picks]
+        if checkpoint:  # a long run keeps every method it finished
+            checkpoint(res)
         log(f"[{family}] {name:16s} quant {tq:5.0f} s  PSNR {row['psnr']:6.2f}  SSIM {row['ssim']:.4f}  "
             f"LPIPS {row.get('lpips', float('nan')):.4f}  KID {row.get('kid_vs_16bit', float('nan')):.5f}  "
             f"FID {row.get('fid_vs_16bit', float('nan')):.2f}  layer err {row.get('mean_error', float('nan')):.4f}")
@@ -212,13 +214,19 @@ def main():
     meta = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "grid", "cache")},
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "note": "small models of the SD1.5/SDXL/FLUX architectures trained here on Fashion-MNIST; not the real models"}
+    def write_json(partial=None):
+        if not args.json:
+            return
+        fams = dict(results)
+        if partial is not None:
+            fams[partial["family"]] = partial
+        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json + ".tmp", "w") as f:
+            json.dump({**meta, "families": fams}, f, indent=1, default=str)
+        os.replace(args.json + ".tmp", args.json)
     for fam in args.family:
-        results[fam], grids[fam] = run_family(fam, names, specs, args, metr, real_feats, log)
-        if args.json:  # after every family, so a long run keeps what it measured
-            pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.json + ".tmp", "w") as f:
-                json.dump({**meta, "families": results}, f, indent=1, default=str)
-            os.replace(args.json + ".tmp", args.json)
+        results[fam], grids[fam] = run_family(fam, names, specs, args, metr, real_feats, log, checkpoint=write_json)
+        write_json()
     print_table(results, log)
     if args.grid:
         save_grid(grids, args.family, args.grid)

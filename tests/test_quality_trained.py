@@ -49,6 +49,17 @@ def _classes_seeds():
     return classes, list(range(len(classes)))
 
 
+_SAMPLES_16BIT = {}
+
+
+def _samples_16bit(rm, family):
+    """The 16-bit model's samples, drawn once per family for both tests."""
+    if family not in _SAMPLES_16BIT:
+        classes, seeds = _classes_seeds()
+        _SAMPLES_16BIT[family] = rm.sample(rm.load_trained(family), family, classes, seeds, STEPS, CFG)
+    return _SAMPLES_16BIT[family]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_trained_fixture_draws_its_classes(q, family):
     """Class-mean of the samples is closest to the real class-mean of the same class (≥ 8 of 10);
@@ -56,8 +67,7 @@ def test_trained_fixture_draws_its_classes(q, family):
     fmnist, _, _, rm = q
     images, labels = fmnist.load("test")
     real = torch.stack([fmnist.to_unit(images[labels == c][:200]).mean(0).flatten() for c in range(10)])
-    classes, seeds = _classes_seeds()
-    img = rm.sample(rm.load_trained(family), family, classes, seeds, STEPS, CFG)
+    img = _samples_16bit(rm, family)
     gen = torch.stack([img[i * SEEDS_PER_CLASS:(i + 1) * SEEDS_PER_CLASS].mean(0).flatten() for i in range(10)])
     dist = torch.cdist(gen, real)
     hits = int((dist.argmin(1) == torch.arange(10)).sum())
@@ -68,7 +78,7 @@ def test_trained_fixture_draws_its_classes(q, family):
 def test_svdquant_beats_smoothing_beats_naive(q, family):
     _, methods, metrics, rm = q
     classes, seeds = _classes_seeds()
-    img16 = rm.sample(rm.load_trained(family), family, classes, seeds, STEPS, CFG)
+    img16 = _samples_16bit(rm, family)
     psnr, err = {}, {}
     for name in ORDER:
         qm, report, _ = methods.quantize_trained(family, methods.METHODS[name], calib_steps=STEPS, cfg=CFG)
