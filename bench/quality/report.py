@@ -43,19 +43,56 @@ def outlier_table(results):
     return "\n".join(out)
 
 
-def main(paths):
-    results = []
+ORDER = ("naive_w4a4", "smooth_only", "svdq_r8", "svdq_r16", "svdq_r32", "svdq_r64", "svdq_auto_error",
+         "svdq_auto_size", "w4a16")
+
+
+def merge(paths):
+    """Families from several runs (a family split over processes by --methods: same settings and
+    seeds, so the rows are the same as from one run); methods in the usual order."""
+    fams, settings = {}, None
     for p in paths:
         with open(p) as f:
             d = json.load(f)
-        results += list(d["families"].values())
-        s = d["settings"]
+        settings = settings or d["settings"]
+        for k in ("n_per_class", "steps", "cfg", "seed", "calib_steps", "real"):
+            if d["settings"][k] != settings[k]:
+                raise SystemExit(f"{p}: setting {k} = {d['settings'][k]} differs from the other files ({settings[k]})")
+        for fam, res in d["families"].items():
+            if fam not in fams:
+                fams[fam] = res
+            else:
+                fams[fam]["methods"].update(res["methods"])
+                fams[fam].setdefault("outlier_profile", res.get("outlier_profile"))
+    for res in fams.values():
+        m = res["methods"]
+        res["methods"] = {k: m[k] for k in sorted(m, key=lambda k: (ORDER.index(k) if k in ORDER else len(ORDER), k))}
+    return list(fams.values()), settings
+
+
+def minilm_table(path):
+    with open(path) as f:
+        d = json.load(f)
+    names = {"naive_w4a4": "naive W4A4", "smooth_only": "smoothing only", "svdq_r8": "SVDQuant r8",
+             "svdq_r16": "SVDQuant r16", "svdq_r32": "SVDQuant r32", "w4a16": "W4A16 (weights only)"}
+    out = ["| method | mean held-out layer error ↓ | sentence-embedding cosine vs fp32 ↑ |", "|---|---|---|"]
+    for k, label in names.items():
+        out.append(f"| {label} | {d['mean_error'][k]:.4f} | {d['sentence_cosine'][k]:.4f} |")
+    return "\n".join(out)
+
+
+def main(paths):
+    minilm = [p for p in paths if "minilm" in p]
+    results, s = merge([p for p in paths if p not in minilm])
     print(f"Settings: {s['n_per_class']} seeds × 10 classes, {s['steps']} {s['sampler']} steps ({s['scheduler']}), cfg {s['cfg']}, "
           f"calibration {s['calib_steps']} steps × 10 captions; real set {s['real']} test images.\n")
     for r in results:
         print(family_table(r))
         print()
     print(outlier_table(results))
+    for p in minilm:
+        print()
+        print(minilm_table(p))
 
 
 if __name__ == "__main__":
