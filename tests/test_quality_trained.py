@@ -3,10 +3,11 @@
 The fixtures in tests/fixtures/trained/ are small SD1.5-, SDXL- and FLUX-architecture models trained
 here on Fashion-MNIST with ComfyUI's own classes (bench/quality/train.py); not the real models.
 Per family: the 16-bit model draws its classes (so the fixture is trained and conditioned), and
-through ComfyUI's sampler SVDQuant rank 32 stays closer to the 16-bit images than smoothing alone,
-which stays closer than naive W4A4 (per-image PSNR to the 16-bit image, paired over fixed seeds:
-the mean gain must exceed twice its standard error), with the per-layer output errors in the same
-order. Metric weights are not needed here (PSNR only).
+the 4-bit models from the pack's own path (calibration through ComfyUI's sampler) keep the order
+SVDQuant rank 32 < smoothing only < naive W4A4 in per-layer output error and in the denoiser's
+prediction error on noised real test images (paired over images and noise levels: the mean gap must
+exceed twice its standard error); sampled through ComfyUI's sampler, rank 32 stays closer to the
+16-bit images than naive W4A4 (PSNR, same criterion). Metric weights are not needed (PSNR only).
 """
 import math
 import os
@@ -74,24 +75,61 @@ def test_trained_fixture_draws_its_classes(q, family):
     assert hits >= 8, f"{family}: only {hits}/10 classes drawn recognisably (nearest real class mean: {dist.argmin(1).tolist()})"
 
 
+def _denoiser_errors(q, family, patchers, n_per_class=2, seed=0):
+    """Relative error of each 4-bit model's prediction (eps for SD, velocity for FLUX) against the
+    16-bit one, per (real test image, noise level): one apply_model call each, no sampling chain."""
+    fmnist, _, _, rm = q
+    from quality.train import Conditioner
+    images, labels = fmnist.load("test")
+    idx = torch.cat([torch.nonzero(labels == c).flatten()[:n_per_class] for c in range(10)])
+    x0 = fmnist.encode(fmnist.to_unit(images[idx]), family)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g)
+    base16 = patchers["w16"].model
+    ms = base16.model_sampling
+    sigmas = [0.9, 0.6, 0.3, 0.1] if family == "flux" else [float(ms.sigmas[t]) for t in (900, 600, 300, 100)]
+    out = {}
+    with torch.no_grad():
+        for name, mp in patchers.items():
+            kw = Conditioner(mp.model, family)(labels[idx], 0.0, g)
+            preds = []
+            for s in sigmas:
+                sig = torch.full((x0.shape[0],), s)
+                xt = ms.noise_scaling(sig, noise, x0)
+                preds.append((xt - mp.model.apply_model(xt, sig, **kw)) / s)
+            out[name] = torch.cat(preds)
+    ref = out.pop("w16")
+    return {k: ((v - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)) for k, v in out.items()}
+
+
+def _clearly_lower(a, b):
+    """Paired: mean(b - a) exceeds twice its standard error."""
+    d = b - a
+    return float(d.mean()) > 2 * float(d.std()) / math.sqrt(len(d)), float(d.mean()), float(d.std()) / math.sqrt(len(d))
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_svdquant_beats_smoothing_beats_naive(q, family):
+    """Three views, worst first: per-layer output error (the pack's calibration report), the
+    denoiser's prediction error on noised real images, and the sampled images' PSNR to 16-bit."""
     _, methods, metrics, rm = q
+    patchers, err = {"w16": rm.load_trained(family)}, {}
+    for name in ORDER:
+        patchers[name], report, _ = methods.quantize_trained(family, methods.METHODS[name], calib_steps=STEPS, cfg=CFG)
+        err[name] = report["summary"]["mean_error"]
+    assert err["svdq_r32"] < err["smooth_only"] < err["naive_w4a4"], (family, err)
+    den = _denoiser_errors(q, family, patchers)
+    for better, worse in zip(ORDER, ORDER[1:]):
+        ok, gain, se = _clearly_lower(den[better], den[worse])
+        assert ok, (f"{family}: denoiser error of {better} not below {worse} by 2 standard errors "
+                    f"(mean {float(den[better].mean()):.4f} vs {float(den[worse].mean()):.4f}, gain {gain:.4f}, se {se:.4f})")
+    # Whole sampling chains amplify small differences chaotically (measured per-image PSNR spread
+    # ±5 dB on the SD-style models), so only the large gap is asserted here: rank 32 vs naive.
     classes, seeds = _classes_seeds()
     img16 = _samples_16bit(rm, family)
-    psnr, err = {}, {}
-    for name in ORDER:
-        qm, report, _ = methods.quantize_trained(family, methods.METHODS[name], calib_steps=STEPS, cfg=CFG)
-        psnr[name] = metrics.psnr(rm.sample(qm, family, classes, seeds, STEPS, CFG), img16)
-        err[name] = report["summary"]["mean_error"]
-        del qm
-    means = {k: round(float(v.mean()), 2) for k, v in psnr.items()}
-    assert err["svdq_r32"] < err["smooth_only"] < err["naive_w4a4"], (family, err)
-    for better, worse in zip(ORDER, ORDER[1:]):
-        d = psnr[better] - psnr[worse]
-        se = float(d.std()) / math.sqrt(len(d))
-        assert float(d.mean()) > 2 * se, (f"{family}: {better} not better than {worse} by more than 2 standard errors "
-                                          f"(PSNR gain {float(d.mean()):.2f} dB, se {se:.2f}; means {means})")
+    psnr = {n: metrics.psnr(rm.sample(patchers[n], family, classes, seeds, STEPS, CFG), img16) for n in ("svdq_r32", "naive_w4a4")}
+    ok, gain, se = _clearly_lower(-psnr["svdq_r32"], -psnr["naive_w4a4"])
+    assert ok, f"{family}: rank 32 PSNR gain over naive W4A4 {gain:.2f} dB not above 2 standard errors ({se:.2f})"
 
 
 def test_metrics_sanity(q):

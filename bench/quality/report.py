@@ -14,7 +14,9 @@ def family_table(res):
     fam = res["family"]
     w16 = res.get("w16", {})
     floor = res.get("w16_other_seeds", {})
-    out = [f"**{fam}-style** ({res['model']}, {res['params'] / 1e6:.2f} M params). 16-bit vs real test images: "
+    b16 = next((r["bytes_16bit"] for r in res["methods"].values() if r.get("bytes_16bit")), None)
+    out = [f"**{fam}-style** ({res['model']}, {res['params'] / 1e6:.2f} M params; the quantized layers hold "
+           f"{fmt(None if b16 is None else b16 / 2**20, 2)} MiB in 16-bit). 16-bit vs real test images: "
            f"KID {fmt(w16.get('kid_vs_real'), 4)} ± {fmt(w16.get('kid_vs_real_std'), 4)}, FID {fmt(w16.get('fid_vs_real'), 1)}. "
            f"Noise floor of the set metrics (16-bit vs 16-bit, other seeds): KID {fmt(floor.get('kid_vs_16bit'), 4)}, "
            f"FID {fmt(floor.get('fid_vs_16bit'), 1)}.", "",
