@@ -1,0 +1,101 @@
+"""Markdown tables for docs/QUALITY.md from bench_quality.py's JSON files (no numbers typed by hand).
+
+  python bench/quality/report.py bench/results/quality/quality_{sd15,sdxl,flux}.json
+"""
+import json
+import sys
+
+
+def fmt(v, nd):
+    return "–" if v is None else f"{v:.{nd}f}"
+
+
+def family_table(res):
+    fam = res["family"]
+    w16 = res.get("w16", {})
+    floor = res.get("w16_other_seeds", {})
+    b16 = next((r["bytes_16bit"] for r in res["methods"].values() if r.get("bytes_16bit")), None)
+    out = [f"**{fam}-style** ({res['model']}, {res['params'] / 1e6:.2f} M params; the quantized layers hold "
+           f"{fmt(None if b16 is None else b16 / 2**20, 2)} MiB in 16-bit). 16-bit vs real test images: "
+           f"KID {fmt(w16.get('kid_vs_real'), 4)} ± {fmt(w16.get('kid_vs_real_std'), 4)}, FID {fmt(w16.get('fid_vs_real'), 1)}. "
+           f"Noise floor of the set metrics (16-bit vs 16-bit, other seeds): KID {fmt(floor.get('kid_vs_16bit'), 4)}, "
+           f"FID {fmt(floor.get('fid_vs_16bit'), 1)}.", "",
+           "| method | PSNR dB ↑ | SSIM ↑ | LPIPS ↓ | KID vs 16-bit ↓ | FID vs 16-bit ↓ | FID vs real (Δ to 16-bit) | layer error ↓ | mean rank | 4-bit MiB |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in res["methods"].items():
+        mib = r.get("bytes_4bit")
+        out.append(f"| {r['label']} | {fmt(r['psnr'], 2)} ± {fmt(r['psnr_ci95'], 2)} | {fmt(r['ssim'], 4)} | "
+                   f"{fmt(r.get('lpips'), 4)} ± {fmt(r.get('lpips_ci95'), 4)} | {fmt(r.get('kid_vs_16bit'), 4)} | "
+                   f"{fmt(r.get('fid_vs_16bit'), 1)} | {fmt(r.get('fid_vs_real'), 1)} ({'+' if (r.get('fid_lost_vs_real') or 0) >= 0 else ''}"
+                   f"{fmt(r.get('fid_lost_vs_real'), 1)}) | {fmt(r.get('mean_error'), 4)} | {fmt(r.get('mean_rank'), 1)} | "
+                   f"{fmt(None if mib is None else mib / 2**20, 2)} |")
+    return "\n".join(out)
+
+
+def outlier_table(results):
+    out = ["| family | layers | max/median: median over layers | largest | layers > 10× | layers > 100× | top layers (max/median) |",
+           "|---|---|---|---|---|---|---|"]
+    for res in results:
+        p = res.get("outlier_profile")
+        if not p:
+            continue
+        top = ", ".join(f"`{t['layer']}` {t['max_over_median']:.0f}×" for t in p["top"][:4])
+        out.append(f"| {res['family']} | {p['layers']} | {p['max_over_median_median']:.1f} | {p['max_over_median_max']:.1f} | "
+                   f"{p['layers_over_10x']} | {p['layers_over_100x']} | {top} |")
+    return "\n".join(out)
+
+
+ORDER = ("naive_w4a4", "smooth_only", "svdq_r8", "svdq_r16", "svdq_r32", "svdq_r64", "svdq_auto_error",
+         "svdq_auto_size", "w4a16")
+
+
+def merge(paths):
+    """Families from several runs (a family split over processes by --methods: same settings and
+    seeds, so the rows are the same as from one run); methods in the usual order."""
+    fams, settings = {}, None
+    for p in paths:
+        with open(p) as f:
+            d = json.load(f)
+        settings = settings or d["settings"]
+        for k in ("n_per_class", "steps", "cfg", "seed", "calib_steps", "real"):
+            if d["settings"][k] != settings[k]:
+                raise SystemExit(f"{p}: setting {k} = {d['settings'][k]} differs from the other files ({settings[k]})")
+        for fam, res in d["families"].items():
+            if fam not in fams:
+                fams[fam] = res
+            else:
+                fams[fam]["methods"].update(res["methods"])
+                fams[fam].setdefault("outlier_profile", res.get("outlier_profile"))
+    for res in fams.values():
+        m = res["methods"]
+        res["methods"] = {k: m[k] for k in sorted(m, key=lambda k: (ORDER.index(k) if k in ORDER else len(ORDER), k))}
+    return list(fams.values()), settings
+
+
+def minilm_table(path):
+    with open(path) as f:
+        d = json.load(f)
+    names = {"naive_w4a4": "naive W4A4", "smooth_only": "smoothing only", "svdq_r8": "SVDQuant r8",
+             "svdq_r16": "SVDQuant r16", "svdq_r32": "SVDQuant r32", "w4a16": "W4A16 (weights only)"}
+    out = ["| method | mean held-out layer error ↓ | sentence-embedding cosine vs fp32 ↑ |", "|---|---|---|"]
+    for k, label in names.items():
+        out.append(f"| {label} | {d['mean_error'][k]:.4f} | {d['sentence_cosine'][k]:.4f} |")
+    return "\n".join(out)
+
+
+def main(paths):
+    minilm = [p for p in paths if "minilm" in p]
+    results, s = merge([p for p in paths if p not in minilm])
+    print(f"Settings: {s['n_per_class']} seeds × 10 classes, {s['steps']} {s['sampler']} steps ({s['scheduler']}), cfg {s['cfg']}, "
+          f"calibration {s['calib_steps']} steps × 10 captions; real set {s['real']} test images.\n")
+    for r in results:
+        print(family_table(r))
+        print()
+    print(outlier_table(results))
+    for p in minilm:
+        print()
+        print(minilm_table(p))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
