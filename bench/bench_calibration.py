@@ -251,7 +251,7 @@ def main():
     summary = print_tables(rows, names, args.seeds)
     scoring = []
     if args.scoring:
-        print(f"\nsmoothing search, 39 candidates at rank 32: one at a time vs batched (seed 0)")
+        print("\nsmoothing search, 39 candidates at rank 32: one at a time vs batched (seed 0)")
         print(f"{'layer':36s} {'alone s':>8s} {'batched s':>9s} {'err alone':>9s} {'err batched':>11s}")
         for fam in args.family:
             for label, n, k, gelu in LAYERS[fam]:

@@ -25,14 +25,14 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     mean = float(diag.mean())
     eye = torch.eye(k, device=h.device)
     for extra in (1.0, 10.0, 100.0):
-        l, info = torch.linalg.cholesky_ex(h + (damp * extra) * mean * eye)
+        low, info = torch.linalg.cholesky_ex(h + (damp * extra) * mean * eye)
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(l)
+            hinv = torch.cholesky_inverse(low)
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info) == 0:
                 return u
     raise GPTQError(f"layer {name}: the calibration Hessian is not positive definite even with "
-                    f"{100 * damp:g}% damping; use more calibration samples or turn GPTQ off")
+                    f"{100 * 100 * damp:g}% damping; use more calibration samples or turn GPTQ off")
 
 
 def gptq_codes(r: torch.Tensor, steps: torch.Tensor, h: torch.Tensor, group_size: int, damp: float = 0.01,

@@ -1,7 +1,7 @@
 """Per-layer results of an unfinished calibration, so that a rerun skips the layers already done.
 
-One safetensors file per layer (or input group) in a folder beside the final file
-(`<file>.partial/`), named by a hash of everything the result depends on: the layer's weights and
+One safetensors-format file per layer (or input group) in a folder beside the final file
+(`<file>.partial/<hash>.layer`: not `.safetensors`, so model lists never offer them), named by a hash of everything the result depends on: the layer's weights and
 bias, its calibration statistics (which follow from the model, the calibration settings and the
 seed), the quantizer settings and the decisions taken before it (rank, smoothing). A rerun with the
 same inputs finds the same names; anything changed gives new names, so a stale result is never
@@ -66,11 +66,11 @@ class PartialResults:
             for name, t in q.tensors().items():
                 tensors[f"{i}.{name}"] = t
             meta.append({"rank": q.rank, "alpha": q.alpha, "report": q.report})
-        save_checkpoint(self._path(key, "safetensors"), tensors, {"results": json.dumps(meta)})
+        save_checkpoint(self._path(key, "layer"), tensors, {"results": json.dumps(meta)})
 
     def load(self, key: str):
         """The saved results under `key`, or None (also for an unreadable file: the layer is redone)."""
-        path = self._path(key, "safetensors")
+        path = self._path(key, "layer")
         if not os.path.isfile(path):
             return None
         try:

@@ -63,6 +63,7 @@ class CalibrateAndQuantize:
                 "clip": ("CLIP", {"tooltip": "Encodes `prompts`; needed when prompts are given."}),
                 "prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "One calibration prompt per line, encoded with clip; when given they replace positive/negative."}),
                 "gptq": ("BOOLEAN", {"default": DEFAULTS.gptq, "tooltip": "GPTQ rounding of the 4-bit residual: the scales stay, the integer codes compensate each other's error through the calibration activations' Hessian. Lower error, slower quantization."}),
+                "gptq_hessian_mb": ("INT", {"default": DEFAULTS.gram_budget_mb, "min": 0, "max": 1 << 20, "step": 256, "tooltip": "GPTQ: memory (MiB, on the device running the calibration) for the exact XᵀX over every calibration row, given to layers in order while it lasts; others use the sampled rows. 0 = sampled rows only. Lower error where layers are wide (in_features ≫ 512)."}),
                 "share_qkv": ("BOOLEAN", {"default": DEFAULTS.share_inputs, "tooltip": "Linears fed the same input (SD's attention q/k/v, k/v on the text) share one smoothing vector and one low-rank down projection fitted on their concatenated weight."}),
                 "unsigned_gelu": ("BOOLEAN", {"default": DEFAULTS.unsigned_acts, "tooltip": "FLUX: the inputs of the MLPs' second linears (after GELU) are shifted to >= 0 and quantized to [0, 15]. No CUDA kernel reads such layers: they run on the slow pure-torch path."}),
                 "outlier_k": ("FLOAT", {"default": DEFAULTS.outlier_k_std, "min": 3.0, "max": 5.0, "step": 0.5, "tooltip": "Report: an input channel counts as an outlier when its largest |x| exceeds the mean over channels by this many standard deviations."}),
@@ -72,7 +73,8 @@ class CalibrateAndQuantize:
 
     def quantize(self, model, calibration_samples, steps, cfg, sampler_name, scheduler, seed, width, height, rank,
                  smoothing, lowrank_iters, skip_layers, save, filename_prefix, positive=None, negative=None,
-                 rank_policy=None, clip=None, prompts="", gptq=DEFAULTS.gptq, share_qkv=DEFAULTS.share_inputs,
+                 rank_policy=None, clip=None, prompts="", gptq=DEFAULTS.gptq,
+                 gptq_hessian_mb=DEFAULTS.gram_budget_mb, share_qkv=DEFAULTS.share_inputs,
                  unsigned_gelu=DEFAULTS.unsigned_acts, outlier_k=DEFAULTS.outlier_k_std, unique_id=None):
         if calibration_samples < 1:
             raise ValueError("calibration_samples is 0: at least one calibration sample is needed")
@@ -81,7 +83,8 @@ class CalibrateAndQuantize:
         policy = rank_policy if rank_policy is not None else RankPolicy("fixed", rank=rank)
         grid = SMOOTHING[smoothing]
         qcfg = QuantConfig(rank=policy, alpha_grid=DEFAULT_ALPHAS if grid else (), smooth_grid=grid or "alpha",
-                           lowrank_iters=lowrank_iters, gptq=gptq, share_inputs=share_qkv,
+                           lowrank_iters=lowrank_iters, gptq=gptq, gram_budget_mb=gptq_hessian_mb,
+                           share_inputs=share_qkv,
                            unsigned_acts=unsigned_gelu, outlier_k_std=outlier_k,
                            skip_patterns=tuple(p.strip() for p in skip_layers.split(",") if p.strip()))
         conds = _conditionings(positive, negative, clip, prompts, calibration_samples)

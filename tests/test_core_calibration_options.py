@@ -13,7 +13,7 @@ from comfyui_svdquant.core.calibrate import (GELU_SHIFT, SharedInputs, capture_i
                                              quantize_layers)
 from comfyui_svdquant.core.config import QuantConfig, RankPolicy
 from comfyui_svdquant.core.gptq import gptq_codes
-from comfyui_svdquant.core.layer_quant import LayerProblem, _plain_quant, fake_quant_act, smoothing_factor
+from comfyui_svdquant.core.layer_quant import LayerProblem, _plain_quant, smoothing_factor
 from comfyui_svdquant.core.lowrank import top_svd
 from comfyui_svdquant.core.qlinear import SVDQuantLinear
 from comfyui_svdquant.core.stats import ActivationStats
@@ -417,3 +417,13 @@ def test_gram_budget_goes_to_layers_in_order_and_feeds_the_hessian():
     p = LayerProblem(torch.randn(64, 128), s.absmax, s.sample, QuantConfig(), gram=s.gram)
     lam = p.lam((0.5, 0.5))
     assert torch.allclose(p.hessian(lam), (x / lam).t() @ (x / lam), rtol=1e-4, atol=1e-2)
+
+
+def test_gptq_refuses_a_bad_hessian_naming_the_layer():
+    from comfyui_svdquant.core.gptq import GPTQError
+    r, steps = torch.randn(8, 128), torch.full((8, 2), 0.1)
+    with pytest.raises(GPTQError, match="layer blocks.1.fc: Hessian shape"):
+        gptq_codes(r, steps, torch.eye(64), G, name="blocks.1.fc")
+    with pytest.raises(GPTQError, match="layer blocks.1.fc: the calibration Hessian is not positive definite"):
+        # 2x2 blocks [[1, 3], [3, 1]]: eigenvalue -2, more negative than the largest damping (+1) can mend
+        gptq_codes(r, steps, torch.block_diag(*[torch.tensor([[1.0, 3.0], [3.0, 1.0]])] * 64), G, name="blocks.1.fc")
