@@ -6,6 +6,7 @@ values exact in both fp16 and bf16, so a saved 16-bit file holds exactly what th
 import os
 import sys
 
+import pytest
 import torch
 
 from harness import config
@@ -15,6 +16,12 @@ from harness import config
 # bf16 so that the CUDA kernels, not the reference, serve the 4-bit layers.
 ON_GPU = os.environ.get("SVDQ_COMFY_DEVICE", "cpu") == "cuda"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+
+
+def inprocess_marks() -> list:
+    """`pytestmark` of every in-process test module: marker `comfy`, skipped without a ComfyUI tree."""
+    reason = config.comfyui_missing_reason()
+    return [pytest.mark.comfy, pytest.mark.skipif(reason is not None, reason=str(reason))]
 
 
 def import_comfy():

@@ -72,6 +72,14 @@ def _setup_problem():
     return None
 
 
+@pytest.fixture(scope="module")
+def comfy():
+    """ComfyUI imported into the test process (tests/comfy_inprocess.py), for in-process tests."""
+    import comfy_inprocess as ci
+    ci.import_comfy()
+    return ci
+
+
 @pytest.fixture(scope="session")
 def comfy_timings():
     return _TIMINGS

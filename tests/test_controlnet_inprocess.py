@@ -8,20 +8,12 @@ Random weights: the numbers bound the plumbing, they say nothing about quality.
 import pytest
 import torch
 
-from harness import config
+from comfy_inprocess import inprocess_marks
 
-pytestmark = [pytest.mark.comfy,
-              pytest.mark.skipif(config.comfyui_missing_reason() is not None,
-                                 reason=str(config.comfyui_missing_reason()))]
+pytestmark = inprocess_marks()
 
 CONTROLNET = "tiny_sd15_controlnet.safetensors"
 
-
-@pytest.fixture(scope="module")
-def comfy():
-    import comfy_inprocess as ci
-    ci.import_comfy()
-    return ci
 
 
 @pytest.fixture(scope="module")

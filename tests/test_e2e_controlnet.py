@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from harness import graphs
-from test_e2e_nodes import calibrate_hook, image, load_source
+from test_e2e_nodes import image, load_source, sd15_4bit_file
 
 pytestmark = pytest.mark.comfy
 
@@ -33,15 +33,7 @@ def test_stock_controlnet_nodes_on_the_4bit_model(comfy_server):
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / CONTROLNET).is_file():
         ci.write_tiny_sd15_controlnet(folder / CONTROLNET)
-    saved = sorted((srv.models_dir / "svdquant").glob("*.safetensors"))
-    sd15 = [p for p in saved if "sd15" in p.name]
-    if not sd15:
-        r = srv.run(graphs.sd15(prefix="cnet_src", steps=1, model_hook=calibrate_hook("sd15", "e2e_cnet_src",
-                                                                                    rank=8, smoothing="off")),
-                    timeout=900)
-        assert r.ok, r.error_text()
-        sd15 = sorted((srv.models_dir / "svdquant").glob("e2e_cnet_src_*.safetensors"))
-    src = load_source(f"svdquant/{sd15[0].name}", "sd15")
+    src = load_source(f"svdquant/{sd15_4bit_file(srv, prefix='e2e_cnet_src').name}", "sd15")
     plain = srv.run(graphs.sd15(prefix="cnet_off", steps=2, model_source=src))
     controlled = srv.run(_with_controlnet(graphs.sd15(prefix="cnet_on", steps=2, model_source=src)))
     assert plain.ok and controlled.ok, (plain.error_text(), controlled.error_text())

@@ -41,6 +41,18 @@ def load_source(model_name, family="auto"):
     return source
 
 
+def sd15_4bit_file(srv, pattern="*sd15*.safetensors", prefix="e2e_sd15"):
+    """A saved SD1.5 4-bit file in the server's models/svdquant: one an earlier test made (matching
+    `pattern`), else a fresh one from the tiny SD1.5 (rank 8, no smoothing: the fastest)."""
+    saved = sorted((srv.models_dir / "svdquant").glob(pattern))
+    if saved:
+        return saved[0]
+    r = srv.run(graphs.sd15(prefix=f"{prefix}_src", steps=1,
+                            model_hook=calibrate_hook("sd15", prefix, rank=8, smoothing="off")), timeout=900)
+    assert r.ok, r.error_text()
+    return sorted((srv.models_dir / "svdquant").glob(f"{prefix}_*.safetensors"))[0]
+
+
 def image(srv, result):
     paths = srv.output_images(result)
     assert len(paths) == 1 and paths[0].is_file(), paths
@@ -88,13 +100,8 @@ def test_stock_lora_loader_on_the_4bit_model(comfy_server):
     import torch
     from safetensors.torch import load_file, save_file
     srv = comfy_server
-    saved = sorted((srv.models_dir / "svdquant").glob("e2e_sd15_*.safetensors"))
-    if not saved:
-        r = srv.run(graphs.sd15(prefix="lora_src", steps=1, model_hook=calibrate_hook("sd15", "e2e_sd15", rank=8,
-                                                                                   smoothing="off")), timeout=900)
-        assert r.ok, r.error_text()
-        saved = sorted((srv.models_dir / "svdquant").glob("e2e_sd15_*.safetensors"))
-    sd = load_file(str(saved[0]))
+    saved = sd15_4bit_file(srv, "e2e_sd15_*.safetensors", "e2e_sd15")
+    sd = load_file(str(saved))
     g = torch.Generator().manual_seed(0)
     lora = {}
     for k, v in sd.items():
@@ -115,7 +122,7 @@ def test_stock_lora_loader_on_the_4bit_model(comfy_server):
             return g.out("lora")
         return hook
 
-    src = load_source(f"svdquant/{saved[0].name}", "sd15")
+    src = load_source(f"svdquant/{saved.name}", "sd15")
     plain = srv.run(graphs.sd15(prefix="lora_off", steps=3, model_source=src))
     with_lora = srv.run(graphs.sd15(prefix="lora_on", steps=3, model_source=src, model_hook=lora_hook(1.0)))
     assert plain.ok and with_lora.ok, (plain.error_text(), with_lora.error_text())
@@ -149,21 +156,14 @@ def test_model_patches_on_the_4bit_model_and_patches_carried_through_calibration
     """Stock model patches work on the 4-bit model (FreeU_V2, ModelSamplingDiscrete), and a patch
     applied to the 16-bit model before Calibrate & Quantize is kept on the 4-bit result."""
     srv = comfy_server
-    saved = sorted((srv.models_dir / "svdquant").glob("*.safetensors"))
-    sd15 = [p for p in saved if "sd15" in p.name or "bad_input_src" in p.name]
-    if not sd15:
-        r = srv.run(graphs.sd15(prefix="patch_src", steps=1, model_hook=calibrate_hook("sd15", "e2e_patch_src",
-                                                                                     rank=8, smoothing="off")),
-                    timeout=900)
-        assert r.ok, r.error_text()
-        sd15 = sorted((srv.models_dir / "svdquant").glob("e2e_patch_src_*.safetensors"))
+    sd15 = sd15_4bit_file(srv, prefix="e2e_patch_src")
 
     def patches(g, model_ref):
         g.add("freeu", "FreeU_V2", model=model_ref, b1=1.3, b2=1.4, s1=0.9, s2=0.2)
         g.add("msd", "ModelSamplingDiscrete", model=g.out("freeu"), sampling="v_prediction", zsnr=False)
         return g.out("msd")
 
-    src = load_source(f"svdquant/{sd15[0].name}", "sd15")
+    src = load_source(f"svdquant/{sd15.name}", "sd15")
     plain = srv.run(graphs.sd15(prefix="patch_off", steps=2, model_source=src))
     patched = srv.run(graphs.sd15(prefix="patch_on", steps=2, model_source=src, model_hook=patches))
     assert plain.ok and patched.ok, (plain.error_text(), patched.error_text())

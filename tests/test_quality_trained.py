@@ -17,15 +17,13 @@ import sys
 import pytest
 import torch
 
-from harness import config
+from comfy_inprocess import inprocess_marks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FMNIST = pathlib.Path(os.environ.get("SVDQ_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 # CI (.ci/run) installs the data; elsewhere a missing package skips, unless SVDQ_REQUIRE_COMFY=1 (scripts/test.sh).
 _NO_DATA = (not (FMNIST / "t10k-images-idx3-ubyte.gz").is_file()) and os.environ.get("SVDQ_REQUIRE_COMFY") != "1"
-pytestmark = [pytest.mark.comfy,
-              pytest.mark.skipif(config.comfyui_missing_reason() is not None,
-                                 reason=str(config.comfyui_missing_reason())),
+pytestmark = [*inprocess_marks(),
               pytest.mark.skipif(_NO_DATA, reason=f"no Fashion-MNIST at {FMNIST}: apt-get install dataset-fashion-mnist")]
 
 FAMILIES = ("sd15", "sdxl", "flux")

@@ -5,18 +5,10 @@ import os
 import pytest
 import torch
 
-from harness import config
+from comfy_inprocess import inprocess_marks
 
-pytestmark = [pytest.mark.comfy,
-              pytest.mark.skipif(config.comfyui_missing_reason() is not None,
-                                 reason=str(config.comfyui_missing_reason()))]
+pytestmark = inprocess_marks()
 
-
-@pytest.fixture(scope="module")
-def comfy():
-    import comfy_inprocess as ci
-    ci.import_comfy()
-    return ci
 
 
 @pytest.fixture(scope="module")
