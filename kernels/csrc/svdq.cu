@@ -1139,25 +1139,35 @@ static bool make_map(CUtensorMap* m, const void* base, CUtensorMapDataType dt, u
             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-template <int BN, int STAGES, typename OutT>
-static int launch_sm90_ws(const Sm90Params& p, cudaStream_t st) {
-  constexpr int BM = 128;
-  using S = WsSmem<BN, STAGES>;
-  WsMaps maps;
+// TMA maps every Hopper GEMM uses (zeroed first): the A and B byte tiles, K-major, 128-byte K boxes with
+// the 128B swizzle, and with a LoRA branch the fp32 lora_act / proj_up tiles (32 ranks per box).
+static bool make_operand_maps(WsMaps& maps, const Sm90Params& p, uint32_t BM, uint32_t BN) {
   memset(&maps, 0, sizeof(maps));
-  const int G_ = p.K / G;
   bool ok = make_map(&maps.a, p.qa, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K, p.M, p.K, 128, BM, CU_TENSOR_MAP_SWIZZLE_128B) &&
-            make_map(&maps.b, p.qw, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K, p.N, p.K, 128, BN, CU_TENSOR_MAP_SWIZZLE_128B) &&
-            make_map(&maps.sa, p.sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.Mp, G_, (uint64_t)p.Mp * 4, BM, 2,
-                     CU_TENSOR_MAP_SWIZZLE_NONE) &&
-            make_map(&maps.sw, p.sw, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.N, G_, (uint64_t)p.N * 4, BN, 2,
-                     CU_TENSOR_MAP_SWIZZLE_NONE);
+            make_map(&maps.b, p.qw, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K, p.N, p.K, 128, BN, CU_TENSOR_MAP_SWIZZLE_128B);
   if (ok && p.rp > 0)
     ok = make_map(&maps.lora, p.lora, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.rp, p.M, (uint64_t)p.rp * 4, 32, BM,
                   CU_TENSOR_MAP_SWIZZLE_128B) &&
          make_map(&maps.pup, p.pup, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.rp, p.N, (uint64_t)p.rp * 4, 32, BN,
                   CU_TENSOR_MAP_SWIZZLE_128B);
-  if (!ok) return ERR_NO_PATH;
+  return ok;
+}
+
+// Float-scale path: the per-64-group fp32 scales of A (K/64, Mp) and B (K/64, N), two groups per 128-K stage.
+static bool make_group_scale_maps(WsMaps& maps, const Sm90Params& p, uint32_t BM, uint32_t BN) {
+  const int groups = p.K / G;
+  return make_map(&maps.sa, p.sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.Mp, groups, (uint64_t)p.Mp * 4, BM, 2,
+                  CU_TENSOR_MAP_SWIZZLE_NONE) &&
+         make_map(&maps.sw, p.sw, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.N, groups, (uint64_t)p.N * 4, BN, 2,
+                  CU_TENSOR_MAP_SWIZZLE_NONE);
+}
+
+template <int BN, int STAGES, typename OutT>
+static int launch_sm90_ws(const Sm90Params& p, cudaStream_t st) {
+  constexpr int BM = 128;
+  using S = WsSmem<BN, STAGES>;
+  WsMaps maps;
+  if (!make_operand_maps(maps, p, BM, BN) || !make_group_scale_maps(maps, p, BM, BN)) return ERR_NO_PATH;
   void (*kern)(const WsMaps, const float*, OutT*, int, int, int, int);
   kern = gemm_sm90_ws_kernel<BN, STAGES, OutT>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
@@ -1172,20 +1182,7 @@ static int launch_sm90_ws6(const Sm90Params& p, cudaStream_t st) {
   using S = Ws6Smem<STAGES>;
   constexpr int BN = S::BN, BM = S::BM;
   WsMaps maps;
-  memset(&maps, 0, sizeof(maps));
-  const int G_ = p.K / G;
-  bool ok = make_map(&maps.a, p.qa, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K, p.M, p.K, 128, BM, CU_TENSOR_MAP_SWIZZLE_128B) &&
-            make_map(&maps.b, p.qw, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K, p.N, p.K, 128, BN, CU_TENSOR_MAP_SWIZZLE_128B) &&
-            make_map(&maps.sa, p.sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.Mp, G_, (uint64_t)p.Mp * 4, BM, 2,
-                     CU_TENSOR_MAP_SWIZZLE_NONE) &&
-            make_map(&maps.sw, p.sw, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.N, G_, (uint64_t)p.N * 4, BN, 2,
-                     CU_TENSOR_MAP_SWIZZLE_NONE);
-  if (ok && p.rp > 0)
-    ok = make_map(&maps.lora, p.lora, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.rp, p.M, (uint64_t)p.rp * 4, 32, BM,
-                  CU_TENSOR_MAP_SWIZZLE_128B) &&
-         make_map(&maps.pup, p.pup, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.rp, p.N, (uint64_t)p.rp * 4, 32, BN,
-                  CU_TENSOR_MAP_SWIZZLE_128B);
-  if (!ok) return ERR_NO_PATH;
+  if (!make_operand_maps(maps, p, BM, BN) || !make_group_scale_maps(maps, p, BM, BN)) return ERR_NO_PATH;
   auto kern = gemm_sm90_ws6_kernel<STAGES, OutT>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
   if (e != cudaSuccess) return (int)e;
@@ -1203,18 +1200,12 @@ static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st) {
   using S = I8Smem<BN, STAGES, NC>;
   constexpr int BM = S::BM;
   WsMaps maps;
-  memset(&maps, 0, sizeof(maps));
   const int nchunks = (p.K / G + RATIO_CHUNK - 1) / RATIO_CHUNK;
-  bool ok = make_map(&maps.a, p.qa, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K, p.M, p.K, 128, BM, CU_TENSOR_MAP_SWIZZLE_128B) &&
-            make_map(&maps.b, p.qw, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K, p.N, p.K, 128, BN, CU_TENSOR_MAP_SWIZZLE_128B) &&
-            make_map(&maps.sa, p.sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.Mp, nchunks, (uint64_t)p.Mp * 4, BM, 1,
-                     CU_TENSOR_MAP_SWIZZLE_NONE);
-  if (ok && p.rp > 0)
-    ok = make_map(&maps.lora, p.lora, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.rp, p.M, (uint64_t)p.rp * 4, 32, BM,
-                  CU_TENSOR_MAP_SWIZZLE_128B) &&
-         make_map(&maps.pup, p.pup, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.rp, p.N, (uint64_t)p.rp * 4, 32, BN,
-                  CU_TENSOR_MAP_SWIZZLE_128B);
-  if (!ok) return ERR_NO_PATH;
+  // one activation base per (256-channel chunk, token); the weight bases are read directly (p.sw)
+  if (!make_operand_maps(maps, p, BM, BN) ||
+      !make_map(&maps.sa, p.sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.Mp, nchunks, (uint64_t)p.Mp * 4, BM, 1,
+                CU_TENSOR_MAP_SWIZZLE_NONE))
+    return ERR_NO_PATH;
   auto kern = gemm_sm90_i8_kernel<BN, STAGES, NC, OutT>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
   if (e != cudaSuccess) return (int)e;
