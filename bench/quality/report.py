@@ -1,9 +1,14 @@
 """Markdown tables for docs/QUALITY.md from bench_quality.py's JSON files (no numbers typed by hand).
 
   python bench/quality/report.py bench/results/quality/quality_{sd15,sdxl,flux}.json
+  python bench/quality/report.py --ladder bench/results/quality/ladder_flux.json bench/results/quality/quality_flux.json
 """
 import json
+import pathlib
 import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import methods  # noqa: E402  (this folder's methods.py: the current labels)
 
 
 def fmt(v, nd):
@@ -45,8 +50,44 @@ def outlier_table(results):
     return "\n".join(out)
 
 
-ORDER = ("naive_w4a4", "smooth_only", "svdq_r8", "svdq_r16", "svdq_r32", "svdq_r64", "svdq_auto_error",
-         "svdq_auto_size", "w4a16")
+ORDER = ("naive_w4a4", "smooth_only", "svdq_r8", "svdq_r16", "svdq_r32", "svdq_r32_grid39", "svdq_r32_refine4",
+         "svdq_r32_gptq", "svdq_r32_refine4_gptq", "svdq_r32_unsigned", "svdq_r32_gptq_unsigned",
+         "svdq_r32_refine4_gptq_unsigned", "svdq_r64", "svdq_auto_error", "svdq_auto_error_gptq",
+         "svdq_auto_size", "svdq_auto_size_gptq", "w4a16")
+
+
+def ladder_table(res, before=None):
+    """The calibration options' ladder: pairwise metrics, FID vs real when measured, layer error and
+    calibrate+quantize seconds (with the quantizer's phases); `before`: the same family from an
+    earlier file, whose PSNR/LPIPS of the same method names are shown beside the new ones."""
+    rows = res["methods"]
+    fid = any("fid_vs_real" in r for r in rows.values())
+    old = (before or {}).get("methods", {})
+    head = ["method", "PSNR dB ↑", "SSIM ↑", "LPIPS ↓"] + (["FID vs real, Δ to 16-bit"] if fid else []) + \
+        ["layer error ↓", "calibrate + quantize s", "of which capture / search / low-rank / GPTQ s"] + \
+        (["issue-8 run: PSNR / LPIPS"] if old else [])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        t = r.get("phase_seconds") or {}
+        phases = " / ".join(fmt(t.get(k, 0.0) if t else None, 1) for k in ("capture", "smoothing_search", "lowrank", "gptq"))
+        cells = [r["label"], f"{fmt(r['psnr'], 2)} ± {fmt(r['psnr_ci95'], 2)}", fmt(r["ssim"], 4),
+                 f"{fmt(r.get('lpips'), 4)} ± {fmt(r.get('lpips_ci95'), 4)}"]
+        if fid:
+            d = r.get("fid_lost_vs_real")
+            cells.append("–" if d is None else f"{r['fid_vs_real']:.1f} ({'+' if d >= 0 else ''}{d:.1f})")
+        cells += [fmt(r.get("mean_error"), 4), fmt(r.get("quantize_seconds"), 0), phases if t else "–"]
+        if old:
+            o = old.get(name)
+            cells.append(f"{o['psnr']:.2f} / {o['lpips']:.4f}" if o else "–")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _before_gptq(row) -> bool:
+    """A W4A4 row measured before QuantConfig had `gptq` (issue 8's files): one SVD, GPTQ off; its
+    old label ("SVDQuant rank 32") now reads as the GPTQ default, so the explicit label replaces it."""
+    spec = row.get("spec", {})
+    return spec.get("kind") == "w4a4" and "gptq" not in spec.get("quant", {})
 
 
 def merge(paths):
@@ -61,6 +102,9 @@ def merge(paths):
             if d["settings"][k] != settings[k]:
                 raise SystemExit(f"{p}: setting {k} = {d['settings'][k]} differs from the other files ({settings[k]})")
         for fam, res in d["families"].items():
+            for name, row in res["methods"].items():
+                if _before_gptq(row) and name in methods.METHODS:
+                    row["label"] = methods.METHODS[name]["label"]
             if fam not in fams:
                 fams[fam] = res
             else:
@@ -84,6 +128,14 @@ def minilm_table(path):
 
 
 def main(paths):
+    if paths and paths[0] == "--ladder":  # report.py --ladder NEW.json [ISSUE8.json ...]
+        new, _ = merge(paths[1:2])
+        before = {r["family"]: r for r in merge(paths[2:])[0]} if len(paths) > 2 else {}
+        for r in new:
+            print(f"**{r['family']}-style**\n")
+            print(ladder_table(r, before.get(r["family"])))
+            print()
+        return
     minilm = [p for p in paths if "minilm" in p]
     results, s = merge([p for p in paths if p not in minilm])
     print(f"Settings: {s['n_per_class']} seeds × 10 classes, {s['steps']} {s['sampler']} steps ({s['scheduler']}), cfg {s['cfg']}, "
