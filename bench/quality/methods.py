@@ -52,6 +52,7 @@ METHODS = {
                                     gptq=True, unsigned_acts=True),
     "svdq_r32_refine4_gptq_unsigned": _w4a4("rank 32 + refinement (≤ 4) + GPTQ + unsigned post-GELU", R32,
                                             families=["flux"], lowrank_iters=4, gptq=True, unsigned_acts=True),
+    "svdq_r64_gptq": _w4a4("SVDQuant rank 64 + GPTQ", {"mode": "fixed", "rank": 64}, gptq=True),
     "svdq_auto_error_gptq": _w4a4("SVDQuant, rank by error budget 0.05 + GPTQ",
                                   {"mode": "error", "rank": 32, "error_budget": 0.05}, gptq=True),
     "svdq_auto_size_gptq": _w4a4("SVDQuant, size budget avg rank 32 + GPTQ", {"mode": "size", "rank": 32}, gptq=True),

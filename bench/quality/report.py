@@ -52,7 +52,7 @@ def outlier_table(results):
 
 ORDER = ("naive_w4a4", "smooth_only", "svdq_r8", "svdq_r16", "svdq_r32", "svdq_r32_grid39", "svdq_r32_refine4",
          "svdq_r32_gptq", "svdq_r32_refine4_gptq", "svdq_r32_unsigned", "svdq_r32_gptq_unsigned",
-         "svdq_r32_refine4_gptq_unsigned", "svdq_r64", "svdq_auto_error", "svdq_auto_error_gptq",
+         "svdq_r32_refine4_gptq_unsigned", "svdq_r64", "svdq_r64_gptq", "svdq_auto_error", "svdq_auto_error_gptq",
          "svdq_auto_size", "svdq_auto_size_gptq", "w4a16")
 
 
