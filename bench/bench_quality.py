@@ -105,6 +105,7 @@ def run_family(family, names, specs, args, metr, real_feats, log, checkpoint=Non
                "phase_seconds": report.get("time_s", {})}
         for k, v in pm.items():
             row[k], row[k + "_ci95"] = mean_ci(v)
+            row[k + "_per_sample"] = [round(float(x), 6) for x in v]  # for paired differences between methods
         f4 = metr.feats(img4)
         row.update(metr.sets(f4, f16, "vs_16bit"))
         row.update(metr.sets(f4, real_feats, "vs_real"))

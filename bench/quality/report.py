@@ -56,6 +56,26 @@ ORDER = ("naive_w4a4", "smooth_only", "svdq_r8", "svdq_r16", "svdq_r32", "svdq_r
          "svdq_auto_size", "svdq_auto_size_gptq", "w4a16")
 
 
+# Each ladder step against the method it adds one option to (paired over the same seeds).
+LADDER_BASE = {"smooth_only": "naive_w4a4", "svdq_r32": "smooth_only", "svdq_r32_grid39": "svdq_r32",
+               "svdq_r32_refine4": "svdq_r32", "svdq_r32_gptq": "svdq_r32", "svdq_r32_refine4_gptq": "svdq_r32_gptq",
+               "svdq_r32_unsigned": "svdq_r32", "svdq_r32_gptq_unsigned": "svdq_r32_gptq",
+               "svdq_r32_refine4_gptq_unsigned": "svdq_r32_refine4_gptq", "svdq_r64_gptq": "svdq_r32_gptq",
+               "svdq_auto_error_gptq": "svdq_r32_gptq", "svdq_auto_size_gptq": "svdq_r32_gptq",
+               "w4a16": "svdq_r32_gptq"}
+
+
+def paired_delta(a, b, key):
+    """Mean of a − b over the same samples and its 95% half-width (normal), or None without per-sample values."""
+    va, vb = a.get(key + "_per_sample"), b.get(key + "_per_sample")
+    if not va or not vb or len(va) != len(vb):
+        return None
+    d = [x - y for x, y in zip(va, vb) if abs(x) != float("inf") and abs(y) != float("inf")]
+    m = sum(d) / len(d)
+    sd = (sum((x - m) ** 2 for x in d) / (len(d) - 1)) ** 0.5
+    return m, 1.96 * sd / len(d) ** 0.5
+
+
 def ladder_table(res, before=None):
     """The calibration options' ladder: pairwise metrics, FID vs real when measured, layer error and
     calibrate+quantize seconds (with the quantizer's phases); `before`: the same family from an
@@ -63,8 +83,9 @@ def ladder_table(res, before=None):
     rows = res["methods"]
     fid = any("fid_vs_real" in r for r in rows.values())
     old = (before or {}).get("methods", {})
-    head = ["method", "PSNR dB ↑", "SSIM ↑", "LPIPS ↓"] + (["FID vs real, Δ to 16-bit"] if fid else []) + \
-        ["layer error ↓", "calibrate + quantize s", "of which capture / search / low-rank / GPTQ s"] + \
+    head = ["method", "PSNR dB ↑", "SSIM ↑", "LPIPS ↓"] + (["FID vs 16-bit (paired)", "FID vs real, Δ to 16-bit"] if fid else []) + \
+        ["layer error ↓", "step: vs", "Δ PSNR dB (paired 95%)", "Δ LPIPS (paired 95%)",
+         "calibrate + quantize s", "of which capture / search / low-rank / GPTQ s"] + \
         (["issue-8 run: PSNR / LPIPS"] if old else [])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
@@ -74,8 +95,14 @@ def ladder_table(res, before=None):
                  f"{fmt(r.get('lpips'), 4)} ± {fmt(r.get('lpips_ci95'), 4)}"]
         if fid:
             d = r.get("fid_lost_vs_real")
+            cells.append(fmt(r.get("fid_vs_16bit"), 1))
             cells.append("–" if d is None else f"{r['fid_vs_real']:.1f} ({'+' if d >= 0 else ''}{d:.1f})")
-        cells += [fmt(r.get("mean_error"), 4), fmt(r.get("quantize_seconds"), 0), phases if t else "–"]
+        base = LADDER_BASE.get(name)
+        dp = paired_delta(r, rows[base], "psnr") if base in rows else None
+        dl = paired_delta(r, rows[base], "lpips") if base in rows else None
+        cells += [fmt(r.get("mean_error"), 4), f"`{base}`" if dp else "–",
+                  f"{dp[0]:+.2f} ± {dp[1]:.2f}" if dp else "–", f"{dl[0]:+.4f} ± {dl[1]:.4f}" if dl else "–",
+                  fmt(r.get("quantize_seconds"), 0), phases if t else "–"]
         if old:
             o = old.get(name)
             cells.append(f"{o['psnr']:.2f} / {o['lpips']:.4f}" if o else "–")
