@@ -85,12 +85,14 @@ def ladder_table(res, before=None):
     old = (before or {}).get("methods", {})
     head = ["method", "PSNR dB ↑", "SSIM ↑", "LPIPS ↓"] + (["FID vs 16-bit (paired)", "FID vs real, Δ to 16-bit"] if fid else []) + \
         ["layer error ↓", "step: vs", "Δ PSNR dB (paired 95%)", "Δ LPIPS (paired 95%)",
-         "calibrate + quantize s", "of which capture / search / low-rank / GPTQ s"] + \
+         "calibrate + quantize s", "of which capture / α+rank search / low-rank / GPTQ s"] + \
         (["issue-8 run: PSNR / LPIPS"] if old else [])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
         t = r.get("phase_seconds") or {}
-        phases = " / ".join(fmt(t.get(k, 0.0) if t else None, 1) for k in ("capture", "smoothing_search", "lowrank", "gptq"))
+        parts = (t.get("capture", 0.0), t.get("smoothing_search", 0.0) + t.get("rank_search", 0.0),
+                 t.get("lowrank", 0.0), t.get("gptq", 0.0))
+        phases = " / ".join(f"{v:.1f}" for v in parts)
         cells = [r["label"], f"{fmt(r['psnr'], 2)} ± {fmt(r['psnr_ci95'], 2)}", fmt(r["ssim"], 4),
                  f"{fmt(r.get('lpips'), 4)} ± {fmt(r.get('lpips_ci95'), 4)}"]
         if fid:
