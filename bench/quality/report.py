@@ -83,7 +83,7 @@ def ladder_table(res, before=None):
     rows = res["methods"]
     fid = any("fid_vs_real" in r for r in rows.values())
     old = (before or {}).get("methods", {})
-    head = ["method", "PSNR dB ↑", "SSIM ↑", "LPIPS ↓"] + (["FID vs 16-bit (paired)", "FID vs real, Δ to 16-bit"] if fid else []) + \
+    head = ["method", "PSNR dB ↑", "LPIPS ↓"] + (["FID vs 16-bit (paired)", "FID vs real, Δ to 16-bit"] if fid else []) + \
         ["layer error ↓", "step: vs", "Δ PSNR dB (paired 95%)", "Δ LPIPS (paired 95%)",
          "calibrate + quantize s", "of which capture / α+rank search / low-rank / GPTQ s"] + \
         (["issue-8 run: PSNR / LPIPS"] if old else [])
@@ -93,7 +93,7 @@ def ladder_table(res, before=None):
         parts = (t.get("capture", 0.0), t.get("smoothing_search", 0.0) + t.get("rank_search", 0.0),
                  t.get("lowrank", 0.0), t.get("gptq", 0.0))
         phases = " / ".join(f"{v:.1f}" for v in parts)
-        cells = [r["label"], f"{fmt(r['psnr'], 2)} ± {fmt(r['psnr_ci95'], 2)}", fmt(r["ssim"], 4),
+        cells = [r["label"], f"{fmt(r['psnr'], 2)} ± {fmt(r['psnr_ci95'], 2)}",
                  f"{fmt(r.get('lpips'), 4)} ± {fmt(r.get('lpips_ci95'), 4)}"]
         if fid:
             d = r.get("fid_lost_vs_real")
@@ -156,7 +156,32 @@ def minilm_table(path):
     return "\n".join(out)
 
 
+HEADLINE = (("naive_w4a4", "naive W4A4"), ("smooth_only", "smoothing only"), ("svdq_r32", "rank 32, one SVD, no GPTQ"),
+            ("svdq_r32_gptq", "**rank 32 + GPTQ (default)**"), ("svdq_r64_gptq", "rank 64 + GPTQ"),
+            ("svdq_auto_error_gptq", "error budget 0.05 + GPTQ"), ("w4a16", "W4A16 (weights only)"))
+
+
+def headline_table(results):
+    """One row per family: PSNR dB / LPIPS / FID-vs-real change of the methods a user chooses between."""
+    out = ["| trained model | " + " | ".join(h for _, h in HEADLINE) + " |", "|---|" + "---|" * len(HEADLINE)]
+    for res in results:
+        cells = []
+        for name, _ in HEADLINE:
+            r = res["methods"].get(name)
+            if r is None:
+                cells.append("–")
+                continue
+            d = r.get("fid_lost_vs_real")
+            rank = f", rank {r['mean_rank']:.0f}" if name == "svdq_auto_error_gptq" and r.get("mean_rank") else ""
+            cells.append(f"{r['psnr']:.2f} / {r['lpips']:.4f} / " + ("–" if d is None else f"{d:+.1f}") + rank)
+        out.append(f"| {res['family']}-style | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(paths):
+    if paths and paths[0] == "--headline":  # report.py --headline LADDER.json ...
+        print(headline_table(merge(paths[1:])[0]))
+        return
     if paths and paths[0] == "--ladder":  # report.py --ladder NEW.json [ISSUE8.json ...]
         new, _ = merge(paths[1:2])
         before = {r["family"]: r for r in merge(paths[2:])[0]} if len(paths) > 2 else {}
