@@ -1,8 +1,11 @@
 """Markdown tables for docs/QUALITY.md from bench_quality.py's JSON files (no numbers typed by hand).
 
   python bench/quality/report.py bench/results/quality/quality_{sd15,sdxl,flux}.json
-  python bench/quality/report.py --ladder bench/results/quality/ladder_flux.json bench/results/quality/quality_flux.json
+  python bench/quality/report.py --ladder bench/results/quality/ladder_{flux,sd15,sdxl}.json  # issue 9's options
+  python bench/quality/report.py --ladder bench/results/quality/ladder_flux.json --before bench/results/quality/quality_flux.json
+  python bench/quality/report.py --headline bench/results/quality/ladder_{sd15,sdxl,flux}.json
 """
+import argparse
 import json
 import pathlib
 import sys
@@ -178,20 +181,25 @@ def headline_table(results):
     return "\n".join(out)
 
 
-def main(paths):
-    if paths and paths[0] == "--headline":  # report.py --headline LADDER.json ...
-        print(headline_table(merge(paths[1:])[0]))
+def main(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+", help="bench_quality.py JSON files (a family split over files is merged)")
+    ap.add_argument("--ladder", action="store_true", help="the calibration options' ladder tables")
+    ap.add_argument("--headline", action="store_true", help="one row per family: the methods a user chooses between")
+    ap.add_argument("--before", nargs="*", default=[], help="with --ladder: earlier files whose PSNR/LPIPS of the same names are shown")
+    a = ap.parse_args(argv)
+    if a.headline:
+        print(headline_table(merge(a.files)[0]))
         return
-    if paths and paths[0] == "--ladder":  # report.py --ladder NEW.json [ISSUE8.json ...]
-        new, _ = merge(paths[1:2])
-        before = {r["family"]: r for r in merge(paths[2:])[0]} if len(paths) > 2 else {}
-        for r in new:
+    if a.ladder:
+        before = {r["family"]: r for r in merge(a.before)[0]} if a.before else {}
+        for r in merge(a.files)[0]:
             print(f"**{r['family']}-style**\n")
             print(ladder_table(r, before.get(r["family"])))
             print()
         return
-    minilm = [p for p in paths if "minilm" in p]
-    results, s = merge([p for p in paths if p not in minilm])
+    minilm = [p for p in a.files if "minilm" in p]
+    results, s = merge([p for p in a.files if p not in minilm])
     print(f"Settings: {s['n_per_class']} seeds × 10 classes, {s['steps']} {s['sampler']} steps ({s['scheduler']}), cfg {s['cfg']}, "
           f"calibration {s['calib_steps']} steps × 10 captions; real set {s['real']} test images.\n")
     for r in results:
