@@ -175,7 +175,7 @@ def headline_table(results):
                 cells.append("–")
                 continue
             d = r.get("fid_lost_vs_real")
-            rank = f", rank {r['mean_rank']:.0f}" if name == "svdq_auto_error_gptq" and r.get("mean_rank") else ""
+            rank = f", rank {r['mean_rank']:.1f}" if name == "svdq_auto_error_gptq" and r.get("mean_rank") else ""
             cells.append(f"{r['psnr']:.2f} / {r['lpips']:.4f} / " + ("–" if d is None else f"{d:+.1f}") + rank)
         out.append(f"| {res['family']}-style | " + " | ".join(cells) + " |")
     return "\n".join(out)
