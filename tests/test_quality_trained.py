@@ -4,7 +4,8 @@ The fixtures in tests/fixtures/trained/ are small SD1.5-, SDXL- and FLUX-archite
 here on Fashion-MNIST with ComfyUI's own classes (bench/quality/train.py); not the real models.
 Per family: the 16-bit model draws its classes (so the fixture is trained and conditioned), and
 the 4-bit models from the pack's own path (calibration through ComfyUI's sampler) keep the order
-SVDQuant rank 32 < smoothing only < naive W4A4 in per-layer output error and in the denoiser's
+SVDQuant rank 32 with the default GPTQ < smoothing only < naive W4A4 (both without GPTQ: the
+methods as named) in per-layer output error and in the denoiser's
 prediction error on noised real test images (paired over images and noise levels: the mean gap must
 exceed twice its standard error); sampled through ComfyUI's sampler, rank 32 stays closer to the
 16-bit images than naive W4A4 (PSNR, same criterion). Metric weights are not needed (PSNR only).
@@ -30,7 +31,7 @@ FAMILIES = ("sd15", "sdxl", "flux")
 SEEDS_PER_CLASS = 2
 STEPS = 10
 CFG = 3.0
-ORDER = ("svdq_r32", "smooth_only", "naive_w4a4")  # best first
+ORDER = ("svdq_r32_gptq", "smooth_only", "naive_w4a4")  # best first; svdq_r32_gptq = QuantConfig's default
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def test_svdquant_beats_smoothing_beats_naive(q, family):
     for name in ORDER:
         patchers[name], report, _ = methods.quantize_trained(family, methods.METHODS[name], calib_steps=STEPS, cfg=CFG)
         err[name] = report["summary"]["mean_error"]
-    assert err["svdq_r32"] < err["smooth_only"] < err["naive_w4a4"], (family, err)
+    assert err["svdq_r32_gptq"] < err["smooth_only"] < err["naive_w4a4"], (family, err)
     den = _denoiser_errors(q, family, patchers)
     for better, worse in zip(ORDER, ORDER[1:]):
         ok, gain, se = _clearly_lower(den[better], den[worse])
@@ -128,8 +129,8 @@ def test_svdquant_beats_smoothing_beats_naive(q, family):
     # ±5 dB on the SD-style models), so only the large gap is asserted here: rank 32 vs naive.
     classes, seeds = _classes_seeds()
     img16 = _samples_16bit(rm, family)
-    psnr = {n: metrics.psnr(rm.sample(patchers[n], family, classes, seeds, STEPS, CFG), img16) for n in ("svdq_r32", "naive_w4a4")}
-    ok, gain, se = _clearly_lower(-psnr["svdq_r32"], -psnr["naive_w4a4"])
+    psnr = {n: metrics.psnr(rm.sample(patchers[n], family, classes, seeds, STEPS, CFG), img16) for n in ("svdq_r32_gptq", "naive_w4a4")}
+    ok, gain, se = _clearly_lower(-psnr["svdq_r32_gptq"], -psnr["naive_w4a4"])
     assert ok, f"{family}: rank 32 PSNR gain over naive W4A4 {gain:.2f} dB not above 2 standard errors ({se:.2f})"
 
 
@@ -149,3 +150,13 @@ def test_metrics_sanity(q):
     assert metrics.kid(a, b + 1, subsets=20, subset_size=200)[0] > 1
     # FID of N(0, I) vs N(1, I) in 16 dims is |Δμ|² = 16; sampling noise is well under 2 at n=400
     assert metrics.fid(a, b) < 2 and abs(metrics.fid(a, b + 1) - 16) < 3
+
+
+def test_bench_default_method_is_the_default_config(q):
+    """The benchmark's "default" method is QuantConfig() at rank 32, and the issue-8 names are one
+    SVD without GPTQ: the docs' tables label them so, and a changed default must show up here."""
+    _, methods, _, _ = q
+    from comfyui_svdquant.core.config import QuantConfig
+    assert methods.quant_config(methods.METHODS["svdq_r32_gptq"]) == QuantConfig()
+    one_svd = methods.quant_config(methods.METHODS["svdq_r32"])
+    assert (one_svd.gptq, one_svd.lowrank_iters, one_svd.smooth_grid, one_svd.unsigned_acts) == (False, 1, "alpha", False)

@@ -14,22 +14,62 @@ kinds:
 import copy
 import json
 
+# Every calibration option is written out, so a name keeps its meaning when QuantConfig's defaults
+# change: the issue-8 tables were measured before GPTQ existed, so their methods are one SVD with
+# GPTQ off; GPTQ became the default later (issue 9) and is the "_gptq" names here.
+ONE_SVD = {"smooth_grid": "alpha", "lowrank_iters": 1, "gptq": False, "gram_budget_mb": 0,
+           "share_inputs": False, "unsigned_acts": False}
+
+
+def _w4a4(label, rank, families=None, **quant):
+    spec = {"kind": "w4a4", "quant": {**ONE_SVD, **quant}, "rank": rank, "label": label}
+    if families:
+        spec["families"] = list(families)  # the option does something only on these families
+    return spec
+
+
+R32 = {"mode": "fixed", "rank": 32}
 METHODS = {
-    "naive_w4a4": {"kind": "w4a4", "quant": {"alpha_grid": []}, "rank": {"mode": "fixed", "rank": 0},
-                   "label": "naive W4A4 (no smoothing, no low-rank)"},
-    "smooth_only": {"kind": "w4a4", "quant": {}, "rank": {"mode": "fixed", "rank": 0},
-                    "label": "smoothing only (rank 0)"},
-    "svdq_r8": {"kind": "w4a4", "quant": {}, "rank": {"mode": "fixed", "rank": 8}, "label": "SVDQuant rank 8"},
-    "svdq_r16": {"kind": "w4a4", "quant": {}, "rank": {"mode": "fixed", "rank": 16}, "label": "SVDQuant rank 16"},
-    "svdq_r32": {"kind": "w4a4", "quant": {}, "rank": {"mode": "fixed", "rank": 32}, "label": "SVDQuant rank 32"},
-    "svdq_r64": {"kind": "w4a4", "quant": {}, "rank": {"mode": "fixed", "rank": 64}, "label": "SVDQuant rank 64"},
-    "svdq_auto_error": {"kind": "w4a4", "quant": {}, "rank": {"mode": "error", "rank": 32, "error_budget": 0.05},
-                        "label": "SVDQuant, rank by error budget 0.05 (node default)"},
-    "svdq_auto_size": {"kind": "w4a4", "quant": {}, "rank": {"mode": "size", "rank": 32},
-                       "label": "SVDQuant, size budget avg rank 32"},
+    # issue 8 (one SVD, no GPTQ: what the first QUALITY.md tables measured)
+    "naive_w4a4": _w4a4("naive W4A4 (no smoothing, no low-rank, no GPTQ)", {"mode": "fixed", "rank": 0},
+                        alpha_grid=[]),
+    "smooth_only": _w4a4("smoothing only (rank 0, no GPTQ)", {"mode": "fixed", "rank": 0}),
+    "svdq_r8": _w4a4("SVDQuant rank 8 (one SVD, no GPTQ)", {"mode": "fixed", "rank": 8}),
+    "svdq_r16": _w4a4("SVDQuant rank 16 (one SVD, no GPTQ)", {"mode": "fixed", "rank": 16}),
+    "svdq_r32": _w4a4("SVDQuant rank 32 (one SVD, no GPTQ)", R32),
+    "svdq_r64": _w4a4("SVDQuant rank 64 (one SVD, no GPTQ)", {"mode": "fixed", "rank": 64}),
+    "svdq_auto_error": _w4a4("SVDQuant, rank by error budget 0.05 (Rank Selector default; no GPTQ)",
+                             {"mode": "error", "rank": 32, "error_budget": 0.05}),
+    "svdq_auto_size": _w4a4("SVDQuant, size budget avg rank 32 (no GPTQ)", {"mode": "size", "rank": 32}),
     "w4a16": {"kind": "w4a16", "group_size": 64, "label": "weight-only INT4 g64 (W4A16, fake-quant)"},
+    # issue 9's options, one at a time on rank 32, then combined
+    "svdq_r32_grid39": _w4a4("rank 32 + 39-point (α, β) grid", R32, smooth_grid="reference39"),
+    "svdq_r32_refine4": _w4a4("rank 32 + refinement (≤ 4 SVDs)", R32, lowrank_iters=4),
+    "svdq_r32_gptq": _w4a4("rank 32 + GPTQ (the default since issue 9)", R32, gptq=True),
+    "svdq_r32_refine4_gptq": _w4a4("rank 32 + refinement (≤ 4) + GPTQ", R32, lowrank_iters=4, gptq=True),
+    "svdq_r32_unsigned": _w4a4("rank 32 + unsigned post-GELU", R32, families=["flux"], unsigned_acts=True),
+    "svdq_r32_gptq_unsigned": _w4a4("rank 32 + GPTQ + unsigned post-GELU", R32, families=["flux"],
+                                    gptq=True, unsigned_acts=True),
+    "svdq_r32_refine4_gptq_unsigned": _w4a4("rank 32 + refinement (≤ 4) + GPTQ + unsigned post-GELU", R32,
+                                            families=["flux"], lowrank_iters=4, gptq=True, unsigned_acts=True),
+    "svdq_r64_gptq": _w4a4("SVDQuant rank 64 + GPTQ", {"mode": "fixed", "rank": 64}, gptq=True),
+    "svdq_auto_error_gptq": _w4a4("SVDQuant, rank by error budget 0.05 + GPTQ",
+                                  {"mode": "error", "rank": 32, "error_budget": 0.05}, gptq=True),
+    "svdq_auto_size_gptq": _w4a4("SVDQuant, size budget avg rank 32 + GPTQ", {"mode": "size", "rank": 32}, gptq=True),
 }
+# The first QUALITY.md tables (issue 8) and the calibration-option ladder (issue 9).
+ISSUE8 = ["naive_w4a4", "smooth_only", "svdq_r8", "svdq_r16", "svdq_r32", "svdq_r64", "svdq_auto_error",
+          "svdq_auto_size", "w4a16"]
+LADDER = ["naive_w4a4", "smooth_only", "svdq_r32", "svdq_r32_grid39", "svdq_r32_refine4", "svdq_r32_gptq",
+          "svdq_r32_refine4_gptq", "svdq_r32_unsigned", "svdq_r32_gptq_unsigned", "svdq_r32_refine4_gptq_unsigned",
+          "w4a16"]
 DEFAULT_ORDER = list(METHODS)
+
+
+def applies(spec, family) -> bool:
+    """False for a method whose option has no layer to act on in this family (e.g. unsigned post-GELU
+    activations outside FLUX): measuring it would only repeat the method without the option."""
+    return family in spec.get("families", [family])
 
 
 def parse_extra(specs) -> dict:
