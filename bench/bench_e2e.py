@@ -9,6 +9,11 @@ DiT/UNet weight bytes, peak VRAM while sampling, time per denoising step, calibr
 and load time. Ratios are 4-bit / 16-bit from the same run. Prints a table, writes JSON.
 --compile adds both models under the stock TorchCompileModel node's wrapper (inductor): step time, the
 first (compiling) run's time, and the compiled output's relative distance from eager's.
+--vram-cap G samples the 4-bit model once more as on a GPU with G GiB free: ComfyUI is told only G GiB are
+free (its own reserve setting, as --reserve-vram does), so it loads the model partially (low-VRAM mode),
+and torch's allocator is capped at G GiB more than what is allocated then, so going over fails for real.
+--profile records one denoising step of each model with torch.profiler and sums GPU time per category
+(4-bit GEMM, quantize, 16-bit GEMM, attention, norms/elementwise, copies).
 
   python3 bench/bench_e2e.py --family sd15 sdxl --json out.json          # on the GPU machine
   python3 bench/bench_e2e.py --family sd15 --tiny --steps 2              # plumbing check (CPU ok)
@@ -137,11 +142,77 @@ def sample_row(row, tag, patcher, family, b, res, steps, cfg_scale, device, comp
         torch._dynamo.reset()
 
 
+KERNEL_CATEGORIES = (  # (category, substrings of the kernel name), first match wins
+    ("4-bit quantize + LoRA-down", ("quant_lora_down",)),
+    ("4-bit GEMM + LoRA-up", ("gemm_sm90", "gemm_mma_s4")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("16-bit GEMM (cuBLAS)", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_")),
+    ("copies", ("memcpy", "memset", "copy", "cat", "index")),
+    ("norms / elementwise", ("elementwise", "vectorized", "reduce", "norm", "softmax", "triton")),
+)
+
+
+def kernel_category(name):
+    low = name.lower()
+    for cat, keys in KERNEL_CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def profile_step(patcher, family, batch, res, cfg, device):
+    """GPU time (ms) per kernel category of one denoising step (torch.profiler), and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    import comfy.sample
+    ch, down = FAMILIES[family][2], FAMILIES[family][3]
+    latent = torch.zeros(batch, ch, res // down, res // down)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+    pos, neg = conds(family, batch, device)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        comfy.sample.sample(patcher, noise, 1, cfg, "euler", "normal", pos, neg, latent, seed=1)
+        sync()
+    cats, kernels = {}, []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or 0
+        if t <= 0 or e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        cat = kernel_category(e.key)
+        cats[cat] = cats.get(cat, 0.0) + t / 1e3
+        kernels.append((t / 1e3, e.count, e.key[:120]))
+    kernels.sort(reverse=True)
+    return {"ms_per_category": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "gpu_ms": sum(cats.values()),
+            "top_kernels": [{"ms": t, "calls": n, "name": k} for t, n, k in kernels[:15]]}
+
+
+def sample_capped(row, patcher, family, res, steps, cfg_scale, device, cap_gib):
+    """Batch-1 sampling as on a GPU with `cap_gib` GiB free (see the module docstring)."""
+    import comfy.model_management as mm
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    cap = int(cap_gib * 2 ** 30)
+    old_reserve = mm.EXTRA_RESERVED_VRAM
+    mm.EXTRA_RESERVED_VRAM = old_reserve + max(0, free - cap)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated() + cap) / total))
+    try:
+        dt, peak, _, _ = sample(patcher, family, 1, res, steps, cfg_scale, device)
+        row["b1_step4cap_s"], row["b1_peak4cap_gib"] = dt / steps, peak
+        row["b1_reserved4cap_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
+        row["vram_cap_gib"] = cap_gib
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        mm.EXTRA_RESERVED_VRAM = old_reserve
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+
+
 def weight_bytes(patcher):
     return sum(p.numel() * p.element_size() for p in patcher.model.diffusion_model.parameters())
 
 
-def run_family(family, args, dtype, device):
+def run_family(family, args, dtype, device, checkpoint=lambda row: None):
+    """One family's row; `checkpoint(row)` is called after each stage so a killed run keeps what it measured."""
     from comfyui_svdquant.core.config import QuantConfig
     from comfyui_svdquant.wrappers.loader import load_svdquant_model
     from comfyui_svdquant.wrappers.quantize import calibrate_and_quantize
@@ -158,6 +229,9 @@ def run_family(family, args, dtype, device):
            "res": res, "steps": steps, "build_s": time.perf_counter() - t0, "bytes_16": weight_bytes(p16)}
     for b in args.batch:
         sample_row(row, "16", p16, family, b, res, steps, cfg_scale, device, args.compile)
+    if args.profile:
+        row["profile16"] = profile_step(p16, family, 1, res, cfg_scale, device)
+    checkpoint(row)
     qcfg = QuantConfig(alpha_grid=(0.5,)) if args.fast_quant else QuantConfig()
     pos, neg = conds(family, 1, device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,6 +244,8 @@ def run_family(family, args, dtype, device):
         row["quantize_s"] = time.perf_counter() - t0  # includes the save
         row["file_bytes"] = os.path.getsize(path)
         row["layers_4bit"] = len(report["layers"])
+        row["quantize_phases_s"] = dict(report["time_s"])
+        checkpoint(row)
         del q
         p16.model.to("cpu")
         del p16
@@ -183,6 +259,11 @@ def run_family(family, args, dtype, device):
         row[f"b{b}_step_ratio"] = row[f"b{b}_step4_s"] / row[f"b{b}_step16_s"]
         if args.compile:
             row[f"b{b}_step_ratio_compiled"] = row[f"b{b}_step4c_s"] / row[f"b{b}_step16c_s"]
+    if args.profile:
+        row["profile4"] = profile_step(q, family, 1, res, cfg_scale, device)
+    checkpoint(row)
+    if args.vram_cap:
+        sample_capped(row, q, family, res, steps, cfg_scale, device, args.vram_cap)
     row["bytes_ratio"] = row["bytes_4"] / row["bytes_16"]
     del q
     mm.soft_empty_cache()
@@ -201,9 +282,14 @@ def main():
     ap.add_argument("--flux-depth", nargs=2, type=int, default=None, metavar=("DOUBLE", "SINGLE"))
     ap.add_argument("--tiny", action="store_true", help="the test suite's tiny configs (plumbing check)")
     ap.add_argument("--compile", action="store_true", help="also time both models under TorchCompileModel (inductor)")
+    ap.add_argument("--vram-cap", type=float, default=0, metavar="GIB",
+                    help="also sample the 4-bit model (batch 1) as on a GPU with this many GiB free (CUDA only)")
+    ap.add_argument("--profile", action="store_true", help="GPU time per kernel category of one step (torch.profiler)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     on_gpu = torch.cuda.is_available()
+    if args.vram_cap and not on_gpu:
+        ap.error("--vram-cap needs a CUDA GPU")
     os.environ["SVDQ_COMFY_DEVICE"] = "cuda" if on_gpu else "cpu"
     from comfy_inprocess import import_comfy
     import_comfy()
@@ -213,8 +299,18 @@ def main():
     gpu = torch.cuda.get_device_name() if on_gpu else "cpu"
     print(f"GPU: {gpu}  torch {torch.__version__}  driver {_driver()}  4-bit backend {kernels.backend_name(device, 'int_ratio')}")
     rows = []
+
+    def save(partial=None):
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "driver": _driver(),
+                                                           "rows": rows + ([partial] if partial else [])}, indent=1))
+
+    def checkpoint(row):
+        save(row)
+        print("   so far: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in row.items() if not isinstance(v, dict)), flush=True)
     for fam in args.family:  # each family's result is printed and saved as soon as it exists
-        r = run_family(fam, args, dtype, device)
+        r = run_family(fam, args, dtype, device, checkpoint)
         rows.append(r)
         print(f"{r['family']} {r['config'] or ''} {r['res']}px {r['steps']} steps: weights {r['bytes_16'] / 2**30:.2f} -> "
               f"{r['bytes_4'] / 2**30:.2f} GiB ({r['bytes_ratio']:.2f}x), file {r['file_bytes'] / 2**30:.2f} GiB, "
@@ -228,9 +324,16 @@ def main():
                       f"{r[f'b{b}_step4c_s'] * 1e3:8.1f} ms ({r[f'b{b}_step_ratio_compiled']:.2f}x), compile "
                       f"{r[f'b{b}_compile16_s']:.0f} / {r[f'b{b}_compile4_s']:.0f} s, compiled vs eager "
                       f"{r[f'b{b}_compiled_vs_eager16']:.1e} / {r[f'b{b}_compiled_vs_eager4']:.1e}", flush=True)
-        if args.json:
-            pathlib.Path(args.json).write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "driver": _driver(),
-                                                           "rows": rows}, indent=1))
+        print("   quantize phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["quantize_phases_s"].items()), flush=True)
+        if args.vram_cap:
+            print(f"   batch 1 with {r['vram_cap_gib']:g} GiB free (low-VRAM load): step {r['b1_step4cap_s'] * 1e3:8.1f} ms, "
+                  f"peak allocated {r['b1_peak4cap_gib']:.2f} GiB, reserved {r['b1_reserved4cap_gib']:.2f} GiB", flush=True)
+        for tag in ("16", "4"):
+            if f"profile{tag}" in r:
+                pr = r[f"profile{tag}"]
+                print(f"   one step, {tag}-bit, GPU {pr['gpu_ms']:.1f} ms: " + ", ".join(
+                    f"{k} {v:.1f}" for k, v in pr["ms_per_category"].items()), flush=True)
+        save()
 
 
 def _driver():
