@@ -63,12 +63,21 @@ METHODS = {
 CAL_ROWS, SAMPLE_ROWS, EVAL_ROWS = 2048, 512, 1024
 
 
+DEVICE = torch.device("cpu")  # --device: where the layers are quantized (data is generated on the CPU, then moved)
+
+
 def make_layer(n, k, post_gelu, seed):
     g = torch.Generator().manual_seed(seed)
     w = lowrankish_weight(n, k, g)
     b = 0.1 * torch.randn(n, generator=g)
     x = realistic_activations(CAL_ROWS + EVAL_ROWS, k, g, post_gelu=post_gelu)
+    w, b, x = w.to(DEVICE), b.to(DEVICE), x.to(DEVICE)
     return w, b, x[:CAL_ROWS], x[CAL_ROWS:]
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def rel(y, y_ref, den):
@@ -93,15 +102,18 @@ def run_layer(n, k, post_gelu, seed, methods):
             continue
         cfg = QuantConfig(**{**BASE, **fields})
         timer = PhaseTimer()
+        timer.watch(DEVICE)
+        _sync()
         t0 = time.perf_counter()
         shift = GELU_SHIFT if unsigned else None
         p = LayerProblem(w, stats.absmax, stats.sample, cfg, name, act_shift=shift, x_max=stats.xmax,
                          gram=stats.shifted_gram(shift or 0.0) if exact_h else None, timer=timer)
         cand, _, _ = p.search_alpha(rank)
         q = p.finish_all(cand, rank, [b], torch.bfloat16)[0]
+        _sync()
         dt = time.perf_counter() - t0
         with torch.no_grad():
-            y = SVDQuantLinear.from_tensors(q.tensors())(x_eval)
+            y = SVDQuantLinear.from_tensors({t: v.to(DEVICE) for t, v in q.tensors().items()})(x_eval)
         out[name] = {"error": rel(y, y_eval + b.bfloat16().float(), den), "error_calibration_sample": q.report["error"],
                      "time_s": dt, "smoothing": q.report["alpha"], "lowrank_iters_used": q.report["lowrank_iters_used"],
                      "phases_s": timer.as_dict()}
@@ -210,6 +222,7 @@ def main():
     ap.add_argument("--shared", action="store_true", help="only: q/k/v quantized alone vs as one input group")
     ap.add_argument("--json", default=None)
     ap.add_argument("--print", dest="print_json", default=None, help="print the tables of a saved JSON and exit")
+    ap.add_argument("--device", default="cpu", help="quantize on this device (cuda: per-layer GPU times per phase)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: stable times on a shared machine; OpenMP threads spin when cores are busy)")
     args = ap.parse_args()
@@ -221,6 +234,8 @@ def main():
             print(f"{r['layer']:34s} search alone {r['time_alone_s']:.1f} s, batched {r['time_batched_s']:.1f} s; "
                   f"held-out error {r['error_alone']:.4f} / {r['error_batched']:.4f}")
         return
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     if args.shared:
@@ -249,6 +264,11 @@ def main():
                 print(f"{label} seed {seed}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     names = ["RTN W4A4"] + list(args.methods)
     summary = print_tables(rows, names, args.seeds)
+    print(f"\nseconds per phase ({DEVICE})")
+    for r in rows:
+        for m, v in r["methods"].items():
+            if "phases_s" in v:
+                print(f"{r['layer']:34s} {m:12s} " + ", ".join(f"{k} {t:.2f}" for k, t in v["phases_s"].items()))
     scoring = []
     if args.scoring:
         print("\nsmoothing search, 39 candidates at rank 32: one at a time vs batched (seed 0)")
@@ -261,6 +281,7 @@ def main():
                       f"{r['error_batched']:11.4f}", flush=True)
     if args.json:
         meta = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "device": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu",
                 "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                 "rows": {"calibration": CAL_ROWS, "sampled": SAMPLE_ROWS, "held_out": EVAL_ROWS},
                 "methods": {m: {"fields": METHODS[m][0], "rank": METHODS[m][1], "exact_hessian": METHODS[m][2],

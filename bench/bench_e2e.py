@@ -285,6 +285,7 @@ def main():
     ap.add_argument("--vram-cap", type=float, default=0, metavar="GIB",
                     help="also sample the 4-bit model (batch 1) as on a GPU with this many GiB free (CUDA only)")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel category of one step (torch.profiler)")
+    ap.add_argument("--verbose", action="store_true", help="show the pack's INFO log (calibration progress per layer)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     on_gpu = torch.cuda.is_available()
@@ -293,6 +294,9 @@ def main():
     os.environ["SVDQ_COMFY_DEVICE"] = "cuda" if on_gpu else "cpu"
     from comfy_inprocess import import_comfy
     import_comfy()
+    if args.verbose:
+        import logging
+        logging.getLogger().setLevel(logging.INFO)
     from comfyui_svdquant import kernels
     dtype = torch.bfloat16 if on_gpu else torch.float32
     device = torch.device("cuda" if on_gpu else "cpu")
