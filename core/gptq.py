@@ -8,6 +8,7 @@ diag(H)) and lazy blocks of columns as in the reference implementation (damp 0.0
 """
 import torch
 
+from .. import kernels
 from ..kernels import reference as ref
 
 
@@ -50,23 +51,34 @@ def gptq_codes(r: torch.Tensor, steps: torch.Tensor, h: torch.Tensor, group_size
     # Column-major working copies (row c = input channel c): every step below reads contiguous rows.
     wt = r.float().t().contiguous()                                      # (K, N)
     st = steps.float().t().repeat_interleave(group_size, dim=0)          # (K, N) step of each weight
-    live = (st > 0).float()
-    safe = torch.where(st > 0, st, torch.ones_like(st))
     q_all = torch.empty_like(wt)
+    # kernels/csrc/gptq.cu runs the column loop (blocks of <= 128 columns) one thread per output channel
+    use_kernel = block <= 128 and kernels.gptq_available(wt.device)
+    if use_kernel:
+        hinv = hinv.contiguous()
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1 = wt[i1:i2]
-        err1 = torch.empty_like(w1)
-        hb = hinv[i1:i2, i1:i2]
-        dinv = 1.0 / torch.diagonal(hb)
-        for j in range(i2 - i1):
-            c = i1 + j
-            q = torch.round(w1[j] / safe[c]).clamp_(-ref.QMAX, ref.QMAX).mul_(live[c])
-            q_all[c] = q
-            e = (w1[j] - q * st[c]).mul_(dinv[j])
-            err1[j] = e
-            if j + 1 < i2 - i1:
-                w1[j + 1:].addr_(hb[j, j + 1:], e, alpha=-1.0)
-        if i2 < k:
+        err1 = torch.empty_like(wt[i1:i2])
+        if use_kernel:
+            kernels.gptq_block(wt[i1:i2], st[i1:i2], hinv[i1:i2, i1:], q_all[i1:i2], err1, ref.QMAX)
+        else:
+            _column_loop(wt[i1:i2], st[i1:i2], hinv[i1:i2, i1:i2], q_all[i1:i2], err1)
+        if i2 < k:  # the block's errors onto every later column: one GEMM
             wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)
     return q_all.t().to(torch.int8).contiguous()
+
+
+def _column_loop(w1, st, hb, q_out, err_out) -> None:
+    """One block, column by column (the reference of kernels/csrc/gptq.cu): round column j on its steps
+    (code 0 where the step is 0), scale its error by 1/diag, push it onto the block's later columns."""
+    live = (st > 0).float()
+    safe = torch.where(st > 0, st, torch.ones_like(st))
+    dinv = 1.0 / torch.diagonal(hb)
+    b = w1.shape[0]
+    for j in range(b):
+        q = torch.round(w1[j] / safe[j]).clamp_(-ref.QMAX, ref.QMAX).mul_(live[j])
+        q_out[j] = q
+        e = (w1[j] - q * st[j]).mul_(dinv[j])
+        err_out[j] = e
+        if j + 1 < b:
+            w1[j + 1:].addr_(hb[j, j + 1:], e, alpha=-1.0)

@@ -152,6 +152,32 @@ def _log_backend_once(key, msg, *args):
     log.info(msg, *args)
 
 
+def gptq_available(device) -> bool:
+    """Whether `gptq_block` runs on `device` (a CUDA device the compiled library serves)."""
+    return _device_path(device) != 0
+
+
+def gptq_block(w, steps, hb, q_out, err_out, qmax: float) -> None:
+    """GPTQ's column loop over one block on the GPU (kernels/csrc/gptq.cu; core/gptq.py's _column_loop is
+    the reference). w, steps, q_out, err_out: fp32 (B, N) contiguous, B <= 128; hb: fp32 (B, >=B) with
+    contiguous rows (the H⁻¹ Cholesky rows of the block). Fills q_out (codes) and err_out (scaled errors)."""
+    import torch
+
+    if not gptq_available(w.device):
+        raise RuntimeError(f"gptq_block: no CUDA kernel serves {w.device}")
+    b, n = w.shape
+    for name, t in (("w", w), ("steps", steps), ("q_out", q_out), ("err_out", err_out)):
+        if t.dtype != torch.float32 or t.shape != (b, n) or not t.is_contiguous() or t.device != w.device:
+            raise ValueError(f"gptq_block: {name} must be contiguous fp32 {tuple(w.shape)} on {w.device}")
+    if hb.dtype != torch.float32 or hb.shape[0] != b or hb.shape[1] < b or hb.stride(1) != 1 or hb.device != w.device:
+        raise ValueError(f"gptq_block: hb must be fp32 ({b}, >={b}) with contiguous rows on {w.device}")
+    lib = _lib.load()
+    with torch.cuda.device(w.device):
+        stream = torch.cuda.current_stream(w.device).cuda_stream
+        _lib.check(lib.svdq_gptq_block(w.data_ptr(), steps.data_ptr(), hb.data_ptr(), hb.stride(0), q_out.data_ptr(),
+                                       err_out.data_ptr(), b, n, float(qmax), stream), "svdq_gptq_block")
+
+
 def linear(x, prepared: dict, group_size: int = 64):
     """Y = 4-bit linear of x (..., K) with the layer tensors from `prepare_weights`."""
     if group_size == 64 and _use_cuda(x, prepared):

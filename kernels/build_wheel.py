@@ -41,8 +41,8 @@ def main():
             "def library_path() -> str:\n"
             '    return str(pathlib.Path(__file__).with_name("libsvdq_kernels.so"))\n').encode(),
         f"{NAME}/libsvdq_kernels.so": lib.read_bytes(),
-        f"{NAME}/svdq.cu": (HERE / "csrc" / "svdq.cu").read_bytes(),
     }
+    files.update({f"{NAME}/{cu.name}": cu.read_bytes() for cu in sorted((HERE / "csrc").glob("*.cu"))})
     dist_info = f"{NAME}-{VERSION}.dist-info"
     files[f"{dist_info}/METADATA"] = (
         "Metadata-Version: 2.1\n"
