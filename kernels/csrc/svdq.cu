@@ -471,8 +471,15 @@ __device__ __forceinline__ void bar_sync_slab(int slab) {
   }
 }
 
+// 2 CTAs per SM (128 registers) where the shared memory allows two: sm_90 and RP <= 64. Elsewhere one
+// (sm_80's 164 KB and sm_86/89/120's 100 KB per SM hold one CTA at most; there FMT_I8 is not the GEMM path).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 900
+#define QI8_MIN_BLOCKS(RP) 1
+#else
+#define QI8_MIN_BLOCKS(RP) ((RP) >= 96 ? 1 : 2)
+#endif
 template <typename T, int RP>
-__global__ void __launch_bounds__(256, RP >= 96 ? 1 : 2) quant_i8_ratio_kernel(const T* __restrict__ x, const float* __restrict__ smooth_rcp,
+__global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel(const T* __restrict__ x, const float* __restrict__ smooth_rcp,
                                                                 const T* __restrict__ pdown, uint8_t* __restrict__ qact,
                                                                 float* __restrict__ ascales, float* __restrict__ lora,
                                                                 float* __restrict__ part, int* __restrict__ cnt, int M,
@@ -1346,27 +1353,32 @@ static int qi8_ctas_per_sm(int rp, int dev) {
   return n < 1 ? 0 : (n > 2 ? 2 : n);
 }
 
-// Kernel-1b grid: 64-row blocks x K-splits of whole 4-group chunks. The split count S minimises a cost in
-// chunk times: waves of resident CTAs x chunks per split + 2 per level of the LoRA reduction tree (a level
-// = a global round trip, ~2 chunk times); ties go to the smaller S (fewer partials). Each CTA walks several
-// chunks when it can, so its double buffer overlaps loads with work. Depends on (M, K, rp, device) only.
+// Kernel-1b grid: 64-row blocks x K-splits of whole 4-group chunks. The split count S first keeps every SM
+// busy where it can (min(CTAs, SMs) as large as possible: a memory-bound pass needs loads from all SMs),
+// then minimises a cost in chunk times: waves of resident CTAs x chunks per split + 1 per level of the
+// LoRA reduction tree (a dependent global round trip, about one chunk's time); ties go to the smaller S
+// (fewer partials). A CTA then walks several chunks where it can, and its double buffer overlaps the next
+// chunk's loads with this chunk's work. Depends on (M, K, rp, device) only (svdq_quant_workspace).
 static void quant_grid_i8(int M, int K, int rp, int dev, int* rowblocks_out, int* splits_out, int* gpc_out) {
   const int ngroups = K / G;
   const int nch = (ngroups + RATIO_CHUNK - 1) / RATIO_CHUNK;
   const int rowblocks = (M + 63) / 64;
-  int per_sm = qi8_ctas_per_sm(rp, dev);
-  const long long slots = (long long)(per_sm > 0 ? per_sm : 1) * sm_count(dev);
+  const int sms = sm_count(dev);
+  const int per_sm = qi8_ctas_per_sm(rp, dev);
+  const long long slots = (long long)(per_sm > 0 ? per_sm : 1) * sms;
   int best_cpc = nch;
-  long long best_cost = -1;
+  long long best_fill = -1, best_cost = 0;
   for (int s = 1; s <= nch; ++s) {
     const int cpc = (nch + s - 1) / s;  // chunks per split
     const int splits = (nch + cpc - 1) / cpc;
     if (splits != s) continue;  // the same partition as a smaller s
     int levels = 0;
     for (int span = 1; rp > 0 && span < splits; span *= QF) ++levels;
-    const long long waves = ((long long)rowblocks * splits + slots - 1) / slots;
-    const long long cost = waves * cpc + 2LL * levels;
-    if (best_cost < 0 || cost < best_cost) {
+    const long long ctas = (long long)rowblocks * splits;
+    const long long fill = ctas < sms ? ctas : sms;
+    const long long cost = (ctas + slots - 1) / slots * cpc + levels;
+    if (fill > best_fill || (fill == best_fill && cost < best_cost)) {
+      best_fill = fill;
       best_cost = cost;
       best_cpc = cpc;
     }
