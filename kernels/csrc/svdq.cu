@@ -26,6 +26,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 #include <type_traits>
+#include <stdlib.h>
 #include <string.h>
 
 #include "wgmma_gen.h"
@@ -1416,7 +1417,9 @@ static int launch_quant(const void* x, const float* smooth, const void* pdown, v
   const T* pd = (const T*)pdown;
   uint8_t* q = (uint8_t*)qact;
   if constexpr (FMT == FMT_I8) {  // kernel 1b where its shared memory fits (every sm_90 / sm_80 part)
-    if (qi8_ctas_per_sm(rp, dev) > 0) {
+    // SVDQ_I8_QUANT_KERNEL1=1 runs kernel 1 instead: tests/gpu/test_ratio_gpu.py compares the two bit for bit
+    const char* legacy = getenv("SVDQ_I8_QUANT_KERNEL1");
+    if (qi8_ctas_per_sm(rp, dev) > 0 && !(legacy && legacy[0] == '1')) {
 #define QI(RPV) return launch_quant_i8<T, RPV>(xx, smooth, pd, q, ascales, lora, part, cnt, M, K, Mp, dev, st)
       switch (rp) {
         case 0: QI(0);
