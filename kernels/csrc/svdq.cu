@@ -497,15 +497,17 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
   const int nck = (g_end - g_begin + RATIO_CHUNK - 1) / RATIO_CHUNK;
   const uint32_t s0 = smem_u32(smem);
 
-  // cp.async of chunk c0's X rows (zero-filled past M and past g_end) and 1/lambda into stage `buf`
+  // cp.async of chunk c0's X rows (zero-filled past M and past g_end) and 1/lambda into stage `buf`.
+  // Thread = one 16-byte piece (column lane*8 of the chunk) of rows warp, warp+8, ..., warp+56.
+  const T* x_thr = x + (size_t)(rb0 + warp) * K + lane * 8;  // dereferenced only for rows < M
+  const size_t x_step = (size_t)8 * K;
   auto issue_x = [&](int c0, int buf) {
+    const bool gok = c0 + (lane >> 3) < g_end;
+    const uint32_t dst = s0 + buf * C::X_BYTES + warp * C::XS + lane * 16;
 #pragma unroll
-    for (int k = 0; k < C::ROWS * C::CK / 8 / C::NTH; ++k) {
-      const int idx = tid + C::NTH * k, r = idx >> 5, c16 = idx & 31;
-      const int m = rb0 + r;
-      const bool ok = m < M && c0 + (c16 >> 3) < g_end;
-      const T* src = x + (ok ? (size_t)m * K + c0 * G + c16 * 8 : 0);
-      cp_async16(s0 + buf * C::X_BYTES + r * C::XS + c16 * 16, src, ok);
+    for (int k = 0; k < C::ROWS / 8; ++k) {
+      const bool ok = gok && rb0 + warp + 8 * k < M;
+      cp_async16(dst + k * 8 * C::XS, ok ? x_thr + k * x_step + c0 * G : x, ok);
     }
     if (tid < C::CK / 4) {
       const bool ok = c0 + (tid >> 4) < g_end;
