@@ -6,6 +6,9 @@
 //           split stores its fp32 partial to its own workspace slice; the slices are summed along a fixed
 //           4-ary tree over the split index (each node by the last child CTA to arrive at its counter),
 //           the root into lora_act: bitwise deterministic run to run (no float atomics anywhere).
+// Kernel 1b quant_i8_ratio_kernel: kernel 1 for int_ratio int8 activations (FMT_I8, Hopper path 91), same
+//           bytes and bases; the chunk's X / 1/lambda / proj_down tiles staged in smem by double-buffered
+//           cp.async, 8 warps per 64-row block, <= 128 registers (2 CTAs per SM on sm_90).
 // Kernel 2a w4a4_gemm_sm90 (sm_90a only): e4m3 x e4m3 wgmma per 64-group (integer codes are exact in
 //           e4m3; per-group partials <= 3136 are exact in the fp32 accumulator), promoted to fp32 with
 //           a_scale*w_scale by CUDA cores while the next group's wgmma runs; epilogue: LoRA-up as tf32
@@ -443,8 +446,9 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
 // CTA = 8 warps, 64 rows: warp w handles rows 16*(w&3) .. +16 and groups 2*(w>>2) .. +2 of every chunk
 // (absmax, codes, and the LoRA-down mma over those 128 columns); the two warps of a row block exchange
 // their per-row maxima through smem at a 64-thread named barrier, and sum their LoRA-down partials in a
-// fixed order (low K half + high K half) at the end of the split. 128 registers at most (2 CTAs / SM =
-// 16 warps), all reads of X from smem: 2 x LDS.128 per 8 values (absmax pass, code pass) + ldmatrix.
+// fixed order (low K half + high K half) at the end of the split. All reads of X come from smem: 2 x
+// LDS.128 per 8 values (absmax pass, code pass) + ldmatrix. Occupancy on sm_90: RP <= 64 -> <= 128
+// registers and 104-109 KB smem, 2 CTAs (16 warps) per SM; RP 96/128 -> 121/137 KB, 1 CTA per SM.
 // ------------------------------------------------------------------------------------------------
 template <int RP>
 struct QI8 {
