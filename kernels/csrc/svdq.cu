@@ -1347,7 +1347,7 @@ static int qi8_smem(int rp) {
     default: return 1 << 30;
   }
 }
-static int qi8_ctas_per_sm(int rp, int dev) {
+static int qi8_ctas_per_sm_query(int rp, int dev) {
   int per_block = 0, per_sm = 0;
   if (cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
       cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess) {
@@ -1358,6 +1358,14 @@ static int qi8_ctas_per_sm(int rp, int dev) {
   if (smem > per_block) return 0;
   const int n = per_sm / (smem + 1024);  // 1 KB per CTA reserved by the driver
   return n < 1 ? 0 : (n > 2 ? 2 : n);
+}
+
+static int g_qi8_cps[64][5];  // per device and rp/32: CTAs per SM + 1 (0 = not queried yet)
+static int qi8_ctas_per_sm(int rp, int dev) {
+  if (dev < 0 || dev >= 64 || rp < 0 || rp > 128 || rp % 32) return qi8_ctas_per_sm_query(rp, dev);
+  int& c = g_qi8_cps[dev][rp / 32];
+  if (!c) c = qi8_ctas_per_sm_query(rp, dev) + 1;
+  return c - 1;
 }
 
 // Kernel-1b grid: 64-row blocks x K-splits of whole 4-group chunks. The split count S first keeps every SM
