@@ -6,6 +6,9 @@
 //           split stores its fp32 partial to its own workspace slice; the slices are summed along a fixed
 //           4-ary tree over the split index (each node by the last child CTA to arrive at its counter),
 //           the root into lora_act: bitwise deterministic run to run (no float atomics anywhere).
+// Kernel 1b quant_i8_ratio_kernel: kernel 1 for int_ratio int8 activations (FMT_I8, Hopper path 91), same
+//           bytes and bases; the chunk's X / 1/lambda / proj_down tiles staged in smem by double-buffered
+//           cp.async, 8 warps per 64-row block, <= 128 registers (2 CTAs per SM on sm_90).
 // Kernel 2a w4a4_gemm_sm90 (sm_90a only): e4m3 x e4m3 wgmma per 64-group (integer codes are exact in
 //           e4m3; per-group partials <= 3136 are exact in the fp32 accumulator), promoted to fp32 with
 //           a_scale*w_scale by CUDA cores while the next group's wgmma runs; epilogue: LoRA-up as tf32
@@ -26,6 +29,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 #include <type_traits>
+#include <stdlib.h>
 #include <string.h>
 
 #include "wgmma_gen.h"
@@ -92,6 +96,64 @@ __device__ __forceinline__ uint32_t code_to_e4m3(int q) {
   uint32_t mag = (uint32_t)(q < 0 ? -q : q);
   uint32_t b = (uint32_t)(lut >> (8 * mag)) & 0xFFu;
   return q < 0 ? (b | 0x80u) : b;
+}
+
+// Fixed tree of fan-in QF over kernel 1's K-split index (gridDim.y): node (level, j) covers splits
+// [j*span*QF, +span*QF) and is summed (children in index order) by whichever child CTA arrives last at its
+// counter, into the slot of its first child; the root writes lora. The tree, not the arrival order, fixes
+// every rounding; the reductions are spread over many CTAs and the tail is log_QF(S) short levels.
+// Called by every thread of a CTA of NTH threads (64-row block) after its partial is in its `part` slice.
+template <int RP, int NTH>
+__device__ __forceinline__ void lora_split_tree(float* __restrict__ part, int* __restrict__ cnt, float* __restrict__ lora,
+                                                int M) {
+  const int S = gridDim.y;
+  __shared__ int is_last;
+  const int r0 = blockIdx.x * 64;
+  const int n4 = min(64, M - r0) * RP / 4;  // float4 chunks of this row block in one slice (contiguous)
+  const size_t slice = (size_t)M * RP;
+  float* base = part + (size_t)r0 * RP;
+  int* cnt_rb = cnt + (size_t)blockIdx.x * S;  // <= S nodes per row block for QF = 4
+  int lvl_off = 0;
+  for (int span = 1; span < S; span *= QF) {
+    const int node = blockIdx.y / (span * QF);
+    const int first = node * span * QF;
+    const int nch = min(QF, (S - first + span - 1) / span);
+    const bool root = span * QF >= S;
+    if (nch > 1) {
+      __threadfence();  // this CTA's slot (its partial or its last node sum) visible before the counter moves
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        const int prev = atomicAdd(cnt_rb + lvl_off + node, 1);  // integer: order-independent
+        is_last = prev == nch - 1;
+        if (is_last) cnt_rb[lvl_off + node] = 0;  // leaves the counters zeroed
+      }
+      __syncthreads();
+      if (!is_last) return;
+      __threadfence();
+      float* dst = root ? lora + (size_t)r0 * RP : base + (size_t)first * slice;
+      for (int c0 = threadIdx.x; c0 < n4; c0 += 4 * NTH) {
+        float4 v[QF][4];
+#pragma unroll
+        for (int ch = 0; ch < QF; ++ch)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int c = c0 + i * NTH;
+            v[ch][i] = (ch < nch && c < n4) ? ld_cg_f4(base + (size_t)(first + ch * span) * slice + 4 * c)
+                                            : make_float4(0.f, 0.f, 0.f, 0.f);
+          }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int c = c0 + i * NTH;
+          float4 sum = v[0][i];
+#pragma unroll
+          for (int ch = 1; ch < QF; ++ch)
+            if (ch < nch) { sum.x += v[ch][i].x; sum.y += v[ch][i].y; sum.z += v[ch][i].z; sum.w += v[ch][i].w; }
+          if (c < n4) reinterpret_cast<float4*>(dst)[c] = sum;
+        }
+      }
+    }
+    lvl_off += (S + span * QF - 1) / (span * QF);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -364,59 +426,290 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
       if (m0 < M) *reinterpret_cast<float2*>(dst + (size_t)m0 * RP + col) = make_float2(acc[nt][0], acc[nt][1]);
       if (m1 < M) *reinterpret_cast<float2*>(dst + (size_t)m1 * RP + col) = make_float2(acc[nt][2], acc[nt][3]);
     }
-    if (S > 1) {
-      // Fixed tree of fan-in QF over the split index: node (level, j) covers splits [j*span*QF, +span*QF) and
-      // is summed (children in index order) by whichever child CTA arrives last at its counter, into the
-      // slot of its first child; the root writes lora. The tree, not the arrival order, fixes every
-      // rounding; the reductions are spread over many CTAs and the tail is log_QF(S) short levels.
-      __shared__ int is_last;
-      const int r0 = blockIdx.x * 64;
-      const int n4 = min(64, M - r0) * RP / 4;  // float4 chunks of this row block in one slice (contiguous)
-      const size_t slice = (size_t)M * RP;
-      float* base = part + (size_t)r0 * RP;
-      int* cnt_rb = cnt + (size_t)blockIdx.x * S;  // <= S nodes per row block for QF = 4
-      int lvl_off = 0;
-      for (int span = 1; span < S; span *= QF) {
-        const int node = blockIdx.y / (span * QF);
-        const int first = node * span * QF;
-        const int nch = min(QF, (S - first + span - 1) / span);
-        const bool root = span * QF >= S;
-        if (nch > 1) {
-          __threadfence();  // this CTA's slot (its partial or its last node sum) visible before the counter moves
-          __syncthreads();
-          if (threadIdx.x == 0) {
-            const int prev = atomicAdd(cnt_rb + lvl_off + node, 1);  // integer: order-independent
-            is_last = prev == nch - 1;
-            if (is_last) cnt_rb[lvl_off + node] = 0;  // leaves the counters zeroed
-          }
-          __syncthreads();
-          if (!is_last) return;
-          __threadfence();
-          float* dst = root ? lora + (size_t)r0 * RP : base + (size_t)first * slice;
-          for (int c0 = threadIdx.x; c0 < n4; c0 += 4 * 128) {
-            float4 v[QF][4];
+    if (S > 1) lora_split_tree<RP, 128>(part, cnt, lora, M);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Kernel 1b: quantize + LoRA-down for int_ratio int8 activations (FMT_I8, the Hopper path 91).
+// Same outputs, bit for bit, as quant_lora_down_kernel<T, FMT_I8, RP, true>: every code and base comes from
+// the same float operations in the same order (x * (1/lambda), fabs/fmax absmax, 3 xor shuffles, base =
+// max * (1/126), IEEE-divided multiplier, rcp.approx step, magic rounding); only the max over a chunk's
+// four group maxima is taken in another order, which is exact. lora_act sums in another (fixed) order.
+// Why a second kernel: the first one held a chunk's 4 x 64 columns of X in 64 registers per thread (219-254
+// registers, 2 CTAs of 4 warps per SM), loaded them only when the chunk started (no overlap of the next
+// chunk's loads with this chunk's work inside a CTA) and staged proj_down per 64-group behind a
+// __syncthreads. Here the chunk's X tile (64 rows x 256 columns), its 1/lambda and its proj_down rows
+// (256 x RP) are copied to shared memory by cp.async, double-buffered across chunks (proj_down double-
+// buffered for RP <= 32, else single-buffered behind a second barrier to stay at 2 CTAs per SM), so the
+// next chunk's 33 KB are in flight while this one is processed; one __syncthreads per chunk.
+// CTA = 8 warps, 64 rows: warp w handles rows 16*(w&3) .. +16 and groups 2*(w>>2) .. +2 of every chunk
+// (absmax, codes, and the LoRA-down mma over those 128 columns); the two warps of a row block exchange
+// their per-row maxima through smem at a 64-thread named barrier, and sum their LoRA-down partials in a
+// fixed order (low K half + high K half) at the end of the split. All reads of X come from smem: 2 x
+// LDS.128 per 8 values (absmax pass, code pass) + ldmatrix. Occupancy on sm_90: RP <= 64 -> <= 128
+// registers and 104-109 KB smem, 2 CTAs (16 warps) per SM; RP 96/128 -> 121/137 KB, 1 CTA per SM.
+// ------------------------------------------------------------------------------------------------
+template <int RP>
+struct QI8 {
+  static constexpr int ROWS = 64, NTH = 256;
+  static constexpr int CK = G * RATIO_CHUNK;          // columns per chunk (256)
+  static constexpr int XS = CK * 2 + 16;              // X tile row stride in bytes (+16: ldmatrix conflict-free)
+  static constexpr int PS = RP * 2 + 16;              // proj_down tile row stride in bytes
+  static constexpr int PDS = RP == 0 ? 0 : (RP <= 32 ? 2 : 1);  // proj_down stages
+  static constexpr int X_BYTES = ROWS * XS;           // 33 792
+  static constexpr int L_BYTES = CK * 4;              // 1/lambda of the chunk, fp32
+  static constexpr int P_BYTES = RP > 0 ? CK * PS : 0;
+  static constexpr int L_OFF = 2 * X_BYTES, P_OFF = L_OFF + 2 * L_BYTES, C_OFF = P_OFF + PDS * P_BYTES;
+  static constexpr int SMEM = C_OFF + 2 * ROWS * 4;   // + per-(K half, row) chunk maxima
+  static_assert(ROWS * RP * 4 <= X_BYTES, "the LoRA pair sums reuse X stage 0");
+};
+
+// named barrier 1 + slab of the two warps of a 16-row slab (compile-time ids: ptxas then reserves 5 barriers,
+// not all 16 as it does for a register id)
+__device__ __forceinline__ void bar_sync_slab(int slab) {
+  switch (slab) {
+    case 0: asm volatile("bar.sync 1, 64;\n" ::: "memory"); break;
+    case 1: asm volatile("bar.sync 2, 64;\n" ::: "memory"); break;
+    case 2: asm volatile("bar.sync 3, 64;\n" ::: "memory"); break;
+    default: asm volatile("bar.sync 4, 64;\n" ::: "memory"); break;
+  }
+}
+
+// 2 CTAs per SM (128 registers) where the shared memory allows two: sm_90 and RP <= 64. Elsewhere one
+// (sm_80's 164 KB and sm_86/89/120's 100 KB per SM hold one CTA at most; there FMT_I8 is not the GEMM path).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ != 900
+#define QI8_MIN_BLOCKS(RP) 1
+#else
+#define QI8_MIN_BLOCKS(RP) ((RP) >= 96 ? 1 : 2)
+#endif
+template <typename T, int RP>
+__global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel(const T* __restrict__ x, const float* __restrict__ smooth_rcp,
+                                                                const T* __restrict__ pdown, uint8_t* __restrict__ qact,
+                                                                float* __restrict__ ascales, float* __restrict__ lora,
+                                                                float* __restrict__ part, int* __restrict__ cnt, int M,
+                                                                int K, int Mp, int gpc) {
+  using C = QI8<RP>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int half = warp >> 2, wr = warp & 3;  // K half of the chunk (groups 2*half, 2*half+1), 16-row slab
+  const int gid = lane >> 2, tig = lane & 3, ch = lane & 7;
+  const int rb0 = blockIdx.x * C::ROWS;
+  const int ngroups = K / G;
+  const int g_begin = blockIdx.y * gpc;  // gpc is a multiple of RATIO_CHUNK: chunks never straddle CTAs
+  const int g_end = min(ngroups, g_begin + gpc);
+  const int nck = (g_end - g_begin + RATIO_CHUNK - 1) / RATIO_CHUNK;
+  const uint32_t s0 = smem_u32(smem);
+
+  // cp.async of chunk c0's X rows (zero-filled past M and past g_end) and 1/lambda into stage `buf`.
+  // Thread = one 16-byte piece (column lane*8 of the chunk) of rows warp, warp+8, ..., warp+56.
+  const T* x_thr = x + (size_t)(rb0 + warp) * K + lane * 8;  // dereferenced only for rows < M
+  const size_t x_step = (size_t)8 * K;
+  auto issue_x = [&](int c0, int buf) {
+    const bool gok = c0 + (lane >> 3) < g_end;
+    const uint32_t dst = s0 + buf * C::X_BYTES + warp * C::XS + lane * 16;
 #pragma unroll
-            for (int ch = 0; ch < QF; ++ch)
+    for (int k = 0; k < C::ROWS / 8; ++k) {
+      const bool ok = gok && rb0 + warp + 8 * k < M;
+      cp_async16(dst + k * 8 * C::XS, ok ? x_thr + k * x_step + c0 * G : x, ok);
+    }
+    if (tid < C::CK / 4) {
+      const bool ok = c0 + (tid >> 4) < g_end;
+      cp_async16(s0 + C::L_OFF + buf * C::L_BYTES + tid * 16, smooth_rcp + (ok ? c0 * G + tid * 4 : 0), ok);
+    }
+  };
+  // cp.async of proj_down rows [c0*64, +256) (zero-filled past g_end: no garbage meets the zero X columns)
+  auto issue_pd = [&](int c0, int buf) {
+    constexpr int CPR = RP * 2 / 16;  // 16-byte pieces per proj_down row
 #pragma unroll
-              for (int i = 0; i < 4; ++i) {
-                const int c = c0 + i * 128;
-                v[ch][i] = (ch < nch && c < n4) ? ld_cg_f4(base + (size_t)(first + ch * span) * slice + 4 * c)
-                                                : make_float4(0.f, 0.f, 0.f, 0.f);
-              }
+    for (int k = 0; k < (RP > 0 ? CPR : 0); ++k) {
+      const int idx = tid + C::NTH * k, r = idx / CPR, cc = idx % CPR;
+      const bool ok = c0 + r / G < g_end;
+      const T* src = pdown + (ok ? (size_t)(c0 * G + r) * RP + cc * 8 : 0);
+      cp_async16(s0 + C::P_OFF + buf * C::P_BYTES + r * C::PS + cc * 16, src, ok);
+    }
+  };
+  auto smooth8 = [&](const uint4& raw, const float (&lam)[8], float (&v)[8]) {
+    const uint32_t* u = reinterpret_cast<const uint32_t*>(&raw);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int c = c0 + i * 128;
-              float4 sum = v[0][i];
+    for (int j = 0; j < 4; ++j) {
+      float2 f = Pack2<T>::to_f2(u[j]);
+      v[2 * j] = f.x * lam[2 * j];
+      v[2 * j + 1] = f.y * lam[2 * j + 1];
+    }
+  };
+  auto load_lam = [&](const float* lt, int gl, float (&lam)[8]) {
+    const float4 a = *reinterpret_cast<const float4*>(lt + gl * G + ch * 8);
+    const float4 b = *reinterpret_cast<const float4*>(lt + gl * G + ch * 8 + 4);
+    lam[0] = a.x; lam[1] = a.y; lam[2] = a.z; lam[3] = a.w;
+    lam[4] = b.x; lam[5] = b.y; lam[6] = b.z; lam[7] = b.w;
+  };
+
+  constexpr int NT = RP / 8;
+  float acc[NT > 0 ? NT : 1][4];
 #pragma unroll
-              for (int ch = 1; ch < QF; ++ch)
-                if (ch < nch) { sum.x += v[ch][i].x; sum.y += v[ch][i].y; sum.z += v[ch][i].z; sum.w += v[ch][i].w; }
-              if (c < n4) reinterpret_cast<float4*>(dst)[c] = sum;
+  for (int i = 0; i < (NT > 0 ? NT : 1); ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float* cms = reinterpret_cast<float*>(smem + C::C_OFF);  // [K half][row] max over the half's 2 groups
+
+  issue_x(g_begin, 0);
+  if (C::PDS > 0) issue_pd(g_begin, 0);
+  cp_async_commit();
+  for (int it = 0; it < nck; ++it) {
+    const int c0 = g_begin + it * RATIO_CHUNK;
+    const int xb = it & 1, pb = C::PDS == 2 ? (it & 1) : 0;
+    cp_async_wait<0>();  // this thread's pieces of chunk `it` have landed
+    __syncthreads();     // everyone's pieces visible; everyone done with chunk it-1's buffers
+    if (it + 1 < nck) {  // prefetch the next chunk into the buffers chunk it-1 used
+      issue_x(c0 + RATIO_CHUNK, xb ^ 1);
+      if (C::PDS == 2) issue_pd(c0 + RATIO_CHUNK, pb ^ 1);
+      cp_async_commit();
+    }
+    const uint8_t* xt = smem + xb * C::X_BYTES;
+    const float* lt = reinterpret_cast<const float*>(smem + C::L_OFF + xb * C::L_BYTES);
+
+    // per (group, row) absmax over the 8 lanes that share the row
+    float amax[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      float lam[8];
+      load_lam(lt, 2 * half + j, lam);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = wr * 16 + i * 4 + (lane >> 3);
+        const uint4 raw = *reinterpret_cast<const uint4*>(xt + r * C::XS + (2 * half + j) * (G * 2) + ch * 16);
+        float v[8];
+        smooth8(raw, lam, v);
+        float a = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
+        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
+        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
+        amax[j][i] = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 4));
+      }
+    }
+    // chunk max per row = max of both halves' maxima (max is exact: any order gives the same float)
+    float pm[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      pm[i] = fmaxf(amax[0][i], amax[1][i]);
+      if (ch == 0) cms[half * C::ROWS + wr * 16 + i * 4 + (lane >> 3)] = pm[i];
+    }
+    // the two warps of this 16-row slab (w and w^4); cms is rewritten only after the next __syncthreads
+    bar_sync_slab(wr);
+    float mult[2][4], base[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float cm = fmaxf(pm[i], cms[(half ^ 1) * C::ROWS + wr * 16 + i * 4 + (lane >> 3)]);
+      base[i] = cm * (1.0f / 126.0f);  // the reference's fp32 multiply by the fp32 constant 1/126
+      const float unit = base[i] * 7.0f;
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        mult[j][i] = unit > 0.f ? fminf(fmaxf(ceilf(__fdiv_rn(amax[j][i], unit)), 1.f), 18.f) : 1.f;
+      const int m = rb0 + wr * 16 + i * 4 + (lane >> 3);
+      if (half == 0 && ch == 0 && m < M) ascales[(size_t)(c0 / RATIO_CHUNK) * Mp + m] = base[i];
+    }
+    // codes x multipliers as int8 (round-half-even by the 1.5*2^23 trick, as kernel 1)
+    constexpr float MAGIC = 12582912.0f;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int gl = 2 * half + j, g = c0 + gl;
+      if (g >= g_end) break;  // warp-uniform
+      float lam[8];
+      load_lam(lt, gl, lam);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = wr * 16 + i * 4 + (lane >> 3), m = rb0 + r;
+        if (m >= M) continue;
+        const uint4 raw = *reinterpret_cast<const uint4*>(xt + r * C::XS + gl * (G * 2) + ch * 16);
+        float v[8];
+        smooth8(raw, lam, v);
+        const float sc = base[i] * mult[j][i];
+        float inv;
+        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv) : "f"(sc > 0.f ? sc : 1.0f));
+        const float f = mult[j][i];
+        uint32_t w[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float q = (fminf(fmaxf(v[e] * inv, -7.f), 7.f) + MAGIC) - MAGIC;  // rounded code
+          w[e] = __float_as_uint(fmaf(q, f, MAGIC));  // low byte = code x f as int8
+        }
+        // low bytes of w[0..3] / w[4..7] -> one word each (3 PRMT per 4 codes)
+        const uint32_t lo = __byte_perm(__byte_perm(w[0], w[1], 0x0040), __byte_perm(w[2], w[3], 0x0040), 0x5410);
+        const uint32_t hi = __byte_perm(__byte_perm(w[4], w[5], 0x0040), __byte_perm(w[6], w[7], 0x0040), 0x5410);
+        *reinterpret_cast<uint2*>(qact + (size_t)m * K + g * G + ch * 8) = make_uint2(lo, hi);
+      }
+    }
+    if constexpr (RP > 0) {
+      // LoRA-down of this warp's 16 rows x 128 columns (the half's two groups) on mma.sync m16n8k16
+      const uint8_t* pt = smem + C::P_OFF + pb * C::P_BYTES;
+#pragma unroll
+      for (int kk = 0; kk < 8; ++kk) {
+        const int k0 = half * 128 + kk * 16;
+        uint32_t a[4];
+        {
+          const uint32_t addr = s0 + xb * C::X_BYTES + (wr * 16 + (lane & 15)) * C::XS + (k0 + (lane >> 4) * 8) * 2;
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                       : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                       : "r"(addr));
+        }
+#pragma unroll
+        for (int nt2 = 0; nt2 < NT / 2; ++nt2) {
+          uint32_t b[4];
+          const int mi = lane >> 3;
+          const int krow = k0 + (mi & 1) * 8 + (lane & 7);
+          const int ncol = nt2 * 16 + (mi >> 1) * 8;
+          const uint32_t addr = smem_u32(pt + krow * C::PS + ncol * 2);
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                       : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                       : "r"(addr));
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            float* c = acc[nt2 * 2 + h];
+            if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+              asm volatile(
+                  "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                  "{%0,%1,%2,%3};\n"
+                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
+            } else {
+              asm volatile(
+                  "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                  "{%0,%1,%2,%3};\n"
+                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
             }
           }
         }
-        lvl_off += (S + span * QF - 1) / (span * QF);
+      }
+      if (C::PDS == 1 && it + 1 < nck) {
+        __syncthreads();  // every warp done with this chunk's proj_down before the single buffer is refilled
+        issue_pd(c0 + RATIO_CHUNK, 0);
+        cp_async_commit();
       }
     }
+  }
+  // LoRA-down partial of this split: low K half + high K half per element (fixed order), then as kernel 1
+  if constexpr (RP > 0) {
+    float4* red = reinterpret_cast<float4*>(smem);  // X stage 0: no cp.async is pending (none issued after the last wait)
+    __syncthreads();  // every warp done reading the X tiles
+    if (half == 1) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) red[(wr * NT + nt) * 32 + lane] = make_float4(acc[nt][0], acc[nt][1], acc[nt][2], acc[nt][3]);
+    }
+    __syncthreads();
+    const int S = gridDim.y;
+    if (half == 0) {
+      float* dst = S == 1 ? lora : part + (size_t)blockIdx.y * M * RP;
+      const int m0 = rb0 + wr * 16 + gid, m1 = m0 + 8;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float4 o = red[(wr * NT + nt) * 32 + lane];
+        const int col = nt * 8 + 2 * tig;
+        if (m0 < M) *reinterpret_cast<float2*>(dst + (size_t)m0 * RP + col) = make_float2(acc[nt][0] + o.x, acc[nt][1] + o.y);
+        if (m1 < M) *reinterpret_cast<float2*>(dst + (size_t)m1 * RP + col) = make_float2(acc[nt][2] + o.z, acc[nt][3] + o.w);
+      }
+    }
+    if (S > 1) lora_split_tree<RP, C::NTH>(part, cnt, lora, M);
   }
 }
 
@@ -1042,16 +1335,121 @@ static void quant_grid(int M, int K, int dev, int* rowblocks_out, int* splits_ou
   *gpc_out = gpc;
 }
 
+// Kernel-1b (int_ratio int8) shared memory per CTA for rank rp, and CTAs per SM that it allows (at most 2:
+// __launch_bounds__(256, 2)); 0 when it does not fit a block on this device (then kernel 1 serves FMT_I8).
+static int qi8_smem(int rp) {
+  switch (rp) {
+    case 0: return QI8<0>::SMEM;
+    case 32: return QI8<32>::SMEM;
+    case 64: return QI8<64>::SMEM;
+    case 96: return QI8<96>::SMEM;
+    case 128: return QI8<128>::SMEM;
+    default: return 1 << 30;
+  }
+}
+static int qi8_ctas_per_sm_query(int rp, int dev) {
+  int per_block = 0, per_sm = 0;
+  if (cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  const int smem = qi8_smem(rp);
+  if (smem > per_block) return 0;
+  const int n = per_sm / (smem + 1024);  // 1 KB per CTA reserved by the driver
+  return n < 1 ? 0 : (n > 2 ? 2 : n);
+}
+
+static int g_qi8_cps[64][5];  // per device and rp/32: CTAs per SM + 1 (0 = not queried yet)
+static int qi8_ctas_per_sm(int rp, int dev) {
+  if (dev < 0 || dev >= 64 || rp < 0 || rp > 128 || rp % 32) return qi8_ctas_per_sm_query(rp, dev);
+  int& c = g_qi8_cps[dev][rp / 32];
+  if (!c) c = qi8_ctas_per_sm_query(rp, dev) + 1;
+  return c - 1;
+}
+
+// Kernel-1b grid: 64-row blocks x K-splits of whole 4-group chunks. The split count S first keeps every SM
+// busy where it can (min(CTAs, SMs) as large as possible: a memory-bound pass needs loads from all SMs),
+// then minimises a cost in chunk times: waves of resident CTAs x chunks per split + 1 per level of the
+// LoRA reduction tree (a dependent global round trip, about one chunk's time); ties go to the smaller S
+// (fewer partials). A CTA then walks several chunks where it can, and its double buffer overlaps the next
+// chunk's loads with this chunk's work. Depends on (M, K, rp, device) only (svdq_quant_workspace).
+static void quant_grid_i8(int M, int K, int rp, int dev, int* rowblocks_out, int* splits_out, int* gpc_out) {
+  const int ngroups = K / G;
+  const int nch = (ngroups + RATIO_CHUNK - 1) / RATIO_CHUNK;
+  const int rowblocks = (M + 63) / 64;
+  const int sms = sm_count(dev);
+  const int per_sm = qi8_ctas_per_sm(rp, dev);
+  const long long slots = (long long)(per_sm > 0 ? per_sm : 1) * sms;
+  int best_cpc = nch;
+  long long best_fill = -1, best_cost = 0;
+  for (int s = 1; s <= nch; ++s) {
+    const int cpc = (nch + s - 1) / s;  // chunks per split
+    const int splits = (nch + cpc - 1) / cpc;
+    if (splits != s) continue;  // the same partition as a smaller s
+    int levels = 0;
+    for (int span = 1; rp > 0 && span < splits; span *= QF) ++levels;
+    const long long ctas = (long long)rowblocks * splits;
+    const long long fill = ctas < sms ? ctas : sms;
+    const long long cost = (ctas + slots - 1) / slots * cpc + levels;
+    if (fill > best_fill || (fill == best_fill && cost < best_cost)) {
+      best_fill = fill;
+      best_cost = cost;
+      best_cpc = cpc;
+    }
+  }
+  *rowblocks_out = rowblocks;
+  *gpc_out = best_cpc * RATIO_CHUNK;
+  *splits_out = (ngroups + *gpc_out - 1) / *gpc_out;
+}
+
+template <typename T, int RP>
+static int launch_quant_i8(const T* x, const float* smooth, const T* pd, uint8_t* q, float* ascales, float* lora,
+                           float* part, int* cnt, int M, int K, int Mp, int dev, cudaStream_t st) {
+  static unsigned long long configured = 0;  // devices whose dynamic smem limit is raised (idempotent)
+  const int smem = QI8<RP>::SMEM;
+  if (dev >= 0 && dev < 64 && !(configured & (1ull << dev))) {
+    if (cudaFuncSetAttribute(quant_i8_ratio_kernel<T, RP>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) !=
+            cudaSuccess ||
+        cudaFuncSetAttribute(quant_i8_ratio_kernel<T, RP>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             cudaSharedmemCarveoutMaxShared) != cudaSuccess)
+      return (int)cudaGetLastError();
+    configured |= 1ull << dev;
+  }
+  int rowblocks, splits, gpc;
+  quant_grid_i8(M, K, RP, dev, &rowblocks, &splits, &gpc);
+  if (RP > 0 && splits > 1 && (!part || !cnt || ((uintptr_t)part & 15))) return ERR_BAD_ARG;
+  quant_i8_ratio_kernel<T, RP><<<dim3(rowblocks, splits), QI8<RP>::NTH, smem, st>>>(x, smooth, pd, q, ascales, lora,
+                                                                                    part, cnt, M, K, Mp, gpc);
+  return (int)cudaGetLastError();
+}
+
 template <typename T, int FMT, bool RATIO>
 static int launch_quant(const void* x, const float* smooth, const void* pdown, void* qact, float* ascales, float* lora,
                         float* part, int* cnt, int M, int K, int Mp, int rp, int dev, cudaStream_t st) {
+  const T* xx = (const T*)x;
+  const T* pd = (const T*)pdown;
+  uint8_t* q = (uint8_t*)qact;
+  if constexpr (FMT == FMT_I8) {  // kernel 1b where its shared memory fits (every sm_90 / sm_80 part)
+    // SVDQ_I8_QUANT_KERNEL1=1 runs kernel 1 instead: tests/gpu/test_ratio_gpu.py compares the two bit for bit
+    const char* legacy = getenv("SVDQ_I8_QUANT_KERNEL1");
+    if (qi8_ctas_per_sm(rp, dev) > 0 && !(legacy && legacy[0] == '1')) {
+#define QI(RPV) return launch_quant_i8<T, RPV>(xx, smooth, pd, q, ascales, lora, part, cnt, M, K, Mp, dev, st)
+      switch (rp) {
+        case 0: QI(0);
+        case 32: QI(32);
+        case 64: QI(64);
+        case 96: QI(96);
+        case 128: QI(128);
+        default: return ERR_BAD_ARG;
+      }
+#undef QI
+    }
+  }
   int rowblocks, splits, gpc;
   quant_grid(M, K, dev, &rowblocks, &splits, &gpc);
   if (rp > 0 && splits > 1 && (!part || !cnt || ((uintptr_t)part & 15))) return ERR_BAD_ARG;
   dim3 grid(rowblocks, splits);
-  const T* xx = (const T*)x;
-  const T* pd = (const T*)pdown;
-  uint8_t* q = (uint8_t*)qact;
 #define QL(RPV) \
   quant_lora_down_kernel<T, FMT, RPV, RATIO><<<grid, 128, 0, st>>>(xx, smooth, pd, q, ascales, lora, part, cnt, M, K, Mp, gpc)
   switch (rp) {
@@ -1074,11 +1472,14 @@ SVDQ_API int svdq_quant_workspace(int M, int K, int rp, int device, long long* p
   *part_floats = 0;
   *counters = 0;
   if (M <= 0 || K <= 0 || K % G || rp < 0) return ERR_BAD_ARG;
-  int rowblocks, splits, gpc;
+  // the format is not an argument: size for the larger of kernel 1's and kernel 1b's grids
+  int rowblocks, splits, gpc, rb_i8, splits_i8, gpc_i8;
   quant_grid(M, K, device, &rowblocks, &splits, &gpc);
+  quant_grid_i8(M, K, rp, device, &rb_i8, &splits_i8, &gpc_i8);
+  if (splits_i8 > splits) splits = splits_i8;
   if (rp > 0 && splits > 1) {
     *part_floats = (long long)splits * M * rp;
-    *counters = rowblocks * splits;  // tree nodes per row block <= splits (QF = 4)
+    *counters = rowblocks * splits;  // tree nodes per row block <= splits (QF = 4); both grids use 64-row blocks
   }
   return 0;
 }

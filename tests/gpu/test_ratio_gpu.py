@@ -73,6 +73,46 @@ def test_quantize_ratio(m, k, r, dtype):
             assert torch.all(lora[:, r:] == 0)
 
 
+# Kernel 1b (quant_i8_ratio_kernel, smem-staged chunks) must emit the same bytes and bases as kernel 1
+# (SVDQ_I8_QUANT_KERNEL1=1 forces kernel 1): same float operations per element, only the max over a chunk's
+# group maxima is taken in another (exact) order. lora_act is summed in another fixed order: close, not equal,
+# and bitwise equal from one kernel-1b call to the next.
+KERNEL1B_CASES = QUANT_CASES + [(4608, 3072, 32), (256, 12288, 32), (4096 + 13, 640, 96), (77, 256, 0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,r", KERNEL1B_CASES)
+def test_quantize_i8_kernel1b_matches_kernel1(m, k, r, dtype, monkeypatch):
+    if _lib.device_path(torch.cuda.current_device()) != 90:
+        pytest.skip("FMT_I8_RATIO is the Hopper path")
+    ops = _ops()
+    lay = make_ratio_layer(64, k, r, dtype, DEV, seed=m + k + r + 1)
+    x = make_x(m, k, dtype, DEV, seed=m * 5 + k)
+    x[min(2, m - 1), : min(k, 128)] = 0
+    smooth_rcp = (1.0 / lay["smooth_factor"].float()).contiguous()
+    rp = (r + 31) // 32 * 32
+    pd = torch.nn.functional.pad(lay["proj_down"], (0, rp - r)).contiguous() if r else None
+    qshape, sshape = ops.act_shapes(m, k, _lib.FMT_I8_RATIO)
+    outs = []
+    for legacy in ("1", "0", "0"):
+        monkeypatch.setenv("SVDQ_I8_QUANT_KERNEL1", legacy)
+        qact = torch.full(qshape, 0x5A, dtype=torch.uint8, device=DEV)
+        ascales = torch.full(sshape, float("nan"), device=DEV)
+        lora = torch.full((m, rp), float("nan"), device=DEV)
+        ops.quantize_into(x, smooth_rcp, pd, qact, ascales, lora, _lib.FMT_I8_RATIO)
+        sync_check()
+        outs.append((qact, ascales[:, :m], lora))
+    (q1, s1, l1), (q2, s2, l2), (q3, s3, l3) = outs
+    assert torch.equal(q2, q3) and torch.equal(s2.view(torch.int32), s3.view(torch.int32)), "kernel 1b not deterministic"
+    assert torch.equal(l2.view(torch.int32), l3.view(torch.int32)), "kernel 1b lora_act not bitwise deterministic"
+    assert torch.equal(q1, q2), f"{(q1 != q2).sum().item()} code bytes differ from kernel 1"
+    assert torch.equal(s1.view(torch.int32), s2.view(torch.int32)), "bases differ from kernel 1"
+    if r:
+        assert bool(torch.isfinite(l2).all()), "lora_act not fully written"
+        assert rel(l2, l1) < 1e-6
+        assert rel(l2[:, :r], x.double() @ lay["proj_down"].double()) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,n,k,r,bias", GEMM_CASES)
 def test_gemm_ratio(m, n, k, r, bias, dtype):
