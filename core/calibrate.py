@@ -6,6 +6,7 @@ that is a sampler run; for tests a loop over random inputs).
 import fnmatch
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Callable
 
@@ -240,11 +241,8 @@ def quantize_layers(layers: dict, stats: dict, cfg: QuantConfig, device=None, ou
     def unit_key(unit, *extra):
         if store is None:
             return None
-        s = stats[unit[0]]
         with timer("resume"):
-            return store.key(config_fingerprint(cfg), list(unit), [layers[n].weight for n in unit],
-                             [layers[n].bias for n in unit], s.absmax, s.xmin, s.xmax, s.sample, s.gram, s.colsum,
-                             s.rows_seen, bool(unsigned & set(unit)), str(out_dtype), str(device), *extra)
+            return _unit_key_now(store, cfg, unit, layers, stats, unsigned, out_dtype, device, *extra)
 
     def finish(unit, alpha, rank, key):
         out = None
@@ -289,35 +287,60 @@ def quantize_layers(layers: dict, stats: dict, cfg: QuantConfig, device=None, ou
             step(unit, None)
         return results
 
-    for unit in units:
-        key = unit_key(unit, "final")
-        cached = None
+    # With a resume store, keys (a hash of each layer's weights and statistics, CPU-bound) are computed
+    # ahead by worker threads and finished layers are written by another, while the GPU quantizes the
+    # next layers; hashlib, copies and file writes release the GIL. The "resume" phase then times only waits.
+    hasher = ThreadPoolExecutor(2, thread_name_prefix="svdq-key") if store is not None else None
+    writer = ThreadPoolExecutor(1, thread_name_prefix="svdq-save") if store is not None else None
+    keys = {unit: hasher.submit(_unit_key_now, store, cfg, unit, layers, stats, unsigned, out_dtype, device, "final")
+            for unit in units} if store is not None else {}
+    pending = []
+    try:
+        for unit in units:
+            key, cached = None, None
+            if store is not None:
+                with timer("resume"):
+                    key = keys[unit].result()
+                    cached = store.load(key)
+            if cached is not None:
+                results.update(dict(zip(unit, cached)))
+                step(unit, "resumed")
+                continue
+            p = problem(unit)
+            lim = unit_limit(unit)
+            if policy.mode == "fixed":
+                rank = policy.rank
+                alpha, _, _ = p.search_alpha(rank)
+            else:
+                alpha, _, _ = p.search_alpha(min(policy.rank, lim))
+                ranks = sorted({min(r, lim) for r in policy.candidates})
+                curve = p.rank_curve(alpha, ranks)
+                ok = [r for r in ranks if curve[r] <= policy.error_budget]
+                rank = ok[0] if ok else ranks[-1]
+            out = p.finish_all(alpha, rank, [layers[n].bias for n in unit], out_dtype or layers[unit[0]].weight.dtype,
+                               list(unit))
+            if store is not None:
+                pending.append(writer.submit(store.save, key, out))
+            results.update(dict(zip(unit, out)))
+            step(unit, None)
+    finally:  # an interrupted run still keeps every finished layer for the next one
         if store is not None:
+            for f in keys.values():
+                f.cancel()
             with timer("resume"):
-                cached = store.load(key)
-        if cached is not None:
-            results.update(dict(zip(unit, cached)))
-            step(unit, "resumed")
-            continue
-        p = problem(unit)
-        lim = unit_limit(unit)
-        if policy.mode == "fixed":
-            rank = policy.rank
-            alpha, _, _ = p.search_alpha(rank)
-        else:
-            alpha, _, _ = p.search_alpha(min(policy.rank, lim))
-            ranks = sorted({min(r, lim) for r in policy.candidates})
-            curve = p.rank_curve(alpha, ranks)
-            ok = [r for r in ranks if curve[r] <= policy.error_budget]
-            rank = ok[0] if ok else ranks[-1]
-        out = p.finish_all(alpha, rank, [layers[n].bias for n in unit], out_dtype or layers[unit[0]].weight.dtype,
-                           list(unit))
-        if store is not None:
-            with timer("resume"):
-                store.save(key, out)
-        results.update(dict(zip(unit, out)))
-        step(unit, None)
+                for f in pending:
+                    f.result()
+            hasher.shutdown(wait=True)
+            writer.shutdown(wait=True)
     return results
+
+
+def _unit_key_now(store, cfg, unit, layers, stats, unsigned, out_dtype, device, *extra) -> str:
+    """The resume key of a layer (or input group): everything its result depends on."""
+    s = stats[unit[0]]
+    return store.key(config_fingerprint(cfg), list(unit), [layers[n].weight for n in unit],
+                     [layers[n].bias for n in unit], s.absmax, s.xmin, s.xmax, s.sample, s.gram, s.colsum,
+                     s.rows_seen, bool(unsigned & set(unit)), str(out_dtype), str(device), *extra)
 
 
 def summarize(results: dict) -> dict:
