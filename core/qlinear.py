@@ -26,11 +26,21 @@ def scale_mode_of(tensors) -> str:
     return "int_ratio" if any(str(k).endswith("wscale_mult") for k in tensors) else "float"
 
 
+KERNEL_CACHE = "kernel_cache"
+
+
 def _weight_placeholder(module, state_dict, prefix, local_metadata):
     """List an empty `weight` entry for 4-bit layers: frameworks that attach patches by state-dict key
-    (ComfyUI's LoRA loaders) then see the layer; it has no data, so sizes and copies are unaffected."""
+    (ComfyUI's LoRA loaders) then see the layer; it has no data, so sizes and copies are unaffected.
+
+    Also a `kernel_cache` entry (meta, no data) as large as the copy the CUDA kernels prepare on the GPU
+    beside the layer's tensors: ComfyUI sizes modules and models by their state dicts
+    (model_management.module_size) to decide how much of a model fits, so it must see that copy too."""
     if getattr(module, "quantized", False):
         state_dict[prefix + "weight"] = torch.empty(0, device="meta")
+        extra = module.kernel_cache_bytes()
+        if extra:
+            state_dict[prefix + KERNEL_CACHE] = torch.empty(extra, dtype=torch.uint8, device="meta")
 
 
 class QuantizedLinearMixin:
@@ -60,6 +70,15 @@ class QuantizedLinearMixin:
     def set_lora(self, terms) -> None:
         """Extra low-rank terms (D (K×r), U (N×r)) added as (X·D)·Uᵀ, e.g. LoRAs; None removes them."""
         self._lora = terms
+
+    def kernel_cache_bytes(self, device=None) -> int:
+        """Bytes the kernels prepare on `device` (default: the current CUDA device) for this layer."""
+        if device is None:
+            if not torch.cuda.is_available():
+                return 0
+            device = torch.device("cuda", torch.cuda.current_device())
+        return kernels.prepared_extra_bytes(self.out_features, self.in_features, self.rank, device,
+                                            unsigned=getattr(self, ACT_SHIFT, None) is not None)
 
     def _apply(self, fn, *args, **kwargs):
         self._prepared = None  # cached kernel-ready tensors belong to the old device

@@ -80,6 +80,22 @@ def _int8_from_ratio(qweight, mult):
     return (codes * f).to(torch.int8).contiguous()
 
 
+def prepared_extra_bytes(n: int, k: int, rank: int, device, unsigned: bool = False) -> int:
+    """Device bytes `prepare_weights` adds beside a layer's own tensors on `device` (0 for the reference):
+    the Hopper path's int8/e4m3 weight copy (N×K), fp32 proj_up, the padded proj_down, fp32 scales/bias.
+    Counted by ComfyUI's memory management (see core/qlinear.py), so that it plans loads with it."""
+    if unsigned:
+        return 0
+    path = _device_path(device)
+    if not path or k % 64 or n % 64:
+        return 0
+    rp = (rank + 31) // 32 * 32
+    if rp > MAX_RANK:
+        return 0
+    weight = n * k if path == 90 else 0  # sm_80 path reads the packed file layout in place
+    return weight + 4 * n * rp + 2 * k * rp + 4 * (k // 64) * n + 4 * (n + k)
+
+
 def prepare_weights(tensors: dict, device) -> dict:
     """Per-device weight preparation. The natural tensors stay (the reference reads them); the CUDA
     path adds its own: `_qw` (Hopper: e4m3 bytes (N, K); else the packed int4 as is), fp32 scales,

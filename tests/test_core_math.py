@@ -99,3 +99,27 @@ def test_bad_settings_are_refused():
         QuantConfig(group_size=32)
     with pytest.raises(ValueError, match="alphas"):
         QuantConfig(alpha_grid=(1.5,))
+
+
+def test_state_dict_sizes_include_the_kernels_prepared_copy(monkeypatch):
+    """ComfyUI sizes modules by their state dicts (model_management.module_size) to plan full or partial
+    loads; on a GPU whose kernels prepare an N×K weight copy, that copy must be in the size."""
+    from comfyui_svdquant import kernels
+    from comfyui_svdquant.core.qlinear import KERNEL_CACHE
+    w, x = outlier_layer(n=128, k=256, rows=256)
+    q = SVDQuantLinear.from_tensors(quantize_linear(w, None, x.abs().amax(0), x, QuantConfig(), rank=16).tensors())
+
+    def size(m):  # comfy.model_management.module_size
+        return sum(t.nelement() * t.element_size() for t in m.state_dict().values())
+    own = sum(p.nelement() * p.element_size() for p in q.parameters())
+    if not torch.cuda.is_available():  # no CUDA: nothing prepared, nothing counted
+        assert KERNEL_CACHE not in q.state_dict() and size(q) == own
+    monkeypatch.setattr(kernels, "_device_path", lambda device: 90)  # as on a Hopper GPU
+    extra = q.kernel_cache_bytes(torch.device("cuda", 0))
+    assert extra >= 128 * 256  # the int8 weight copy at least
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    sd = q.state_dict()
+    assert sd[KERNEL_CACHE].is_meta and size(q) == own + extra
+    monkeypatch.setattr(kernels, "_device_path", lambda device: 0)  # reference backend: no copy
+    assert KERNEL_CACHE not in q.state_dict()

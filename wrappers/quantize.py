@@ -18,6 +18,7 @@ from ..core import checkpoint as ckpt
 from ..core.calibrate import (SharedInputs, capture_inputs, find_target_linears, format_report, quantize_layers,
                               summarize)
 from ..core.config import QuantConfig
+from ..core.qlinear import KERNEL_CACHE
 from ..core.timing import PhaseTimer
 from .families import DEFAULT_SKIP, POST_GELU, family_of
 from .loader import build_patcher
@@ -63,8 +64,8 @@ def quantized_state_dict(diffusion_model, results: dict, dtype) -> dict:
     sd = {}
     for k, v in diffusion_model.state_dict().items():
         layer, _, leaf = k.rpartition(".")
-        if layer in results and leaf in ("weight", "bias"):
-            continue
+        if (layer in results and leaf in ("weight", "bias")) or leaf == KERNEL_CACHE:
+            continue  # KERNEL_CACHE: a size entry of an already 4-bit layer, no data
         sd[k] = v.to(dtype) if v.is_floating_point() else v
     for name, q in results.items():
         for t, v in q.tensors().items():  # int_ratio bases stay fp32 (docs/FORMAT.md)
