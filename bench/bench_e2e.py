@@ -9,9 +9,9 @@ DiT/UNet weight bytes, peak VRAM while sampling, time per denoising step, calibr
 and load time. Ratios are 4-bit / 16-bit from the same run. Prints a table, writes JSON.
 --compile adds both models under the stock TorchCompileModel node's wrapper (inductor): step time, the
 first (compiling) run's time, and the compiled output's relative distance from eager's.
---vram-cap G samples the 4-bit model once more as on a GPU with G GiB free: ComfyUI is told only G GiB are
-free (its own reserve setting, as --reserve-vram does), so it loads the model partially (low-VRAM mode),
-and torch's allocator is capped at G GiB more than what is allocated then, so going over fails for real.
+--vram-cap G samples the 4-bit model once more as on a GPU with G GiB for this process: ComfyUI's free-memory
+query answers G minus what torch holds, so it plans a partial (low-VRAM) load as it would there, and torch's
+allocator is capped at G GiB (set_per_process_memory_fraction), so going over fails for real.
 --profile records one denoising step of each model with torch.profiler and sums GPU time per category
 (4-bit GEMM, quantize, 16-bit GEMM, attention, norms/elementwise, copies).
 
@@ -186,15 +186,26 @@ def profile_step(patcher, family, batch, res, cfg, device):
 
 
 def sample_capped(row, patcher, family, res, steps, cfg_scale, device, cap_gib):
-    """Batch-1 sampling as on a GPU with `cap_gib` GiB free (see the module docstring)."""
+    """Batch-1 sampling as on a GPU with `cap_gib` GiB for this process (see the module docstring):
+    ComfyUI's free-memory query answers cap − what torch holds, and the allocator refuses more than cap."""
+    import gc
     import comfy.model_management as mm
     mm.unload_all_models()
+    gc.collect()
     mm.soft_empty_cache()
-    free, total = torch.cuda.mem_get_info()
     cap = int(cap_gib * 2 ** 30)
-    old_reserve = mm.EXTRA_RESERVED_VRAM
-    mm.EXTRA_RESERVED_VRAM = old_reserve + max(0, free - cap)
-    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_allocated() + cap) / total))
+    total = torch.cuda.mem_get_info()[1]
+    real_free = mm.get_free_memory
+
+    def capped_free(dev=None, torch_free_too=False):
+        if dev is not None and torch.device(dev).type != "cuda":
+            return real_free(dev, torch_free_too)
+        torch_free = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        free = max(0, cap - torch.cuda.memory_reserved()) + torch_free
+        return (free, torch_free) if torch_free_too else free
+    mm.get_free_memory = capped_free
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+    torch.cuda.reset_peak_memory_stats()
     try:
         dt, peak, _, _ = sample(patcher, family, 1, res, steps, cfg_scale, device)
         row["b1_step4cap_s"], row["b1_peak4cap_gib"] = dt / steps, peak
@@ -202,7 +213,7 @@ def sample_capped(row, patcher, family, res, steps, cfg_scale, device, cap_gib):
         row["vram_cap_gib"] = cap_gib
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
-        mm.EXTRA_RESERVED_VRAM = old_reserve
+        mm.get_free_memory = real_free
         mm.unload_all_models()
         mm.soft_empty_cache()
 
@@ -227,9 +238,9 @@ def run_family(family, args, dtype, device, checkpoint=lambda row: None):
     p16 = build(family, cfg, dtype, device)
     row = {"family": family, "config": {k: cfg[k] for k in ("depth", "depth_single_blocks") if k in cfg},
            "res": res, "steps": steps, "build_s": time.perf_counter() - t0, "bytes_16": weight_bytes(p16)}
-    for b in args.batch:
+    for b in ([] if args.skip_16bit else args.batch):
         sample_row(row, "16", p16, family, b, res, steps, cfg_scale, device, args.compile)
-    if args.profile:
+    if args.profile and not args.skip_16bit:
         row["profile16"] = profile_step(p16, family, 1, res, cfg_scale, device)
     checkpoint(row)
     qcfg = QuantConfig(alpha_grid=(0.5,)) if args.fast_quant else QuantConfig()
@@ -256,6 +267,8 @@ def run_family(family, args, dtype, device, checkpoint=lambda row: None):
     row["bytes_4"] = weight_bytes(q)
     for b in args.batch:
         sample_row(row, "4", q, family, b, res, steps, cfg_scale, device, args.compile)
+        if args.skip_16bit:
+            continue
         row[f"b{b}_step_ratio"] = row[f"b{b}_step4_s"] / row[f"b{b}_step16_s"]
         if args.compile:
             row[f"b{b}_step_ratio_compiled"] = row[f"b{b}_step4c_s"] / row[f"b{b}_step16c_s"]
@@ -285,6 +298,7 @@ def main():
     ap.add_argument("--vram-cap", type=float, default=0, metavar="GIB",
                     help="also sample the 4-bit model (batch 1) as on a GPU with this many GiB free (CUDA only)")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel category of one step (torch.profiler)")
+    ap.add_argument("--skip-16bit", action="store_true", help="do not time the 16-bit model (quantize it only)")
     ap.add_argument("--verbose", action="store_true", help="show the pack's INFO log (calibration progress per layer)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -319,7 +333,7 @@ def main():
         print(f"{r['family']} {r['config'] or ''} {r['res']}px {r['steps']} steps: weights {r['bytes_16'] / 2**30:.2f} -> "
               f"{r['bytes_4'] / 2**30:.2f} GiB ({r['bytes_ratio']:.2f}x), file {r['file_bytes'] / 2**30:.2f} GiB, "
               f"{r['layers_4bit']} 4-bit linears, quantize {r['quantize_s']:.1f} s, load {r['load_s']:.1f} s", flush=True)
-        for b in args.batch:
+        for b in ([] if args.skip_16bit else args.batch):
             print(f"   batch {b}: step {r[f'b{b}_step16_s'] * 1e3:8.1f} ms -> {r[f'b{b}_step4_s'] * 1e3:8.1f} ms "
                   f"({r[f'b{b}_step_ratio']:.2f}x), peak VRAM {r[f'b{b}_peak16_gib']:.2f} -> {r[f'b{b}_peak4_gib']:.2f} GiB",
                   flush=True)
