@@ -143,7 +143,7 @@ def sample_row(row, tag, patcher, family, b, res, steps, cfg_scale, device, comp
 
 
 KERNEL_CATEGORIES = (  # (category, substrings of the kernel name), first match wins
-    ("4-bit quantize + LoRA-down", ("quant_lora_down",)),
+    ("4-bit quantize + LoRA-down", ("quant_lora_down", "quant_i8_ratio")),
     ("4-bit GEMM + LoRA-up", ("gemm_sm90", "gemm_mma_s4")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("16-bit GEMM (cuBLAS)", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_")),
