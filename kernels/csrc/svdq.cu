@@ -156,6 +156,46 @@ __device__ __forceinline__ void lora_split_tree(float* __restrict__ part, int* _
   }
 }
 
+// One k16 step of kernel 1's LoRA-down on mma.sync m16n8k16 (fp32 accumulate): A = this warp's 16 rows of smoothed
+// X, loaded by ldmatrix from `a_addr` (this lane's row address); B = rows [k0, k0 + 16) of the proj_down tile in smem
+// (`ps_stride` bytes per row), all NT n8-tiles of the rank into acc[NT][4].
+template <typename T, int NT, int NA>
+__device__ __forceinline__ void lora_down_k16(float (&acc)[NA][4], uint32_t a_addr, const uint8_t* pd, int ps_stride,
+                                              int k0, int lane) {
+  uint32_t a[4];
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(a_addr));
+#pragma unroll
+  for (int nt2 = 0; nt2 < NT / 2; ++nt2) {
+    uint32_t b[4];
+    const int mi = lane >> 3;
+    const int krow = k0 + (mi & 1) * 8 + (lane & 7);
+    const int ncol = nt2 * 16 + (mi >> 1) * 8;
+    const uint32_t addr = smem_u32(pd + krow * ps_stride + ncol * 2);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(addr));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float* c = acc[nt2 * 2 + h];
+      if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
+      } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Kernel 1: quantize activations + LoRA down.
 // CTA = 4 warps = 64 rows; warp w owns rows [16w, 16w+16) of the CTA's row block; the CTA walks
@@ -371,43 +411,9 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
         __syncwarp();  // this warp's X tile visible to the warp (the proj_down chunk was made visible above)
         const uint8_t* ps = ps_all[(g - g_begin) & 1];
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-          uint32_t a[4];
-          {
-            uint32_t addr = smem_u32(xs + (lane & 15) * XS + (kk * 16 + (lane >> 4) * 8) * 2);
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                         : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                         : "r"(addr));
-          }
-#pragma unroll
-          for (int nt2 = 0; nt2 < NT / 2; ++nt2) {
-            uint32_t b[4];
-            int mi = lane >> 3;
-            int krow = kk * 16 + (mi & 1) * 8 + (lane & 7);
-            int ncol = nt2 * 16 + (mi >> 1) * 8;
-            uint32_t addr = smem_u32(ps + krow * PS + ncol * 2);
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                         : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                         : "r"(addr));
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              float* c = acc[nt2 * 2 + h];
-              if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-                asm volatile(
-                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                    "{%0,%1,%2,%3};\n"
-                    : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
-              } else {
-                asm volatile(
-                    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                    "{%0,%1,%2,%3};\n"
-                    : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                    : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
-              }
-            }
-          }
-        }
+        for (int kk = 0; kk < 4; ++kk)
+          lora_down_k16<T, NT>(acc, smem_u32(xs + (lane & 15) * XS + (kk * 16 + (lane >> 4) * 8) * 2), ps, PS, kk * 16,
+                               lane);
         __syncwarp();  // the X tile is rewritten by the next group
       } else {
         __syncwarp();
@@ -645,41 +651,8 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
 #pragma unroll
       for (int kk = 0; kk < 8; ++kk) {
         const int k0 = half * 128 + kk * 16;
-        uint32_t a[4];
-        {
-          const uint32_t addr = s0 + xb * C::X_BYTES + (wr * 16 + (lane & 15)) * C::XS + (k0 + (lane >> 4) * 8) * 2;
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                       : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                       : "r"(addr));
-        }
-#pragma unroll
-        for (int nt2 = 0; nt2 < NT / 2; ++nt2) {
-          uint32_t b[4];
-          const int mi = lane >> 3;
-          const int krow = k0 + (mi & 1) * 8 + (lane & 7);
-          const int ncol = nt2 * 16 + (mi >> 1) * 8;
-          const uint32_t addr = smem_u32(pt + krow * C::PS + ncol * 2);
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                       : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                       : "r"(addr));
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            float* c = acc[nt2 * 2 + h];
-            if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-              asm volatile(
-                  "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                  "{%0,%1,%2,%3};\n"
-                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
-            } else {
-              asm volatile(
-                  "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                  "{%0,%1,%2,%3};\n"
-                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[2 * h]), "r"(b[2 * h + 1]));
-            }
-          }
-        }
+        lora_down_k16<T, NT>(acc, s0 + xb * C::X_BYTES + (wr * 16 + (lane & 15)) * C::XS + (k0 + (lane >> 4) * 8) * 2, pt,
+                             C::PS, k0, lane);
       }
       if (C::PDS == 1 && it + 1 < nck) {
         __syncthreads();  // every warp done with this chunk's proj_down before the single buffer is refilled
