@@ -170,7 +170,7 @@ def _log_backend_once(key, msg, *args):
 
 def gptq_available(device) -> bool:
     """Whether `gptq_block` runs on `device` (a CUDA device the compiled library serves)."""
-    return _device_path(device) != 0
+    return _device_path(device) != 0 and _lib.has_gptq()
 
 
 def gptq_block(w, steps, hb, q_out, err_out, qmax: float) -> None:

@@ -52,9 +52,16 @@ def _bind(lib):
     lib.svdq_quant_workspace.argtypes = [c_int] * 4 + [ctypes.POINTER(ctypes.c_longlong), ctypes.POINTER(c_int)]
     lib.svdq_w4a4_gemm.restype = c_int
     lib.svdq_w4a4_gemm.argtypes = [c_void_p] * 8 + [c_int] * 9 + [c_void_p]
-    lib.svdq_gptq_block.restype = c_int
-    lib.svdq_gptq_block.argtypes = [c_void_p] * 3 + [c_int] + [c_void_p] * 2 + [c_int] * 2 + [ctypes.c_float, c_void_p]
+    if hasattr(lib, "svdq_gptq_block"):  # optional: a library built before it still serves the linear
+        lib.svdq_gptq_block.restype = c_int
+        lib.svdq_gptq_block.argtypes = [c_void_p] * 3 + [c_int] + [c_void_p] * 2 + [c_int] * 2 + [ctypes.c_float, c_void_p]
     return lib
+
+
+def has_gptq() -> bool:
+    """Whether the loaded library has the GPTQ block kernel (kernels/csrc/gptq.cu)."""
+    lib = load()
+    return lib is not None and hasattr(lib, "svdq_gptq_block")
 
 
 def load():
