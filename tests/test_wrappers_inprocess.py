@@ -164,6 +164,38 @@ def test_stock_lora_on_4bit_layers_matches_16bit_lora(comfy, quantized_sd15):
     assert torch.equal(comfy.denoise_once(qm, x, s, pos), y4)  # the LoRA-free clone is clean again
 
 
+def test_kernel_cache_size_entries_leave_comfyui_paths_intact(comfy, quantized_sd15, monkeypatch):
+    """Where the CUDA kernels serve the GPU, each 4-bit layer lists a meta `kernel_cache` state-dict entry
+    (the prepared weight copy, for ComfyUI's memory planning). Simulated here (CPU): ComfyUI then counts it in
+    the model's size, and LoRA loading, low-VRAM partial loading and sampling run as without it."""
+    from comfyui_svdquant import kernels
+    from comfyui_svdquant.core.qlinear import KERNEL_CACHE
+    import comfy.model_management as cmm
+    mp, qm, *_ = quantized_sd15
+    lora = comfy.sd15_lora(mp, LORA_LAYERS)
+    x, s = _probe_inputs()
+    pos, _ = comfy.sd15_conds()
+    y4_l = comfy.denoise_once(comfy.with_lora(qm, lora, 1.0), x, s, pos)
+    size = cmm.module_size(qm.model)
+    real_path = kernels._device_path
+    monkeypatch.setattr(kernels, "_device_path", lambda d: 90 if torch.device(d).type == "cuda" else real_path(d))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    q = [m for m in qm.model.diffusion_model.modules() if getattr(m, "quantized", False)]
+    keys = [k for k in qm.model.state_dict() if k.endswith("." + KERNEL_CACHE)]
+    assert len(keys) == len(q)
+    assert cmm.module_size(qm.model) == size + sum(m.kernel_cache_bytes() for m in q)
+    q_l = comfy.with_lora(qm, lora, 1.0)
+    assert len(q_l.patches) == len(LORA_LAYERS)  # the extra keys do not confuse the LoRA key map
+    assert torch.equal(comfy.denoise_once(q_l, x, s, pos), y4_l)
+    qm.unpatch_model(device_to=qm.offload_device)
+    try:
+        qm.patch_model(device_to=qm.load_device, lowvram_model_memory=1024, load_weights=True)
+        assert qm.model.model_lowvram
+    finally:
+        qm.unpatch_model()
+
+
 def test_single_layer_lora_term_is_exact(comfy, quantized_sd15):
     from comfyui_svdquant.wrappers.lora import _lowrank_terms
     mp, qm, *_ = quantized_sd15
