@@ -23,6 +23,7 @@ import pathlib
 import sys
 import time
 
+import safetensors.torch
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -211,16 +212,16 @@ def main():
     real_feats = None
     if metr.inc:
         per = max(1, args.real // 10)
-        cache = pathlib.Path(args.cache) / f"real_inception_{per}x10.pt" if args.cache else None
+        cache = pathlib.Path(args.cache) / f"real_inception_{per}x10.safetensors" if args.cache else None
         if cache and cache.is_file():
-            real_feats = torch.load(cache)
+            real_feats = safetensors.torch.load_file(str(cache))["feats"]  # plain tensors: no pickle
         else:
             im, lab = fmnist.load("test")
             idx = torch.cat([torch.nonzero(lab == c).flatten()[:per] for c in range(10)])
             real_feats = metr.feats(fmnist.to_unit(im[idx]))
             if cache:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(real_feats, cache)
+                safetensors.torch.save_file({"feats": real_feats.contiguous()}, str(cache))
     results, grids = {}, {}
     meta = {"settings": {k: v for k, v in vars(args).items() if k not in ("json", "grid", "cache")},
             "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -157,7 +157,7 @@ def main():
     gen = torch.Generator().manual_seed(args.seed)
     step = 0
     if state_path.is_file():
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=True)  # tensors, dicts and numbers only: no code runs
         dm.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         ema, step = st["ema"], st["step"]

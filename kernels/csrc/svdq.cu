@@ -156,6 +156,18 @@ __device__ __forceinline__ void lora_split_tree(float* __restrict__ part, int* _
   }
 }
 
+// x * (1/lambda) for 8 columns (16 bytes) of one row: 1/lambda is prepared once per layer, at most 1 ulp from x / lambda
+template <typename T>
+__device__ __forceinline__ void smooth8(const uint4& raw, const float (&lam)[8], float (&v)[8]) {
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(&raw);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float2 f = Pack2<T>::to_f2(u[j]);
+    v[2 * j] = f.x * lam[2 * j];
+    v[2 * j + 1] = f.y * lam[2 * j + 1];
+  }
+}
+
 // One k16 step of kernel 1's LoRA-down on mma.sync m16n8k16 (fp32 accumulate): A = this warp's 16 rows of smoothed
 // X, loaded by ldmatrix from `a_addr` (this lane's row address); B = rows [k0, k0 + 16) of the proj_down tile in smem
 // (`ps_stride` bytes per row), all NT n8-tiles of the rank into acc[NT][4].
@@ -273,16 +285,6 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
     for (int k = 0; k < CPT; ++k) cp_async16(d + pd_dst[k], src + pd_src[k], true);
     cp_async_commit();
   };
-  // x * (1/lambda) for 8 columns of one row (1/lambda prepared once per layer: at most 1 ulp from x / lambda)
-  auto smooth8 = [&](const uint4& raw, const float (&lam)[8], float (&v)[8]) {
-    const uint32_t* u = reinterpret_cast<const uint32_t*>(&raw);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float2 f = Pack2<T>::to_f2(u[j]);
-      v[2 * j] = f.x * lam[2 * j];
-      v[2 * j + 1] = f.y * lam[2 * j + 1];
-    }
-  };
   if (RP > 0 && g_begin < g_end) stage_pdown(g_begin, ps_all[0]);
   for (int c0 = g_begin; c0 < g_end; c0 += CH) {
     uint4 raw[CH][4];
@@ -310,7 +312,7 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         float v[8];
-        smooth8(raw[j][i], lam, v);
+        smooth8<T>(raw[j][i], lam, v);
         float a = 0.f;
 #pragma unroll
         for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
@@ -362,7 +364,7 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
         const int m = row0 + i * 4 + (lane >> 3);
         if (m >= M) continue;
         float v[8];
-        smooth8(raw[j][i], lam, v);
+        smooth8<T>(raw[j][i], lam, v);
         const float sc = RATIO ? base[i] * mult[j][i] : mult[j][i];
         float inv;
         asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv) : "f"(sc > 0.f ? sc : 1.0f));
@@ -535,15 +537,6 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
       cp_async16(s0 + C::P_OFF + buf * C::P_BYTES + r * C::PS + cc * 16, src, ok);
     }
   };
-  auto smooth8 = [&](const uint4& raw, const float (&lam)[8], float (&v)[8]) {
-    const uint32_t* u = reinterpret_cast<const uint32_t*>(&raw);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float2 f = Pack2<T>::to_f2(u[j]);
-      v[2 * j] = f.x * lam[2 * j];
-      v[2 * j + 1] = f.y * lam[2 * j + 1];
-    }
-  };
   auto load_lam = [&](const float* lt, int gl, float (&lam)[8]) {
     const float4 a = *reinterpret_cast<const float4*>(lt + gl * G + ch * 8);
     const float4 b = *reinterpret_cast<const float4*>(lt + gl * G + ch * 8 + 4);
@@ -584,7 +577,7 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
         const int r = wr * 16 + i * 4 + (lane >> 3);
         const uint4 raw = *reinterpret_cast<const uint4*>(xt + r * C::XS + (2 * half + j) * (G * 2) + ch * 16);
         float v[8];
-        smooth8(raw, lam, v);
+        smooth8<T>(raw, lam, v);
         float a = 0.f;
 #pragma unroll
         for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
@@ -628,7 +621,7 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
         if (m >= M) continue;
         const uint4 raw = *reinterpret_cast<const uint4*>(xt + r * C::XS + gl * (G * 2) + ch * 16);
         float v[8];
-        smooth8(raw, lam, v);
+        smooth8<T>(raw, lam, v);
         const float sc = base[i] * mult[j][i];
         float inv;
         asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv) : "f"(sc > 0.f ? sc : 1.0f));
