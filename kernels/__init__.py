@@ -80,6 +80,12 @@ def _int8_from_ratio(qweight, mult):
     return (codes * f).to(torch.int8).contiguous()
 
 
+def _kernel_rank(n: int, k: int, rank: int):
+    """The rank padded to the kernels' multiple of 32, or None for a layer they do not take (stays on the reference)."""
+    rp = (rank + 31) // 32 * 32
+    return None if k % 64 or n % 64 or rp > MAX_RANK else rp
+
+
 def prepared_extra_bytes(n: int, k: int, rank: int, device, unsigned: bool = False) -> int:
     """Device bytes `prepare_weights` adds beside a layer's own tensors on `device` (0 for the reference):
     the Hopper path's int8/e4m3 weight copy (N×K), fp32 proj_up, the padded proj_down, fp32 scales/bias.
@@ -87,10 +93,8 @@ def prepared_extra_bytes(n: int, k: int, rank: int, device, unsigned: bool = Fal
     if unsigned:
         return 0
     path = _device_path(device)
-    if not path or k % 64 or n % 64:
-        return 0
-    rp = (rank + 31) // 32 * 32
-    if rp > MAX_RANK:
+    rp = _kernel_rank(n, k, rank)
+    if not path or rp is None:
         return 0
     weight = n * k if path == 90 else 0  # sm_80 path reads the packed file layout in place
     return weight + 4 * n * rp + 2 * k * rp + 4 * (k // 64) * n + 4 * (n + k)
@@ -115,8 +119,8 @@ def prepare_weights(tensors: dict, device) -> dict:
     k = 2 * k2
     proj_up, proj_down = tensors.get("proj_up"), tensors.get("proj_down")
     r = 0 if proj_up is None else proj_up.shape[1]
-    rp = (r + 31) // 32 * 32
-    if k % 64 or n % 64 or rp > MAX_RANK:
+    rp = _kernel_rank(n, k, r)
+    if rp is None:
         return out  # stays on the reference
     dev = torch.device(device)
     qweight = qweight.to(dev)

@@ -42,7 +42,8 @@ def main():
             '    return str(pathlib.Path(__file__).with_name("libsvdq_kernels.so"))\n').encode(),
         f"{NAME}/libsvdq_kernels.so": lib.read_bytes(),
     }
-    files.update({f"{NAME}/{cu.name}": cu.read_bytes() for cu in sorted((HERE / "csrc").glob("*.cu"))})
+    files.update({f"{NAME}/{src.name}": src.read_bytes() for src in sorted((HERE / "csrc").glob("*.cu"))
+                  + sorted((HERE / "csrc").glob("*.h"))})
     dist_info = f"{NAME}-{VERSION}.dist-info"
     files[f"{dist_info}/METADATA"] = (
         "Metadata-Version: 2.1\n"

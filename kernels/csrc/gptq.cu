@@ -15,11 +15,10 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#define SVDQ_API extern "C" __attribute__((visibility("default")))
+#include "svdq_abi.h"
 
 static constexpr int GPTQ_MAX_B = 128;
 static constexpr int GPTQ_THREADS = 64;
-enum { GPTQ_ERR_BAD_ARG = 10001 };
 
 __global__ void __launch_bounds__(GPTQ_THREADS) gptq_block_kernel(const float* __restrict__ w,
                                                                  const float* __restrict__ st,
@@ -45,7 +44,7 @@ __global__ void __launch_bounds__(GPTQ_THREADS) gptq_block_kernel(const float* _
 
 SVDQ_API int svdq_gptq_block(const float* w, const float* st, const float* hb, int ldh, float* q, float* err, int B,
                              int N, float qmax, void* stream) {
-  if (B < 1 || B > GPTQ_MAX_B || N < 1 || ldh < B || !w || !st || !hb || !q || !err) return GPTQ_ERR_BAD_ARG;
+  if (B < 1 || B > GPTQ_MAX_B || N < 1 || ldh < B || !w || !st || !hb || !q || !err) return ERR_BAD_ARG;
   const int blocks = (N + GPTQ_THREADS - 1) / GPTQ_THREADS;
   gptq_block_kernel<<<blocks, GPTQ_THREADS, 0, (cudaStream_t)stream>>>(w, st, hb, ldh, q, err, B, N, qmax);
   return (int)cudaGetLastError();

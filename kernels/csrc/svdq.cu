@@ -32,15 +32,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "svdq_abi.h"
 #include "wgmma_gen.h"
-
-#define SVDQ_API extern "C" __attribute__((visibility("default")))
 
 enum { DT_F16 = 0, DT_BF16 = 1 };
 enum { FMT_INT4 = 0, FMT_E4M3 = 1, FMT_I8 = 2 };
 // ABI activation formats of svdq_quantize_act_lora_down (kernel 1's FMT x float/int_ratio scales)
 enum { AF_INT4 = 0, AF_E4M3 = 1, AF_INT4_RATIO = 2, AF_I8_RATIO = 3 };
-enum { ERR_BAD_ARG = 10001, ERR_NO_PATH = 10002 };
 static constexpr int G = 64;  // group size (the only one the kernels implement)
 static constexpr int QF = 4;
 static constexpr int RATIO_CHUNK = 4;  // groups sharing one int_ratio activation base (kernels/reference.py ACT_CHUNK_GROUPS)  // fan-in of kernel 1's fixed LoRA-down reduction tree over K-splits
@@ -166,6 +164,20 @@ __device__ __forceinline__ void smooth8(const uint4& raw, const float (&lam)[8],
     v[2 * j] = f.x * lam[2 * j];
     v[2 * j + 1] = f.y * lam[2 * j + 1];
   }
+}
+
+// max |x * (1/lambda)| over one row's 64-column group, held as 8 columns per lane by the 8 lanes that share the
+// row (lanes differing in bits 0-2); every one of them gets the result
+template <typename T>
+__device__ __forceinline__ float smoothed_row_absmax(const uint4& raw, const float (&lam)[8]) {
+  float v[8];
+  smooth8<T>(raw, lam, v);
+  float a = 0.f;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
+  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
+  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
+  return fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 4));
 }
 
 // One k16 step of kernel 1's LoRA-down on mma.sync m16n8k16 (fp32 accumulate): A = this warp's 16 rows of smoothed
@@ -311,14 +323,7 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
       load_lam(j, lam);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        float v[8];
-        smooth8<T>(raw[j][i], lam, v);
-        float a = 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
-        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
-        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
-        amax[j][i] = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 4));
+        amax[j][i] = smoothed_row_absmax<T>(raw[j][i], lam);
       }
     }
     // for int_ratio the multiplier per (group, row) and the chunk base per row; step = base * mult
@@ -576,14 +581,7 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
       for (int i = 0; i < 4; ++i) {
         const int r = wr * 16 + i * 4 + (lane >> 3);
         const uint4 raw = *reinterpret_cast<const uint4*>(xt + r * C::XS + (2 * half + j) * (G * 2) + ch * 16);
-        float v[8];
-        smooth8<T>(raw, lam, v);
-        float a = 0.f;
-#pragma unroll
-        for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
-        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
-        a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
-        amax[j][i] = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 4));
+        amax[j][i] = smoothed_row_absmax<T>(raw, lam);
       }
     }
     // chunk max per row = max of both halves' maxima (max is exact: any order gives the same float)
