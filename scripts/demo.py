@@ -48,9 +48,10 @@ def main():
             if not r.ok:
                 sys.exit(f"{title} failed: {r.error_text()}")
             print(f"{title}: {r.seconds:.1f} s -> {srv.output_images(r)[0]}")
-            if "quant" in r.outputs:
-                print(r.outputs["quant"]["text"][0].splitlines()[-2])
-                saved = r.outputs["quant"]["text"][0].splitlines()[-1].removeprefix("saved: ")
+            if "quant" in r.outputs:  # the report: layer lines, totals, "saved: <path>", time per phase
+                text = r.outputs["quant"]["text"][0]
+                saved = graphs.saved_path(text)
+                print("\n".join(line for line in text.splitlines()[-3:] if not line.startswith("saved: ")))
         name = pathlib.Path(saved).name
         r = srv.run(graphs.sd15(prefix="demo_loaded", steps=8, model_source=load_4bit(name)), timeout=1800)
         if not r.ok:

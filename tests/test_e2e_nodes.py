@@ -1,5 +1,7 @@
 """End to end on a real ComfyUI server: 16-bit model -> Calibrate & Quantize -> stock KSampler,
 then save -> Load SVDQuant Model -> sample, for SD1.5, SDXL and FLUX tiny models."""
+import pathlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -79,6 +81,7 @@ def test_quantize_sample_save_load_sample(comfy_server, family):
     assert "saved:" in report and "mean rank 16.0" in report
     saved = sorted((srv.models_dir / "svdquant").glob(f"{prefix}_*.safetensors"))
     assert len(saved) == 1
+    assert pathlib.Path(graphs.saved_path(report)).name == saved[0].name  # as scripts/demo.py reads it
     assert not list((srv.models_dir / "svdquant").glob("*.tmp"))
     r_load = srv.run(build(prefix=f"{prefix}_loaded", steps=3,
                            model_source=load_source(f"svdquant/{saved[0].name}", family)), timeout=900)

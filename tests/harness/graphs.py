@@ -138,3 +138,11 @@ def flux(unet=FLUX_UNET, text="clip_l_sd3", prefix="svdq_flux", cfg=1.0, schedul
 def broken_checkpoint(ckpt="does_not_exist.safetensors") -> dict:
     """Fails validation (HTTP 400): the checkpoint name is not in the combo list."""
     return sd15(ckpt=ckpt, prefix="svdq_broken")
+
+
+def saved_path(report_text: str) -> str:
+    """The file path in Calibrate & Quantize's report text (its "saved: <path>" line, wherever it sits)."""
+    for line in report_text.splitlines():
+        if line.startswith("saved: "):
+            return line.removeprefix("saved: ")
+    raise ValueError(f"no 'saved: ' line in the report:\n{report_text}")
