@@ -11,7 +11,8 @@ and load time. Ratios are 4-bit / 16-bit from the same run. Prints a table, writ
 first (compiling) run's time, and the compiled output's relative distance from eager's.
 --vram-cap G samples the 4-bit model once more as on a GPU with G GiB for this process: ComfyUI's free-memory
 query answers G minus what torch holds, so it plans a partial (low-VRAM) load as it would there, and torch's
-allocator is capped at G GiB (set_per_process_memory_fraction), so going over fails for real.
+allocator is capped at G GiB (set_per_process_memory_fraction), so going over fails for real; the allocator
+backend is ComfyUI's default (cudaMallocAsync, as its main.py sets) unless --alloc-conf says otherwise.
 --profile records one denoising step of each model with torch.profiler and sums GPU time per category
 (4-bit GEMM, quantize, 16-bit GEMM, attention, norms/elementwise, copies).
 
@@ -206,11 +207,20 @@ def sample_capped(row, patcher, family, res, steps, cfg_scale, device, cap_gib):
     mm.get_free_memory = capped_free
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
     torch.cuda.reset_peak_memory_stats()
+    row["vram_cap_gib"] = cap_gib
+    row["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     try:
         dt, peak, _, _ = sample(patcher, family, 1, res, steps, cfg_scale, device)
         row["b1_step4cap_s"], row["b1_peak4cap_gib"] = dt / steps, peak
         row["b1_reserved4cap_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
-        row["vram_cap_gib"] = cap_gib
+    except torch.OutOfMemoryError as e:  # record what ComfyUI planned; the other measurements stay
+        row["cap_error"] = str(e).split("\n")[0][:300]
+        row["cap_plan"] = [{"loaded_gib": lm.model.loaded_size() / 2 ** 30, "model_gib": lm.model.model_size() / 2 ** 30}
+                           for lm in mm.current_loaded_models]
+        row["cap_torch_gib"] = {"allocated": torch.cuda.memory_allocated() / 2 ** 30,
+                                "reserved": torch.cuda.memory_reserved() / 2 ** 30,
+                                "peak_allocated": torch.cuda.max_memory_allocated() / 2 ** 30}
+        print(f"   {cap_gib:g} GiB cap: out of memory: plan {row['cap_plan']}, torch {row['cap_torch_gib']}", flush=True)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         mm.get_free_memory = real_free
@@ -297,11 +307,16 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time both models under TorchCompileModel (inductor)")
     ap.add_argument("--vram-cap", type=float, default=0, metavar="GIB",
                     help="also sample the 4-bit model (batch 1) as on a GPU with this many GiB free (CUDA only)")
+    ap.add_argument("--alloc-conf", default="backend:cudaMallocAsync",
+                    help="PYTORCH_CUDA_ALLOC_CONF for a --vram-cap run (default: what ComfyUI's main.py sets)")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel category of one step (torch.profiler)")
     ap.add_argument("--skip-16bit", action="store_true", help="do not time the 16-bit model (quantize it only)")
     ap.add_argument("--verbose", action="store_true", help="show the pack's INFO log (calibration progress per layer)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.vram_cap and args.alloc_conf and os.environ.get("PYTORCH_CUDA_ALLOC_CONF") != args.alloc_conf:
+        # torch fixes the allocator backend when it loads: start again with the setting in the environment
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": args.alloc_conf})
     on_gpu = torch.cuda.is_available()
     if args.vram_cap and not on_gpu:
         ap.error("--vram-cap needs a CUDA GPU")
@@ -343,7 +358,7 @@ def main():
                       f"{r[f'b{b}_compile16_s']:.0f} / {r[f'b{b}_compile4_s']:.0f} s, compiled vs eager "
                       f"{r[f'b{b}_compiled_vs_eager16']:.1e} / {r[f'b{b}_compiled_vs_eager4']:.1e}", flush=True)
         print("   quantize phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["quantize_phases_s"].items()), flush=True)
-        if args.vram_cap:
+        if args.vram_cap and "b1_step4cap_s" in r:
             print(f"   batch 1 with {r['vram_cap_gib']:g} GiB free (low-VRAM load): step {r['b1_step4cap_s'] * 1e3:8.1f} ms, "
                   f"peak allocated {r['b1_peak4cap_gib']:.2f} GiB, reserved {r['b1_reserved4cap_gib']:.2f} GiB", flush=True)
         for tag in ("16", "4"):

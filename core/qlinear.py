@@ -82,7 +82,14 @@ class QuantizedLinearMixin:
 
     def _apply(self, fn, *args, **kwargs):
         self._prepared = None  # cached kernel-ready tensors belong to the old device
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "quantized", False):
+            dev = self.qweight.device
+            if dev.type == "cuda" and self.kernel_cache_bytes(dev):
+                # Prepared now, not at the first call: ComfyUI plans a later load from the memory in use plus what
+                # it has loaded (the kernel_cache entries included), so the copy it counted must already exist.
+                self.kernel_tensors(self.proj_down.dtype, dev)
+        return out
 
     def kernel_tensors(self, dtype, device) -> dict:
         """Tensors in the compute dtype, prepared for the kernel on `device`.

@@ -75,9 +75,11 @@ def _int8_from_ratio(qweight, mult):
     """packed int4 (N, K/2) and multipliers (K/G, N) -> int8 code x multiplier (N, K), |.| <= 126 (exact)."""
     import torch
 
-    codes = reference.unpack_int4(qweight).to(torch.int16)
-    f = mult.to(qweight.device).t().to(torch.int16).repeat_interleave(codes.shape[1] // mult.shape[0], dim=1)
-    return (codes * f).to(torch.int8).contiguous()
+    codes = reference.unpack_int4(qweight)  # int8 (N, K): products stay in int8 (no wider temporaries,
+    n, k = codes.shape                       # which matter when a low-VRAM load prepares offloaded layers per call)
+    groups = mult.shape[0]
+    codes.view(n, groups, k // groups).mul_(mult.to(qweight.device).t().to(torch.int8).unsqueeze(-1))
+    return codes
 
 
 def _kernel_rank(n: int, k: int, rank: int):
@@ -203,14 +205,14 @@ def linear(x, prepared: dict, group_size: int = 64):
     if group_size == 64 and _use_cuda(x, prepared):
         _log_backend_once(("cuda", x.device, prepared["_path"]), "svdquant: %s kernels on %s",
                           _NAMES[prepared["_path"]], x.device)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
         if x2.shape[0] == 0:
-            return x.new_empty((*lead, prepared["_qw"].shape[0]))
+            return x.new_empty((*shape[:-1], prepared["_qw"].shape[0]))
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        y = _get_ops().linear(x2, prepared)
-        return y.reshape(*lead, y.shape[-1])
+        y = (_ops or _get_ops()).linear(x2, prepared)
+        return y if len(shape) == 2 else y.view(*shape[:-1], y.shape[-1])
     _log_backend_once(("reference", x.device.type),
                       "svdquant: pure-torch reference path on %s (no CUDA kernel for this device/dtype)", x.device)
     return reference.svdquant_linear(

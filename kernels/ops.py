@@ -45,25 +45,48 @@ def _act_buffers(x, fmt, rank_padded, new):
             new((m, rank_padded), dtype=torch.float32))
 
 
-def quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt: int) -> None:
-    """Kernel 1 into given buffers. smooth_rcp = 1/smooth_factor (fp32); every element of lora (M, rp) is
-    written (no zeroing needed). The K-split LoRA-down partials go to a workspace allocated here through
-    torch (caching allocator: fine under CUDA-graph capture) and are summed in a fixed order: the result
-    is bitwise reproducible."""
-    lib = _lib.load()
-    m, k = x.shape
-    rp = lora.shape[1]
-    dev = x.device
-    n_part, n_cnt = _lib.quant_workspace(m, k, rp, dev.index) if rp else (0, 0)
+def _raw_stream(index: int) -> int:
+    """The current CUDA stream of device `index` as a raw handle (~0.5 µs; torch.cuda.current_stream builds a
+    Python object, ~10 µs on the GPU machine: twice per linear it was a tenth of the eager host time)."""
+    return torch._C._cuda_getCurrentRawStream(index)
+
+
+_scratch = {}  # (device index, raw stream) -> (fp32 partials, int32 counters) of kernel 1
+
+
+def _quant_scratch(index: int, stream: int, n_part: int, n_cnt: int):
+    """Kernel 1's K-split workspace, kept between calls per device and stream. The partials are written and
+    read within one launch and the kernel leaves its counters zeroed (svdq.cu lora_split_tree), so calls on
+    one stream (ordered) can share it without allocating or zeroing it each time; calls on two streams may run
+    at once, hence one per stream. Grown when a larger shape needs more (the old one is released in stream order)."""
+    ws = _scratch.get((index, stream))
+    if ws is None or ws[0].numel() < n_part or ws[1].numel() < n_cnt:
+        dev = torch.device("cuda", index)
+        have = (0, 0) if ws is None else (ws[0].numel(), ws[1].numel())
+        ws = _scratch[(index, stream)] = (torch.empty(max(n_part, have[0]), dtype=torch.float32, device=dev),
+                                         torch.zeros(max(n_cnt, have[1]), dtype=torch.int32, device=dev))
+    return ws
+
+
+def _launch_quantize(lib, x_ptr, smooth_ptr, pd_ptr, q_ptr, s_ptr, lora_ptr, m, k, mp, rp, dt, fmt, index, stream):
+    n_part, n_cnt = _lib.quant_workspace(m, k, rp, index) if rp else (0, 0)
     part = cnt = None
     if n_part:
-        part = torch.empty(n_part, dtype=torch.float32, device=dev)
-        cnt = torch.zeros(n_cnt, dtype=torch.int32, device=dev)
-    code = lib.svdq_quantize_act_lora_down(
-        _ptr(x), _ptr(smooth_rcp), _ptr(proj_down) if rp else None, _ptr(qact), _ptr(ascales), _ptr(lora),
-        _ptr(part), _ptr(cnt), m, k, ascales.shape[1], rp, _dt(x.dtype), fmt, dev.index,
-        torch.cuda.current_stream(dev).cuda_stream)
+        part_t, cnt_t = _quant_scratch(index, stream, n_part, n_cnt)
+        part, cnt = part_t.data_ptr(), cnt_t.data_ptr()
+    code = lib.svdq_quantize_act_lora_down(x_ptr, smooth_ptr, pd_ptr if rp else None, q_ptr, s_ptr, lora_ptr,
+                                           part, cnt, m, k, mp, rp, dt, fmt, index, stream)
     _lib.check(code, "svdq_quantize_act_lora_down")
+
+
+def quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt: int) -> None:
+    """Kernel 1 into given buffers. smooth_rcp = 1/smooth_factor (fp32); every element of lora (M, rp) is
+    written (no zeroing needed). The K-split LoRA-down partials are summed in a fixed order (bitwise
+    reproducible) in a per-stream workspace (_quant_scratch)."""
+    m, k = x.shape
+    index = x.device.index
+    _launch_quantize(_lib.load(), _ptr(x), _ptr(smooth_rcp), _ptr(proj_down), _ptr(qact), _ptr(ascales), _ptr(lora),
+                     m, k, ascales.shape[1], lora.shape[1], _dt(x.dtype), fmt, index, _raw_stream(index))
 
 
 def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: int, variant: int = 0) -> None:
@@ -76,7 +99,7 @@ def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: i
     code = lib.svdq_w4a4_gemm(
         _ptr(qact), _ptr(ascales), _ptr(qweight), _ptr(wscales), _ptr(lora) if rp else None,
         _ptr(proj_up) if rp else None, _ptr(bias), _ptr(out), m, n, k, ascales.shape[1], rp,
-        _dt(out.dtype), path, variant, out.device.index, torch.cuda.current_stream(out.device).cuda_stream)
+        _dt(out.dtype), path, variant, out.device.index, _raw_stream(out.device.index))
     _lib.check(code, "svdq_w4a4_gemm")
 
 
@@ -114,16 +137,59 @@ def _proj_down(p, dtype):
     return pd.to(dtype) if pd is not None and pd.dtype != dtype else pd
 
 
+_ALIGN = 256
+
+
+def _act_layout(m: int, k: int, fmt: int, rp: int):
+    """Byte offsets of (qact, ascales, lora) in one buffer, its size, and ascales' padded row count."""
+    key = (m, k, fmt, rp)
+    lay = _layouts.get(key)
+    if lay is None:
+        (qm, qk), (sr, mp) = act_shapes(m, k, fmt)
+        off_s = -(-qm * qk // _ALIGN) * _ALIGN
+        off_l = off_s + -(-sr * mp * 4 // _ALIGN) * _ALIGN
+        lay = _layouts[key] = (off_s, off_l, off_l + m * rp * 4, mp)
+    return lay
+
+
+_layouts = {}
+
+
+def _direct_args(p: dict, dtype) -> tuple:
+    """The pointers and sizes of a prepared layer that every eager call passes (its tensors stay alive in `p`)."""
+    pd = _proj_down(p, dtype)
+    if pd is not p["_proj_down"]:
+        p["_proj_down_" + str(dtype)] = pd  # keeps the cast copy alive
+    qw, path = p["_qw"], p["_path"]
+    k = qw.shape[1] if path == 91 else p["_wscales"].shape[0] * GROUP
+    return (dtype, _dt(dtype), _ptr(p["_smooth_rcp"]), _ptr(pd), _ptr(qw), _ptr(p["_wscales"]), _ptr(p["_proj_up"]),
+            _ptr(p["_bias"]), qw.shape[0], k, p["_rp"], p["_afmt"], path)
+
+
 def linear_direct(x2: torch.Tensor, p: dict) -> torch.Tensor:
-    """Eager fast path: the same two kernels without the custom-op dispatch (tens of microseconds less
-    host time per call; still capturable in CUDA graphs)."""
+    """Eager fast path: the same two kernels without the custom-op dispatch, with one buffer for kernel 1's
+    outputs and the layer's pointers computed once (host time per call is what an eager step pays 300 times;
+    bench/bench_host.py). Still capturable in CUDA graphs."""
     if x2.data_ptr() % 16:
         x2 = x2.clone()
+    d = p.get("_direct")
+    if d is None or d[0] != x2.dtype:
+        d = p["_direct"] = _direct_args(p, x2.dtype)
+    _, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path = d
+    m = x2.shape[0]
+    off_s, off_l, size, mp = _act_layout(m, k, fmt, rp)
     dev = x2.device
-    qact, ascales, lora = _act_buffers(x2, p["_afmt"], p["_rp"], lambda shape, dtype: torch.empty(shape, dtype=dtype, device=dev))
-    quantize_into(x2, p["_smooth_rcp"], _proj_down(p, x2.dtype), qact, ascales, lora, p["_afmt"])
-    out = torch.empty((x2.shape[0], p["_qw"].shape[0]), dtype=x2.dtype, device=dev)
-    gemm_into(qact, ascales, p["_qw"], p["_wscales"], lora, p["_proj_up"], p["_bias"], out, p["_path"])
+    index = dev.index
+    stream = _raw_stream(index)
+    lib = _lib.load()
+    buf = torch.empty(size, dtype=torch.uint8, device=dev)
+    base = buf.data_ptr()
+    lora = base + off_l if rp else None
+    _launch_quantize(lib, x2.data_ptr(), smooth, pd, base, base + off_s, lora, m, k, mp, rp, dt, fmt, index, stream)
+    out = torch.empty((m, n), dtype=x2.dtype, device=dev)
+    code = lib.svdq_w4a4_gemm(base, base + off_s, qw, ws, lora, pu if rp else None, bias, out.data_ptr(),
+                              m, n, k, mp, rp, dt, path, 0, index, stream)
+    _lib.check(code, "svdq_w4a4_gemm")
     return out
 
 

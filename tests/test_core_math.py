@@ -123,3 +123,17 @@ def test_state_dict_sizes_include_the_kernels_prepared_copy(monkeypatch):
     assert sd[KERNEL_CACHE].is_meta and size(q) == own + extra
     monkeypatch.setattr(kernels, "_device_path", lambda device: 0)  # reference backend: no copy
     assert KERNEL_CACHE not in q.state_dict()
+
+
+def test_int8_weight_copy_is_code_times_multiplier():
+    """The Hopper int_ratio path's weight copy (kernels._int8_from_ratio, computed in int8 in place so that a
+    low-VRAM load preparing offloaded layers per call needs no wider temporaries) is code × multiplier exactly."""
+    from comfyui_svdquant import kernels
+    g = torch.Generator().manual_seed(3)
+    n, k, group = 96, 512, 64
+    codes = torch.randint(-7, 8, (n, k), generator=g, dtype=torch.int8)  # int_ratio codes: |q| ≤ 7
+    mult = torch.randint(1, ref.RATIO_MAX + 1, (k // group, n), generator=g).to(torch.uint8)  # stored (K/G, N)
+    want = codes.int() * mult.t().int().repeat_interleave(group, dim=1)
+    got = kernels._int8_from_ratio(ref.pack_int4(codes), mult)
+    assert got.dtype == torch.int8 and got.shape == (n, k)
+    assert torch.equal(got.int(), want) and want.abs().max() > 100  # products beyond the int4 range are kept
