@@ -8,7 +8,7 @@ saves, reloads with Load SVDQuant Model's code, samples again. Per family and ba
 DiT/UNet weight bytes, peak VRAM while sampling, time per denoising step, calibrate+quantize time, save
 and load time. Ratios are 4-bit / 16-bit from the same run. Prints a table, writes JSON.
 --compile adds both models under the stock TorchCompileModel node's wrapper (inductor): step time, the
-first (compiling) run's time, and the compiled output's relative distance from eager's.
+first (compiling) run's time (a whole sampling run), and the compiled output's relative distance from eager's.
 --vram-cap G samples the 4-bit model once more as on a GPU with G GiB for this process: ComfyUI's free-memory
 query answers G minus what torch holds, so it plans a partial (low-VRAM) load as it would there, and torch's
 allocator is capped at G GiB (set_per_process_memory_fraction), so going over fails for real; the allocator
@@ -102,9 +102,11 @@ def sync():
         torch.cuda.synchronize()
 
 
-def sample(patcher, family, batch, res, steps, cfg, device):
+def sample(patcher, family, batch, res, steps, cfg, device, warm_steps=2):
     """Seconds for `steps` denoising steps, the peak VRAM (GiB) of that run, the warm-up's seconds and the
-    output latent, through comfy.sample.sample."""
+    output latent, through comfy.sample.sample. A compiled model warms up with the timed run's step count:
+    dynamo guards on the sampling schedule's length, so a shorter warm-up leaves a recompile (8-16 s on the
+    H200) inside the timed run (seen in the first GPU run of --compile, whose step times were 10x eager)."""
     import comfy.model_management as mm
     import comfy.sample
     ch, down = FAMILIES[family][2], FAMILIES[family][3]
@@ -114,7 +116,7 @@ def sample(patcher, family, batch, res, steps, cfg, device):
     mm.load_models_gpu([patcher])
     sync()
     t0 = time.perf_counter()
-    comfy.sample.sample(patcher, noise, 2, cfg, "euler", "normal", pos, neg, latent, seed=1)  # warm-up (compiles)
+    comfy.sample.sample(patcher, noise, warm_steps, cfg, "euler", "normal", pos, neg, latent, seed=1)  # warm-up (compiles)
     sync()
     warm = time.perf_counter() - t0
     if torch.cuda.is_available():
@@ -137,7 +139,7 @@ def sample_row(row, tag, patcher, family, b, res, steps, cfg_scale, device, comp
         from comfy_api.torch_helpers import set_torch_compile_wrapper
         compiled = patcher.clone()
         set_torch_compile_wrapper(model=compiled, backend="inductor")
-        dt, _, warm, out = sample(compiled, family, b, res, steps, cfg_scale, device)
+        dt, _, warm, out = sample(compiled, family, b, res, steps, cfg_scale, device, warm_steps=steps)
         row[f"b{b}_step{tag}c_s"], row[f"b{b}_compile{tag}_s"] = dt / steps, warm
         row[f"b{b}_compiled_vs_eager{tag}"] = float((out - eager).norm() / eager.norm())
         torch._dynamo.reset()

@@ -171,3 +171,37 @@ def test_linear_ratio_end_to_end(m, k, n, r, dtype):
     for _ in range(3):  # bitwise deterministic run to run
         assert torch.equal(kernels.linear(x, prepared), y)
 
+
+
+def test_moving_a_layer_to_the_gpu_prepares_the_kernel_copy():
+    """ComfyUI plans a second load from the memory in use plus what it has loaded (kernel_cache entries
+    included), so the prepared copy must exist once the layer is on the GPU, not only after its first call."""
+    from comfyui_svdquant.core.qlinear import SVDQuantLinear
+    lay = make_ratio_layer(1024, 3072, 32, torch.bfloat16, "cpu")
+    q = SVDQuantLinear.from_tensors(lay)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    q.to(DEV)
+    own = sum(p.nelement() * p.element_size() for p in q.parameters())
+    assert q._prepared is not None
+    assert torch.cuda.memory_allocated() - before >= own + 1024 * 3072  # the int8 weight copy is allocated
+    x = make_x(77, 3072, torch.bfloat16, DEV)
+    prepared = q._prepared[1]
+    assert torch.equal(q(x), kernels.linear(x, prepared)) and q._prepared[1] is prepared  # no re-preparation
+
+
+def test_eager_linear_on_two_streams_and_growing_shapes_is_bitwise_stable():
+    """The eager path keeps kernel 1's K-split workspace per (device, stream) and grows it for larger shapes:
+    results on a side stream, and after a larger call grew the workspace, equal the first ones bit for bit."""
+    lay = make_ratio_layer(3072, 3072, 32, torch.bfloat16, DEV)
+    prepared = kernels.prepare_weights(lay, torch.device(DEV))
+    xs = [make_x(m, 3072, torch.bfloat16, DEV, seed=m) for m in (64, 4096 + 13)]
+    first = [kernels.linear(x, prepared) for x in xs]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = [kernels.linear(x, prepared) for x in reversed(xs)][::-1]
+    torch.cuda.current_stream().wait_stream(side)
+    again = [kernels.linear(x, prepared) for x in reversed(xs)][::-1]
+    for a, b, c in zip(first, on_side, again):
+        assert torch.isfinite(a).all() and torch.equal(a, b) and torch.equal(a, c)
