@@ -52,19 +52,28 @@ def _raw_stream(index: int) -> int:
 
 
 _scratch = {}  # (device index, raw stream) -> (fp32 partials, int32 counters) of kernel 1
+_retired = []  # outgrown workspaces: a captured CUDA graph may still point at one, so none is ever freed
 
 
 def _quant_scratch(index: int, stream: int, n_part: int, n_cnt: int):
     """Kernel 1's K-split workspace, kept between calls per device and stream. The partials are written and
     read within one launch and the kernel leaves its counters zeroed (svdq.cu lora_split_tree), so calls on
     one stream (ordered) can share it without allocating or zeroing it each time; calls on two streams may run
-    at once, hence one per stream. Grown when a larger shape needs more (the old one is released in stream order)."""
+    at once, hence one per stream. Grown geometrically; outgrown ones are kept (a CUDA graph holds raw pointers)."""
     ws = _scratch.get((index, stream))
-    if ws is None or ws[0].numel() < n_part or ws[1].numel() < n_cnt:
-        dev = torch.device("cuda", index)
-        have = (0, 0) if ws is None else (ws[0].numel(), ws[1].numel())
-        ws = _scratch[(index, stream)] = (torch.empty(max(n_part, have[0]), dtype=torch.float32, device=dev),
-                                         torch.zeros(max(n_cnt, have[1]), dtype=torch.int32, device=dev))
+    if ws is not None and ws[0].numel() >= n_part and ws[1].numel() >= n_cnt:
+        return ws
+    dev = torch.device("cuda", index)
+    if torch.cuda.is_current_stream_capturing():
+        # Made inside a graph capture, the zero-fill only runs at replay: such a buffer belongs to the graph
+        # (its private pool, reused in capture order) and must not serve later eager calls.
+        return (torch.empty(n_part, dtype=torch.float32, device=dev), torch.zeros(n_cnt, dtype=torch.int32, device=dev))
+    have = (0, 0) if ws is None else (ws[0].numel(), ws[1].numel())
+    if ws is not None:
+        _retired.append(ws)
+    ws = _scratch[(index, stream)] = (
+        torch.empty(max(n_part, 2 * have[0]), dtype=torch.float32, device=dev),
+        torch.zeros(max(n_cnt, 2 * have[1]), dtype=torch.int32, device=dev))
     return ws
 
 

@@ -205,3 +205,30 @@ def test_eager_linear_on_two_streams_and_growing_shapes_is_bitwise_stable():
     again = [kernels.linear(x, prepared) for x in reversed(xs)][::-1]
     for a, b, c in zip(first, on_side, again):
         assert torch.isfinite(a).all() and torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_cuda_graph_keeps_its_workspace_when_eager_calls_outgrow_it():
+    """A graph captured on a stream whose workspace was made eagerly holds that workspace's raw pointer; a later
+    eager call with a larger shape grows the stream's workspace, and the old one must stay allocated (a freed one
+    would be handed to the next allocation while the graph still writes into it)."""
+    from comfyui_svdquant.kernels import _lib
+    lay = make_ratio_layer(3072, 3072, 32, torch.bfloat16, DEV)
+    prepared = kernels.prepare_weights(lay, torch.device(DEV))
+    small, big = make_x(64, 3072, torch.bfloat16, DEV, seed=5), make_x(4096 + 13, 3072, torch.bfloat16, DEV, seed=6)
+    assert _lib.quant_workspace(64, 3072, 32, torch.cuda.current_device())[0] > 0  # the K-split workspace is used
+    want = kernels.linear(small, prepared)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        kernels.linear(small, prepared)  # the stream's workspace, made eagerly
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        static_y = kernels.linear(small, prepared)
+    with torch.cuda.stream(s):
+        kernels.linear(big, prepared)  # outgrows the workspace the graph points at
+        filler = torch.full((1 << 22,), 7, dtype=torch.int32, device=DEV)  # would reuse a freed workspace
+    torch.cuda.current_stream().wait_stream(s)
+    static_y.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, want) and int(filler[0]) == 7
