@@ -53,6 +53,10 @@ class QuantConfig:
     # Low-rank refinement L ← SVD_r(Ŵ − Q(Ŵ − L)), at most this many SVDs, stopped as soon as the
     # output error stops falling; 1 = a single SVD.
     lowrank_iters: int = 1
+    # After the residual is quantized, refit the rank-r branch to what the 4-bit residual leaves
+    # (Ŵ − deq Q(R)) weighted by the calibration activations (‖X̂(·)ᵀ‖, H = X̂ᵀX̂ as GPTQ's); kept only where
+    # it lowers the layer's output error on the calibration sample.
+    lowrank_refit: bool = False
     # Linears fed the same input tensor (q/k/v of one attention) share one smoothing vector and one
     # low-rank down projection, fitted on their concatenated weight and output.
     share_inputs: bool = False

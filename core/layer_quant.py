@@ -15,7 +15,7 @@ import torch
 from ..kernels import reference as ref
 from .config import QuantConfig
 from .gptq import gptq_codes
-from .lowrank import batched_top_svd, top_svd
+from .lowrank import activation_weighted_top, batched_top_svd, top_svd
 from .timing import PhaseTimer
 from .weight_quant import QuantizedWeight, quantize_weight
 
@@ -273,12 +273,21 @@ class LayerProblem:
         with self.timer("packing"):
             r = w_hat - l_up @ l_down
             wq = quantize_weight(r, g, cfg.scale_mode, self.importance(lam))
+        hess = self.hessian(lam) if cfg.gptq or (cfg.lowrank_refit and rank) else None
         if cfg.gptq:
             with self.timer("gptq"):
-                codes = gptq_codes(r, wq.steps, self.hessian(lam), g, cfg.gptq_damp, cfg.gptq_block, self.name)
+                codes = gptq_codes(r, wq.steps, hess, g, cfg.gptq_damp, cfg.gptq_block, self.name)
                 wq = QuantizedWeight(codes, wq.steps, wq.file_tensors)
+        deq = wq.dequantize(g)
+        refit = False
+        if cfg.lowrank_refit and rank:
+            with self.timer("lowrank"):
+                up2, down2 = activation_weighted_top(w_hat - deq, hess, rank, cfg.gptq_damp)
+                y_old = self._sim(w_hat, lam, l_up, l_down, lambda _r: deq)
+                y_new = self._sim(w_hat, lam, up2, down2, lambda _r: deq)
+                if self._rel(y_new) < self._rel(y_old):
+                    l_up, l_down, refit = up2, down2, True
         with self.timer("report"):
-            deq = wq.dequantize(g)
             y = self._sim(w_hat, lam, l_up, l_down, lambda _r: deq)
             err = self._rel(y)
             # member errors against each member's own output (y − y_ref = ŷ − y_orig per member)
@@ -287,7 +296,8 @@ class LayerProblem:
         with self.timer("packing"):
             out = self._pack(wq, lam, l_up, l_down, alpha, rank, biases, out_dtype, names)
         for q, e, nv in zip(out, errs, naive):
-            q.report.update({"error_naive_w4a4": nv, "error": e, "lowrank_iters_used": used, "gptq": cfg.gptq})
+            q.report.update({"error_naive_w4a4": nv, "error": e, "lowrank_iters_used": used, "gptq": cfg.gptq,
+                             "lowrank_refit": refit})
             if len(out) > 1:
                 q.report.update({"input_group": list(names), "group_error": err})
         return out

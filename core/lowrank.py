@@ -95,3 +95,16 @@ def top_svd(w: torch.Tensor, rank: int, fast: bool = False):
     ones = torch.ones(1, k, device=w.device)
     u, d = batched_top_svd(w, ones, rank, oversample=16 if fast else 32, niter=2 if fast else 4)
     return u[0], d[0]
+
+
+def activation_weighted_top(d: torch.Tensor, h: torch.Tensor, rank: int, damp: float = 0.01):
+    """(L_up (N×r), L_down (r×K)) minimising ‖X̂(D − L_up·L_down)ᵀ‖² + δ‖D − L_up·L_down‖², with H = X̂ᵀX̂ (K×K)
+    and δ = damp · mean(diag H): L = SVD_r(D·H_δ^½)·H_δ^-½ (the closed form of activation-weighted low-rank
+    error reconstruction). D is the weight the branch should carry: Ŵ minus the dequantized 4-bit residual."""
+    k = h.shape[0]
+    h = h.float()
+    hd = h + damp * float(h.diagonal().mean().clamp_min(1e-30)) * torch.eye(k, device=h.device)
+    s, v = torch.linalg.eigh(hd)
+    s = s.clamp_min(float(s.max()) * 1e-12).sqrt()
+    u_up, d_down = top_svd(d.float() @ (v * s) @ v.t(), rank)  # the rank-r split of D·H^½
+    return u_up, (d_down @ v / s) @ v.t()

@@ -137,3 +137,31 @@ def test_int8_weight_copy_is_code_times_multiplier():
     got = kernels._int8_from_ratio(ref.pack_int4(codes), mult)
     assert got.dtype == torch.int8 and got.shape == (n, k)
     assert torch.equal(got.int(), want) and want.abs().max() > 100  # products beyond the int4 range are kept
+
+
+def test_activation_weighted_branch_fits_what_the_activations_see():
+    """core.lowrank.activation_weighted_top: with H = I it is the plain truncated SVD; with the Gram matrix of
+    outlier-heavy activations its output error ‖X(D − L)ᵀ‖ is below the SVD's (the SVD is one of its candidates)."""
+    from comfyui_svdquant.core.lowrank import activation_weighted_top, top_svd
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(96, 256, generator=g)
+    x = torch.randn(40, 256, generator=g) @ torch.randn(256, 256, generator=g) * 0.1
+    x[:, :8] *= 20.0
+
+    def err(up, down):
+        return float((x @ (d - up @ down).t()).norm() / (x @ d.t()).norm())
+    u0, v0 = top_svd(d, 16)
+    ui, vi = activation_weighted_top(d, torch.eye(256), 16, damp=0.0)
+    assert torch.allclose(ui @ vi, u0 @ v0, atol=1e-4)
+    u, v = activation_weighted_top(d, x.t() @ x, 16)
+    assert u.shape == (96, 16) and v.shape == (16, 256)
+    assert err(u, v) < 0.5 * err(u0, v0)
+
+
+def test_lowrank_refit_is_kept_only_where_it_lowers_the_error():
+    w, x = outlier_layer(n=128, k=256, rows=256)
+    base = quantize_linear(w, None, x.abs().amax(0), x, QuantConfig(), rank=16)
+    refit = quantize_linear(w, None, x.abs().amax(0), x, QuantConfig(lowrank_refit=True), rank=16)
+    assert refit.report["error"] <= base.report["error"]
+    assert refit.report["lowrank_refit"] == (refit.report["error"] < base.report["error"])
+    assert not base.report["lowrank_refit"]
