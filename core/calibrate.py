@@ -178,6 +178,13 @@ def unsigned_layers(layers: dict, stats: dict, cfg: QuantConfig, log_fn=None) ->
     return out
 
 
+def act16_layers(layers: dict, cfg: QuantConfig) -> set:
+    """Layers that keep 16-bit activations: matching cfg.act16_patterns when cfg.act16_inputs."""
+    if not cfg.act16_inputs:
+        return set()
+    return {n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in cfg.act16_patterns)}
+
+
 def _units(names, groups) -> list:
     """Layers to quantize together, in model order: a group at its first member, others alone."""
     member = {m: g for g in groups for m in g}
@@ -211,7 +218,8 @@ def quantize_layers(layers: dict, stats: dict, cfg: QuantConfig, device=None, ou
                              f"(min(out={m.out_features}, in={m.in_features}) = {min(m.in_features, m.out_features)})")
     timer = timer or PhaseTimer()
     timer.watch(device)
-    unsigned = unsigned_layers(layers, stats, cfg, log)
+    act16 = act16_layers(layers, cfg)
+    unsigned = unsigned_layers(layers, stats, cfg, log) - act16  # a 16-bit input needs no shift
     units = _units(names, groups if cfg.share_inputs and groups else [])
     store = PartialResults(resume_dir) if resume_dir else None
     total = len(names) * (2 if policy.mode == "size" else 1)
@@ -236,7 +244,8 @@ def quantize_layers(layers: dict, stats: dict, cfg: QuantConfig, device=None, ou
         shift = len(unit) == 1 and unit[0] in unsigned
         return LayerProblem(w, s.absmax, s.sample, cfg, unit[0] if len(unit) == 1 else ",".join(unit),
                             splits=[m.out_features for m in mods], act_shift=GELU_SHIFT if shift else None,
-                            x_max=s.xmax, gram=s.shifted_gram(GELU_SHIFT if shift else 0.0), timer=timer)
+                            x_max=s.xmax, gram=s.shifted_gram(GELU_SHIFT if shift else 0.0), timer=timer,
+                            act16=all(n in act16 for n in unit))
 
     def unit_key(unit, *extra):
         if store is None:
@@ -371,14 +380,15 @@ def format_report(results: dict, outliers: dict | None = None, limit: int = 0) -
 
     smooth α/β: the smoothing λ = max|x|^α / max|w|^β chosen ('-' = none); ch>kσ: input channels whose
     max |x| lies more than k standard deviations above the mean over channels; flags: g = GPTQ,
-    u = unsigned activations, s = shares its input's smoothing and low-rank down projection."""
+    u = unsigned activations, a = 16-bit activations, s = shares its input's smoothing and low-rank down projection."""
     k_std = next(iter(outliers.values()))["k_std"] if outliers else 0
     lines = [f"{'layer':60s} {'rank':>4s} {'smooth α/β':>10s} {'err naive':>9s} {'err':>7s} {'KiB 16b':>8s} {'KiB 4b':>7s}"
              + (f" {f'ch>{k_std:g}σ':>7s} {'max/med':>7s}" if outliers else "") + " flags"]
     items = list(results.items())
     for n, q in items[:limit or len(items)]:
         r = q.report
-        flags = ("g" if r.get("gptq") else "") + ("u" if r.get("unsigned_acts") else "") + ("s" if r.get("input_group") else "")
+        flags = ("g" if r.get("gptq") else "") + ("u" if r.get("unsigned_acts") else "") + ("a" if r.get("act16") else "") \
+            + ("s" if r.get("input_group") else "")
         line = (f"{n[-60:]:60s} {r['rank']:4d} {_smoothing_text(r['alpha']):>10s} {r['error_naive_w4a4']:9.4f} "
                 f"{r['error']:7.4f} {r['bytes_16bit'] / 1024:8.0f} {r['bytes_4bit'] / 1024:7.0f}")
         if outliers:

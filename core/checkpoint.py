@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 
 FORMAT_NAME = "svdquant"
 FORMAT_VERSION = 2            # 2 added int_ratio scales (docs/FORMAT.md §1); version-1 files are all "float"
-UNSIGNED_VERSION = 3          # files with unsigned-activation layers: older readers must refuse them
+UNSIGNED_VERSION = 3          # files with layers that declare their activations ("act"): older readers must refuse them
 READABLE_VERSIONS = (1, 2, 3)
 ACT_UNSIGNED = "unsigned"     # a layer's "act" declaration: X + act_shift quantized to [0, 15]
+ACT_16BIT = "16bit"           # a layer's "act" declaration: activations not quantized (marker tensor act_bits = 16)
 LAYER_FORMAT = "svdquant_w4a4"
 QUANT_META_KEY = "_quantization_metadata"  # ComfyUI's per-layer declaration key
 FILE_META_KEY = "svdquant"
@@ -29,16 +30,18 @@ def _layer_decl(v: dict, group_size: int) -> dict:
     d = {"format": LAYER_FORMAT, "rank": int(v["rank"]), "group_size": group_size, "scales": v.get("scales", "float")}
     if v.get("unsigned_acts"):
         d["act"] = ACT_UNSIGNED
+    elif v.get("act16"):
+        d["act"] = ACT_16BIT
     return d
 
 
 def build_metadata(layers: dict, family: str, source_dtype: torch.dtype, group_size: int = 64,
                    model_class: str | None = None, unet_config: dict | None = None, extra: dict | None = None,
                    input_groups: list | None = None) -> dict:
-    """layers: name -> {"rank": r, "scales": ..., "unsigned_acts": bool}. input_groups: lists of layer
-    names that share one input (and so one smooth_factor and proj_down). Returns the header metadata."""
+    """layers: name -> {"rank": r, "scales": ..., "unsigned_acts": bool, "act16": bool}. input_groups: lists of
+    layer names that share one input (and so one smooth_factor and proj_down). Returns the header metadata."""
     qmeta = {"format_version": "1.0", "layers": {n: _layer_decl(v, group_size) for n, v in layers.items()}}
-    unsigned = any(v.get("unsigned_acts") for v in layers.values())
+    unsigned = any(v.get("unsigned_acts") or v.get("act16") for v in layers.values())
     groups = {"input_groups": [list(g) for g in input_groups]} if input_groups else {}
     fmeta = {"format": FORMAT_NAME, "version": UNSIGNED_VERSION if unsigned else FORMAT_VERSION,
              "weight_bits": 4, "act_bits": 4,
@@ -65,12 +68,14 @@ def save_checkpoint(path: str, tensors: dict, metadata: dict) -> None:
         raise
 
 
-def _expected(n: int, k: int, rank: int, group_size: int, scales: str, unsigned: bool = False) -> dict:
+def _expected(n: int, k: int, rank: int, group_size: int, scales: str, act=None) -> dict:
     """tensor -> (shape, dtype or None for 'any floating point') of one layer."""
     exp = {"qweight": ((n, k // 2), torch.int8), "smooth_factor": ((k,), None),
            "proj_down": ((k, rank), None), "proj_up": ((n, rank), None), "bias": ((n,), None)}
-    if unsigned:
+    if act == ACT_UNSIGNED:
         exp["act_shift"] = ((1,), torch.float32)
+    if act == ACT_16BIT:
+        exp["act_bits"] = ((1,), torch.uint8)
     if scales == "int_ratio":
         exp["wscale_mult"] = ((k // group_size, n), torch.uint8)
         exp["wscale_base"] = ((n,), torch.float32)
@@ -132,12 +137,14 @@ def check_layers(sd: dict, layers: dict, group_size: int, path: str) -> None:
         if scales not in ("float", "int_ratio"):
             raise CheckpointError(f"{path}: layer {name} declares scales {scales!r} (this pack reads float, int_ratio)")
         act = lm.get("act")
-        if act not in (None, ACT_UNSIGNED):
-            raise CheckpointError(f"{path}: layer {name} declares activations {act!r} (this pack reads signed, {ACT_UNSIGNED!r})")
-        if act is None and f"{name}.act_shift" in sd:
-            raise CheckpointError(f"{path}: tensor {name}.act_shift is present but layer {name} does not declare "
-                                  f"unsigned activations")
-        for t, (shape, dtype) in _expected(n, k, int(lm["rank"]), g, scales, act == ACT_UNSIGNED).items():
+        if act not in (None, ACT_UNSIGNED, ACT_16BIT):
+            raise CheckpointError(f"{path}: layer {name} declares activations {act!r} "
+                                  f"(this pack reads signed, {ACT_UNSIGNED!r}, {ACT_16BIT!r})")
+        for marker, decl in (("act_shift", ACT_UNSIGNED), ("act_bits", ACT_16BIT)):
+            if act != decl and f"{name}.{marker}" in sd:
+                raise CheckpointError(f"{path}: tensor {name}.{marker} is present but layer {name} does not declare "
+                                      f"{decl!r} activations")
+        for t, (shape, dtype) in _expected(n, k, int(lm["rank"]), g, scales, act).items():
             key = f"{name}.{t}"
             if key not in sd:
                 if t == "bias":
@@ -149,6 +156,8 @@ def check_layers(sd: dict, layers: dict, group_size: int, path: str) -> None:
                 raise CheckpointError(f"{path}: tensor {key} must be {dtype}, got {sd[key].dtype}")
             if dtype is None and not sd[key].is_floating_point():
                 raise CheckpointError(f"{path}: tensor {key} must be floating point, got {sd[key].dtype}")
+        if act == ACT_16BIT and int(sd[f"{name}.act_bits"][0]) != 16:
+            raise CheckpointError(f"{path}: tensor {name}.act_bits holds {int(sd[f'{name}.act_bits'][0])}, expected 16")
         if scales == "int_ratio":
             mult = sd[f"{name}.wscale_mult"]
             if int(mult.max()) > 18:

@@ -74,6 +74,12 @@ class QuantConfig:
     # Reference path only (no CUDA kernel reads such layers).
     unsigned_acts: bool = False
     unsigned_patterns: tuple = ()
+    # 16-bit activations for layers whose names match act16_patterns (the family fills them: FLUX's
+    # modulation linears, which read one embedding vector per image): the same 4-bit weights and branch,
+    # X̂ = X/λ not quantized. Such layers run with M = batch rows, so 4-bit inputs buy no speed there, and
+    # their rounding was the FLUX-style model's whole gap to weight-only 4-bit (docs/CALIBRATION.md §6a).
+    act16_inputs: bool = True
+    act16_patterns: tuple = ()
     # Outlier report: input channels whose calibration max |x| exceeds mean + k·std over channels.
     outlier_k_std: float = 4.0
     # Calibration rows (tokens) kept per layer for scoring; statistics use every row.

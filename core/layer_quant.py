@@ -23,6 +23,8 @@ from .weight_quant import QuantizedWeight, quantize_weight
 # large batches save launches on small layers; on a CPU small ones stay in cache (measured: 256 MiB
 # batches took 1.5-2.9x the time of 16 MiB ones on 320x1280 ... 1280x1280 layers, one thread).
 SCORE_BYTES = {"cpu": 16 << 20, "cuda": 2 << 30}
+# Marker tensor of a layer with 16-bit activations: uint8 (1,) holding 16 (docs/FORMAT.md §1).
+ACT_BITS = "act_bits"
 
 
 @dataclass
@@ -38,6 +40,7 @@ class QuantizedLinear:
     alpha: float | None
     report: dict = field(default_factory=dict)
     act_shift: torch.Tensor | None = None   # (1,) fp32: unsigned activations (reference path only)
+    act16: bool = False                     # 16-bit activations: stored as the `act_bits` marker (docs/FORMAT.md)
 
     def tensors(self) -> dict:
         t = {"qweight": self.qweight, **self.scales, "smooth_factor": self.smooth_factor,
@@ -46,6 +49,8 @@ class QuantizedLinear:
             t["bias"] = self.bias
         if self.act_shift is not None:
             t["act_shift"] = self.act_shift
+        if self.act16:
+            t[ACT_BITS] = torch.tensor([16], dtype=torch.uint8)
         return t
 
 
@@ -104,11 +109,11 @@ def _split(w_hat, rank, iters, quant, score=None, fast=False):
     return best, used
 
 
-def _simulate(x, w_hat, lam, l_up, l_down, group_size, mode, quant, unsigned=False):
-    """Fake-quantized output of the 4-bit layer on rows x (no bias), fp32."""
+def _simulate(x, w_hat, lam, l_up, l_down, group_size, mode, quant, unsigned=False, act16=False):
+    """Fake-quantized output of the 4-bit layer on rows x (no bias), fp32 (act16: activations not quantized)."""
     r = w_hat - l_up @ l_down
     xs = x / lam
-    y = fake_quant_act(xs, group_size, mode, unsigned) @ quant(r).t()
+    y = (xs if act16 else fake_quant_act(xs, group_size, mode, unsigned)) @ quant(r).t()
     if l_up.shape[1]:
         y = y + (xs @ l_down.t()) @ l_up.t()
     return y
@@ -139,7 +144,7 @@ class LayerProblem:
 
     def __init__(self, weight: torch.Tensor, x_absmax: torch.Tensor, x_sample: torch.Tensor, cfg: QuantConfig,
                  name: str = "", *, splits=None, act_shift: float | None = None, x_max: torch.Tensor | None = None,
-                 gram: torch.Tensor | None = None, timer: PhaseTimer | None = None):
+                 gram: torch.Tensor | None = None, timer: PhaseTimer | None = None, act16: bool = False):
         self.name = name
         self.cfg = cfg
         self.w = weight.detach().float()
@@ -153,6 +158,9 @@ class LayerProblem:
             raise ValueError(f"layer {name}: member widths {self.splits} do not add up to {n} outputs")
         dev = self.w.device
         self.timer = timer or PhaseTimer()
+        if act16 and act_shift is not None:
+            raise ValueError(f"layer {name}: 16-bit activations cannot also be unsigned")
+        self.act16 = act16
         self.unsigned = act_shift is not None
         self.shift = float(act_shift or 0.0)
         self.x_orig = x_sample.float().to(dev)
@@ -186,7 +194,7 @@ class LayerProblem:
 
     def _sim(self, w_hat, lam, l_up, l_down, quant):
         return _simulate(self.x, w_hat, lam, l_up, l_down, self.cfg.group_size, self.cfg.scale_mode, quant,
-                         self.unsigned)
+                         self.unsigned, self.act16)
 
     def error(self, lam, rank, iters=1, fast=False):
         w_hat = self.w * lam
@@ -215,7 +223,8 @@ class LayerProblem:
                 l_up, l_down = batched_top_svd(self.w, lam, rank)
                 r = w_hat - l_up @ l_down
             del w_hat
-            y = fake_quant_act(xs, g, mode, self.unsigned) @ _plain_quant(r, g, mode).transpose(1, 2)
+            xq = xs if self.act16 else fake_quant_act(xs, g, mode, self.unsigned)
+            y = xq @ _plain_quant(r, g, mode).transpose(1, 2)
             if rank:
                 y = y + (xs @ l_down.transpose(1, 2)) @ l_up.transpose(1, 2)
             e = ((y - self.y_ref.unsqueeze(0)).pow(2).sum(dim=(1, 2)) / self.den).sqrt()
@@ -331,10 +340,11 @@ class LayerProblem:
                 rank=rank,
                 alpha=alpha,
                 act_shift=shift,
+                act16=self.act16,
             )
             q.report = {
                 "layer": name, "in": k, "out": width, "rank": rank, "alpha": _describe(alpha),
-                "scales": self.cfg.scale_mode, "unsigned_acts": self.unsigned,
+                "scales": self.cfg.scale_mode, "unsigned_acts": self.unsigned, "act16": self.act16,
                 "bytes_16bit": width * k * elt + (width * elt if bias is not None else 0),
                 "bytes_4bit": sum(t.numel() * t.element_size() for t in q.tensors().values()),
             }

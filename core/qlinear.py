@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from .layer_quant import ACT_BITS
 
 # The tensors of one 4-bit layer by scale mode (docs/FORMAT.md); bias is optional in both.
 TENSOR_NAMES = {
@@ -61,6 +62,8 @@ class QuantizedLinearMixin:
         self.register_parameter("bias", None if b is None else nn.Parameter(b, requires_grad=False))
         shift = tensors.get(ACT_SHIFT)
         self.register_parameter(ACT_SHIFT, None if shift is None else nn.Parameter(shift.float(), requires_grad=False))
+        bits = tensors.get(ACT_BITS)  # 16-bit activations (marker); absent = 4-bit
+        self.register_parameter(ACT_BITS, None if bits is None else nn.Parameter(bits, requires_grad=False))
         self.quantized = True
         self._prepared = None
         self._lora = None
@@ -108,6 +111,7 @@ class QuantizedLinearMixin:
         t["bias"] = None if self.bias is None else self.bias.to(device, dtype)
         if self.act_shift is not None:
             t[ACT_SHIFT] = self.act_shift.to(device)
+        t["act16"] = getattr(self, ACT_BITS, None) is not None
         prepared = kernels.prepare_weights(t, device)
         if self.qweight.device == device:
             self._prepared = (key, prepared)
@@ -139,4 +143,5 @@ class SVDQuantLinear(QuantizedLinearMixin, nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"group_size={self.group_size}, scales={self.scale_mode}, bias={self.bias is not None}"
-                + ("" if self.act_shift is None else ", unsigned activations"))
+                + ("" if self.act_shift is None else ", unsigned activations")
+                + ("" if getattr(self, ACT_BITS, None) is None else ", 16-bit activations"))

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .checkpoint import save_checkpoint
-from .layer_quant import QuantizedLinear
+from .layer_quant import ACT_BITS, QuantizedLinear
 
 SCALE_NAMES = ("wscales", "wscale_mult", "wscale_base")
 
@@ -87,7 +87,7 @@ class PartialResults:
                 qweight=t["qweight"], scales={n: t[n] for n in SCALE_NAMES if n in t},
                 smooth_factor=t["smooth_factor"], proj_down=t["proj_down"], proj_up=t["proj_up"],
                 bias=t.get("bias"), rank=m["rank"], alpha=tuple(alpha) if isinstance(alpha, list) else alpha,
-                report=m["report"], act_shift=t.get("act_shift")))
+                report=m["report"], act_shift=t.get("act_shift"), act16=ACT_BITS in t))
         return out
 
     def save_json(self, key: str, obj) -> None:

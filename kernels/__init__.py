@@ -155,6 +155,28 @@ def prepare_weights(tensors: dict, device) -> dict:
     return out
 
 
+def _linear_act16(x, p: dict, group_size: int):
+    """A layer with 16-bit activations (docs/FORMAT.md §1). Where the Hopper path prepared its int8 copy
+    (q × multiplier, exact in bf16/fp16), that copy is cast and multiplied in the compute dtype and each output
+    row scaled by its base; elsewhere the reference dequantizes in fp32. These layers read one vector per
+    image (M = batch), so the weight read dominates either way."""
+    import torch
+
+    if p.get("_path") == 91 and x.device == p["_qw"].device and x.dtype in (torch.bfloat16, torch.float16):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        w = p["_qw"].view(torch.int8).to(x.dtype)
+        y = (x2 * p["_smooth_rcp"].to(x.dtype)) @ w.t()
+        y = y.float() * p["_wscales"]
+        if p["_rp"]:
+            y = y + (x2 @ p["_proj_down"].to(x.dtype)).float() @ p["_proj_up"].t()
+        if p["_bias"] is not None:
+            y = y + p["_bias"]
+        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
+    return reference.svdquant_linear_act16(x, p["qweight"], reference.weight_scales_for_gemm(p), p["smooth_factor"],
+                                           p.get("proj_down"), p.get("proj_up"), p.get("bias"), group_size)
+
+
 def _use_cuda(x, prepared) -> bool:
     import torch
 
@@ -202,6 +224,8 @@ def gptq_block(w, steps, hb, q_out, err_out, qmax: float) -> None:
 
 def linear(x, prepared: dict, group_size: int = 64):
     """Y = 4-bit linear of x (..., K) with the layer tensors from `prepare_weights`."""
+    if prepared.get("act16"):
+        return _linear_act16(x, prepared, group_size)
     if group_size == 64 and _use_cuda(x, prepared):
         _log_backend_once(("cuda", x.device, prepared["_path"]), "svdquant: %s kernels on %s",
                           _NAMES[prepared["_path"]], x.device)

@@ -210,6 +210,19 @@ def w4a4_gemm(qact, ascales, qweight, wscales, lora_act, proj_up, bias, out_dtyp
     return y.to(out_dtype)
 
 
+def svdquant_linear_act16(x, qweight, wscales, smooth_factor, proj_down, proj_up, bias, group_size: int = 64):
+    """A layer declared with 16-bit activations: the same stored weights (4-bit residual + branch) and
+    X̂ = X / λ not quantized: Y = X̂ · deq(R)ᵀ + (X · proj_down) · proj_upᵀ + b, in fp32."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    y = (x2 / smooth_factor.float()) @ _dequant_weight(qweight, wscales, group_size).t()
+    if proj_down is not None and proj_down.shape[-1] > 0:
+        y = y + (x2 @ proj_down.float()) @ proj_up.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, qweight.shape[0])
+
+
 def svdquant_linear(x, qweight, wscales, smooth_factor, proj_down, proj_up, bias, group_size: int = 64,
                     act_shift=None):
     """The whole 4-bit linear (kernel 1 then kernel 2) for x (..., K); wscales as in w4a4_gemm (its

@@ -16,6 +16,10 @@ DEFAULT_SKIP = {
 # Linears whose input comes straight out of a GELU (FLUX's double-block MLPs: Linear, GELU(tanh),
 # Linear): candidates for unsigned activations. SD's feed-forward is GEGLU (x · GELU(gate), signed),
 # FLUX's single blocks feed linear2 attention output and GELU output together: neither qualifies.
+# Linears that read one embedding vector per image (adaLN modulation): 16-bit activations (QuantConfig.act16_inputs).
+PER_IMAGE_INPUTS = {
+    "flux": ("*_mod.lin", "*modulation.lin"),
+}
 POST_GELU = {
     "flux": ("double_blocks.*.img_mlp.2", "double_blocks.*.txt_mlp.2"),
 }

@@ -9,7 +9,7 @@ from torch import nn
 
 import comfy.ops
 
-from ..core.qlinear import ACT_SHIFT, COMPUTE_DTYPE_TENSORS, TENSOR_NAMES, QuantizedLinearMixin
+from ..core.qlinear import ACT_BITS, ACT_SHIFT, COMPUTE_DTYPE_TENSORS, TENSOR_NAMES, QuantizedLinearMixin
 
 
 class SVDQuantOps(comfy.ops.manual_cast):
@@ -31,6 +31,7 @@ class SVDQuantOps(comfy.ops.manual_cast):
                         tensors[n] = tensors[n].to(self.load_dtype)
                 tensors["bias"] = take("bias")
                 tensors[ACT_SHIFT] = take(ACT_SHIFT)  # unsigned activations (fp32); absent in most files
+                tensors[ACT_BITS] = take(ACT_BITS)  # 16-bit activations (marker); absent in most files
                 if tensors["bias"] is not None and self.load_dtype is not None:
                     tensors["bias"] = tensors["bias"].to(self.load_dtype)
                 self.set_quantized(tensors)  # group 64: the only size the file format allows today

@@ -20,7 +20,7 @@ from ..core.calibrate import (SharedInputs, capture_inputs, find_target_linears,
 from ..core.config import QuantConfig
 from ..core.qlinear import KERNEL_CACHE
 from ..core.timing import PhaseTimer
-from .families import DEFAULT_SKIP, POST_GELU, family_of
+from .families import DEFAULT_SKIP, PER_IMAGE_INPUTS, POST_GELU, family_of
 from .loader import build_patcher
 
 # Stored in fp32 whatever the model dtype (docs/FORMAT.md): int_ratio bases, the unsigned-activation shift.
@@ -113,7 +113,8 @@ def calibrate_and_quantize(model, conds, qcfg: QuantConfig, steps, cfg, sampler_
     base = model.model
     family = family_of(base.model_config)
     qcfg = dataclasses.replace(qcfg, skip_patterns=tuple(DEFAULT_SKIP[family]) + tuple(qcfg.skip_patterns),
-                               unsigned_patterns=tuple(POST_GELU.get(family, ())) + tuple(qcfg.unsigned_patterns))
+                               unsigned_patterns=tuple(POST_GELU.get(family, ())) + tuple(qcfg.unsigned_patterns),
+                               act16_patterns=tuple(PER_IMAGE_INPUTS.get(family, ())) + tuple(qcfg.act16_patterns))
     dm = base.diffusion_model
     layers = find_target_linears(dm, qcfg)
     if not layers:
@@ -143,7 +144,8 @@ def calibrate_and_quantize(model, conds, qcfg: QuantConfig, steps, cfg, sampler_
 
     text = format_report(results, outliers)
     meta = ckpt.build_metadata({n: {"rank": q.rank, "scales": q.report.get("scales", "float"),
-                                    "unsigned_acts": q.report.get("unsigned_acts", False)}
+                                    "unsigned_acts": q.report.get("unsigned_acts", False),
+                                    "act16": q.report.get("act16", False)}
                                for n, q in results.items()}, family=family,
                                source_dtype=out_dtype, group_size=qcfg.group_size,
                                model_class=type(base.model_config).__name__,
