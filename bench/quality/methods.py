@@ -18,7 +18,7 @@ import json
 # change: the issue-8 tables were measured before GPTQ existed, so their methods are one SVD with
 # GPTQ off; GPTQ became the default later (issue 9) and is the "_gptq" names here.
 ONE_SVD = {"smooth_grid": "alpha", "lowrank_iters": 1, "gptq": False, "gram_budget_mb": 0,
-           "share_inputs": False, "unsigned_acts": False, "lowrank_refit": False}
+           "share_inputs": False, "unsigned_acts": False, "lowrank_refit": False, "act16_inputs": False}
 
 
 def _w4a4(label, rank, families=None, **quant):
@@ -52,6 +52,8 @@ METHODS = {
                                     gptq=True, unsigned_acts=True),
     "svdq_r32_refine4_gptq_unsigned": _w4a4("rank 32 + refinement (≤ 4) + GPTQ + unsigned post-GELU", R32,
                                             families=["flux"], lowrank_iters=4, gptq=True, unsigned_acts=True),
+    "svdq_r32_gptq_act16": _w4a4("rank 32 + GPTQ + 16-bit modulation inputs (the default since 2026-12-04)", R32,
+                                 families=["flux"], gptq=True, act16_inputs=True),
     "svdq_r32_gptq_refit": _w4a4("rank 32 + GPTQ + activation-weighted branch refit", R32, gptq=True,
                                  lowrank_refit=True),
     "svdq_r64_gptq": _w4a4("SVDQuant rank 64 + GPTQ", {"mode": "fixed", "rank": 64}, gptq=True),
