@@ -153,10 +153,13 @@ def test_metrics_sanity(q):
 
 
 def test_bench_default_method_is_the_default_config(q):
-    """The benchmark's "default" method is QuantConfig() at rank 32, and the issue-8 names are one
-    SVD without GPTQ: the docs' tables label them so, and a changed default must show up here."""
+    """The benchmark's "default" method is QuantConfig() at rank 32, the issue-9 default (GPTQ) keeps 4-bit
+    modulation inputs, and the issue-8 names are one SVD without GPTQ: the docs' tables label them so, and a
+    changed default must show up here."""
     _, methods, _, _ = q
     from comfyui_svdquant.core.config import QuantConfig
-    assert methods.quant_config(methods.METHODS["svdq_r32_gptq"]) == QuantConfig()
+    import dataclasses
+    assert methods.quant_config(methods.METHODS["svdq_r32_gptq_act16"]) == QuantConfig()
+    assert methods.quant_config(methods.METHODS["svdq_r32_gptq"]) == dataclasses.replace(QuantConfig(), act16_inputs=False)
     one_svd = methods.quant_config(methods.METHODS["svdq_r32"])
     assert (one_svd.gptq, one_svd.lowrank_iters, one_svd.smooth_grid, one_svd.unsigned_acts) == (False, 1, "alpha", False)

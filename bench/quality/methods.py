@@ -52,8 +52,10 @@ METHODS = {
                                     gptq=True, unsigned_acts=True),
     "svdq_r32_refine4_gptq_unsigned": _w4a4("rank 32 + refinement (≤ 4) + GPTQ + unsigned post-GELU", R32,
                                             families=["flux"], lowrank_iters=4, gptq=True, unsigned_acts=True),
-    "svdq_r32_gptq_act16": _w4a4("rank 32 + GPTQ + 16-bit modulation inputs (the default since 2026-12-04)", R32,
-                                 families=["flux"], gptq=True, act16_inputs=True),
+    # the default since 2026-12-04: FLUX's modulation linears read 16-bit inputs (no such layers in SD1.5/SDXL,
+    # where it equals svdq_r32_gptq)
+    "svdq_r32_gptq_act16": _w4a4("rank 32 + GPTQ + 16-bit modulation inputs (the default)", R32, gptq=True,
+                                 act16_inputs=True),
     "svdq_r32_gptq_refit": _w4a4("rank 32 + GPTQ + activation-weighted branch refit", R32, gptq=True,
                                  lowrank_refit=True),
     "svdq_r64_gptq": _w4a4("SVDQuant rank 64 + GPTQ", {"mode": "fixed", "rank": 64}, gptq=True),
