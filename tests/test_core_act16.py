@@ -127,3 +127,11 @@ def test_inconsistent_16bit_declarations_are_refused(tmp_path, case, match):
     path, _ = _file(tmp_path, mutate)
     with pytest.raises(ckpt.CheckpointError, match=match):
         ckpt.load_checkpoint(path)
+
+
+def test_a_16bit_activation_layer_traces_without_a_graph_break():
+    """TorchCompileModel compiles the diffusion model: the act16 layer's forward is plain torch ops."""
+    _, x, q = _layer(act16=True)
+    mod = SVDQuantLinear.from_tensors(q.tensors())
+    f = torch.compile(lambda t: mod(t) * 2, backend="eager", fullgraph=True)  # fullgraph: a break raises
+    assert torch.allclose(f(x), mod(x) * 2, atol=1e-5)
