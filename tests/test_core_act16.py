@@ -47,21 +47,25 @@ def test_module_forward_is_the_stored_weights_on_unrounded_inputs(scales):
     assert _rel(y, x @ w.t() + t["bias"]) < q.report["error"] * 1.5  # the calibrated error, not W4A4's
 
 
-def test_hopper_copy_form_matches_the_reference(monkeypatch):
-    """On Hopper the layer reuses the int8 copy the GEMM path prepares (code × multiplier, exact in bf16):
-    computed here on the CPU with the same preparation, against the fp32 reference."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hopper_copy_form_matches_the_reference(monkeypatch, dtype):
+    """On Hopper the layer reuses the int8 copy the GEMM path prepares (code × multiplier, exact in 16 bits):
+    computed here on the CPU with the same preparation, against the fp32 reference. Inputs ×30: Σ x̂·q·f then
+    passes fp16's range, which the fp16 form must survive."""
     _, x, q = _layer(act16=True)
-    t = {k: (v.to(torch.bfloat16) if v.is_floating_point() and k not in ("wscale_base",) else v)
+    t = {k: (v.to(dtype) if v.is_floating_point() and k not in ("wscale_base",) else v)
          for k, v in q.tensors().items()}
     monkeypatch.setattr(kernels, "_device_path", lambda device: 90)
     p = kernels.prepare_weights(t, torch.device("cpu"))
     p["act16"] = True
     assert p["_path"] == 91
-    xb = x.to(torch.bfloat16)
+    xb = (x * 30).to(dtype)
     y = kernels.linear(xb, p)
-    want = ref.svdquant_linear_act16(xb, t["qweight"], ref.weight_scales_for_gemm(t), t["smooth_factor"],
+    want = ref.svdquant_linear_act16(xb.float(), t["qweight"], ref.weight_scales_for_gemm(t), t["smooth_factor"],
                                      t["proj_down"], t["proj_up"], t["bias"])
-    assert y.dtype == torch.bfloat16 and _rel(y, want) < 1e-2
+    xs = xb.float() / t["smooth_factor"].float()
+    assert float((xs @ p["_qw"].view(torch.int8).float().t()).abs().max()) > 65504  # Σ x̂·q·f: the hazard is real
+    assert y.dtype == dtype and torch.isfinite(y).all() and _rel(y, want) < 1e-2
 
 
 def test_calibration_marks_the_layers_named_by_the_patterns():

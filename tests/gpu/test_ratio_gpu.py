@@ -234,16 +234,18 @@ def test_cuda_graph_keeps_its_workspace_when_eager_calls_outgrow_it():
     assert torch.equal(static_y, want) and int(filler[0]) == 7
 
 
-def test_16bit_activation_layer_on_the_gpu_matches_the_reference():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_activation_layer_on_the_gpu_matches_the_reference(dtype):
     """A layer declared with 16-bit activations (FLUX modulation) on the Hopper path casts the prepared int8
-    copy; against the fp32 reference on the same stored tensors, bf16 bound as the whole linear's."""
-    lay = make_ratio_layer(3072, 3072, 32, torch.bfloat16, DEV)
+    copy; against the fp32 reference on the same stored tensors, within the whole linear's bound (bf16 2x:
+    X/λ is rounded to bf16 before the product here)."""
+    lay = make_ratio_layer(3072, 3072, 32, dtype, DEV)
     prepared = kernels.prepare_weights(lay, torch.device(DEV))
     prepared["act16"] = True
     for m in (1, 2, 77):
-        x = make_x(m, 3072, torch.bfloat16, DEV, seed=m)
+        x = make_x(m, 3072, dtype, DEV, seed=m)
         y = kernels.linear(x, prepared)
         want = ref.svdquant_linear_act16(x.float(), lay["qweight"], ref.weight_scales_for_gemm(lay),
                                          lay["smooth_factor"], lay["proj_down"], lay["proj_up"], lay["bias"])
-        assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
-        assert rel(y, want) < BOUND[torch.bfloat16]
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        assert rel(y, want) < 2 * BOUND[dtype]
