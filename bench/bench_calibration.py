@@ -56,6 +56,7 @@ METHODS = {
     "+gptq": (dict(gptq=True), 32, False, False),
     "+gptq(XtX)": (dict(gptq=True, gram_budget_mb=4096), 32, True, False),
     "+refine+gptq": (dict(lowrank_iters=8, gptq=True), 32, False, False),
+    "+gptq+refit": (dict(gptq=True, lowrank_refit=True), 32, False, False),
     "+grid39+refine+gptq": (dict(smooth_grid="reference39", lowrank_iters=8, gptq=True), 32, False, False),
     "+unsigned": (dict(), 32, False, True),
     "+refine+gptq+unsigned": (dict(lowrank_iters=8, gptq=True), 32, False, True),

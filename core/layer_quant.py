@@ -282,7 +282,7 @@ class LayerProblem:
         with self.timer("packing"):
             r = w_hat - l_up @ l_down
             wq = quantize_weight(r, g, cfg.scale_mode, self.importance(lam))
-        hess = self.hessian(lam) if cfg.gptq or (cfg.lowrank_refit and rank) else None
+        hess = self.hessian(lam) if cfg.gptq or (cfg.lowrank_refit and rank and self.gram is not None) else None
         if cfg.gptq:
             with self.timer("gptq"):
                 codes = gptq_codes(r, wq.steps, hess, g, cfg.gptq_damp, cfg.gptq_block, self.name)
@@ -291,7 +291,9 @@ class LayerProblem:
         refit = False
         if cfg.lowrank_refit and rank:
             with self.timer("lowrank"):
-                up2, down2 = activation_weighted_top(w_hat - deq, hess, rank, cfg.gptq_damp)
+                # the sampled rows when they are all there is (no K×K matrix), XᵀX over every row when captured
+                up2, down2 = (activation_weighted_top(w_hat - deq, rank, cfg.gptq_damp, rows=self.x / lam)
+                              if self.gram is None else activation_weighted_top(w_hat - deq, rank, cfg.gptq_damp, h=hess))
                 y_old = self._sim(w_hat, lam, l_up, l_down, lambda _r: deq)
                 y_new = self._sim(w_hat, lam, up2, down2, lambda _r: deq)
                 if self._rel(y_new) < self._rel(y_old):

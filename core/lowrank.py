@@ -97,14 +97,27 @@ def top_svd(w: torch.Tensor, rank: int, fast: bool = False):
     return u[0], d[0]
 
 
-def activation_weighted_top(d: torch.Tensor, h: torch.Tensor, rank: int, damp: float = 0.01):
-    """(L_up (N×r), L_down (r×K)) minimising ‖X̂(D − L_up·L_down)ᵀ‖² + δ‖D − L_up·L_down‖², with H = X̂ᵀX̂ (K×K)
-    and δ = damp · mean(diag H): L = SVD_r(D·H_δ^½)·H_δ^-½ (the closed form of activation-weighted low-rank
-    error reconstruction). D is the weight the branch should carry: Ŵ minus the dequantized 4-bit residual."""
+def activation_weighted_top(d: torch.Tensor, rank: int, damp: float = 0.01, *, h: torch.Tensor | None = None,
+                            rows: torch.Tensor | None = None):
+    """(L_up (N×r), L_down (r×K)) minimising ‖X̂(D − L_up·L_down)ᵀ‖² + δ‖D − L_up·L_down‖², δ = damp · mean(diag H),
+    H = X̂ᵀX̂: L = SVD_r(D·H_δ^½)·H_δ^-½ (the closed form of activation-weighted low-rank error reconstruction).
+    D is what the branch should carry (Ŵ minus the dequantized 4-bit residual). Give H (K×K) or the rows X̂
+    (n×K, n small): with rows, H_δ^±½ = V·(S²+δ)^±½·Vᵀ + δ^±½·(I − VVᵀ) from the thin SVD X̂ = U·S·Vᵀ, so no
+    K×K matrix is formed (K is 15360 on FLUX's single blocks)."""
+    d = d.float()
+    if rows is not None:
+        _, s, vt = torch.linalg.svd(rows.float(), full_matrices=False)
+        delta = damp * float((s * s).sum()) / d.shape[1]
+        delta = max(delta, 1e-30)
+        grow = (s * s + delta).sqrt() - delta ** 0.5            # H_δ^½ − √δ·I on the row space
+        dv = d @ vt.t()
+        u_up, d_down = top_svd((dv * grow) @ vt + delta ** 0.5 * d, rank)
+        shrink = (s * s + delta).rsqrt() - delta ** -0.5        # H_δ^-½ − I/√δ on the row space
+        return u_up, ((d_down @ vt.t()) * shrink) @ vt + d_down * delta ** -0.5
     k = h.shape[0]
     h = h.float()
     hd = h + damp * float(h.diagonal().mean().clamp_min(1e-30)) * torch.eye(k, device=h.device)
-    s, v = torch.linalg.eigh(hd)
-    s = s.clamp_min(float(s.max()) * 1e-12).sqrt()
-    u_up, d_down = top_svd(d.float() @ (v * s) @ v.t(), rank)  # the rank-r split of D·H^½
-    return u_up, (d_down @ v / s) @ v.t()
+    ev, v = torch.linalg.eigh(hd)
+    ev = ev.clamp_min(float(ev.max()) * 1e-12).sqrt()
+    u_up, d_down = top_svd(d @ (v * ev) @ v.t(), rank)  # the rank-r split of D·H^½
+    return u_up, (d_down @ v / ev) @ v.t()

@@ -141,7 +141,8 @@ def test_int8_weight_copy_is_code_times_multiplier():
 
 def test_activation_weighted_branch_fits_what_the_activations_see():
     """core.lowrank.activation_weighted_top: with H = I it is the plain truncated SVD; with the Gram matrix of
-    outlier-heavy activations its output error ‖X(D − L)ᵀ‖ is below the SVD's (the SVD is one of its candidates)."""
+    outlier-heavy activations its output error ‖X(D − L)ᵀ‖ is below the SVD's (the SVD is one of its candidates);
+    from the rows themselves (thin SVD, no K×K matrix) it is the same split as from H = XᵀX."""
     from comfyui_svdquant.core.lowrank import activation_weighted_top, top_svd
     g = torch.Generator().manual_seed(0)
     d = torch.randn(96, 256, generator=g)
@@ -151,11 +152,13 @@ def test_activation_weighted_branch_fits_what_the_activations_see():
     def err(up, down):
         return float((x @ (d - up @ down).t()).norm() / (x @ d.t()).norm())
     u0, v0 = top_svd(d, 16)
-    ui, vi = activation_weighted_top(d, torch.eye(256), 16, damp=0.0)
+    ui, vi = activation_weighted_top(d, 16, damp=0.0, h=torch.eye(256))
     assert torch.allclose(ui @ vi, u0 @ v0, atol=1e-4)
-    u, v = activation_weighted_top(d, x.t() @ x, 16)
+    u, v = activation_weighted_top(d, 16, h=x.t() @ x)
     assert u.shape == (96, 16) and v.shape == (16, 256)
     assert err(u, v) < 0.5 * err(u0, v0)
+    ur, vr = activation_weighted_top(d, 16, rows=x)  # 40 rows < K = 256: H is singular, the damping decides
+    assert torch.allclose(ur @ vr, u @ v, rtol=1e-3, atol=1e-3 * float((u @ v).abs().max()))
 
 
 def test_lowrank_refit_is_kept_only_where_it_lowers_the_error():
