@@ -41,9 +41,9 @@ def build_metadata(layers: dict, family: str, source_dtype: torch.dtype, group_s
     """layers: name -> {"rank": r, "scales": ..., "unsigned_acts": bool, "act16": bool}. input_groups: lists of
     layer names that share one input (and so one smooth_factor and proj_down). Returns the header metadata."""
     qmeta = {"format_version": "1.0", "layers": {n: _layer_decl(v, group_size) for n, v in layers.items()}}
-    unsigned = any(v.get("unsigned_acts") or v.get("act16") for v in layers.values())
+    declares_act = any(v.get("unsigned_acts") or v.get("act16") for v in layers.values())
     groups = {"input_groups": [list(g) for g in input_groups]} if input_groups else {}
-    fmeta = {"format": FORMAT_NAME, "version": UNSIGNED_VERSION if unsigned else FORMAT_VERSION,
+    fmeta = {"format": FORMAT_NAME, "version": UNSIGNED_VERSION if declares_act else FORMAT_VERSION,
              "weight_bits": 4, "act_bits": 4,
              "weight_dtype": "int4", "group_size": group_size, "family": family,
              "source_dtype": str(source_dtype).replace("torch.", ""), "model_class": model_class,

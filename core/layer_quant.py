@@ -288,19 +288,20 @@ class LayerProblem:
                 codes = gptq_codes(r, wq.steps, hess, g, cfg.gptq_damp, cfg.gptq_block, self.name)
                 wq = QuantizedWeight(codes, wq.steps, wq.file_tensors)
         deq = wq.dequantize(g)
+        with self.timer("report"):
+            y = self._sim(w_hat, lam, l_up, l_down, lambda _r: deq)
+            err = self._rel(y)
         refit = False
         if cfg.lowrank_refit and rank:
             with self.timer("lowrank"):
                 # the sampled rows when they are all there is (no K×K matrix), XᵀX over every row when captured
                 up2, down2 = (activation_weighted_top(w_hat - deq, rank, cfg.gptq_damp, rows=self.x / lam)
                               if self.gram is None else activation_weighted_top(w_hat - deq, rank, cfg.gptq_damp, h=hess))
-                y_old = self._sim(w_hat, lam, l_up, l_down, lambda _r: deq)
-                y_new = self._sim(w_hat, lam, up2, down2, lambda _r: deq)
-                if self._rel(y_new) < self._rel(y_old):
-                    l_up, l_down, refit = up2, down2, True
+                y2 = self._sim(w_hat, lam, up2, down2, lambda _r: deq)
+                err2 = self._rel(y2)
+                if err2 < err:
+                    l_up, l_down, y, err, refit = up2, down2, y2, err2, True
         with self.timer("report"):
-            y = self._sim(w_hat, lam, l_up, l_down, lambda _r: deq)
-            err = self._rel(y)
             # member errors against each member's own output (y − y_ref = ŷ − y_orig per member)
             errs = self._member_errors(y - self.y_ref + self.y_orig, self.y_orig)
             naive = self._naive_errors()

@@ -166,11 +166,12 @@ def _linear_act16(x, p: dict, group_size: int):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         w = p["_qw"].view(torch.int8).to(x.dtype)
-        if x.dtype == torch.float16:  # Σ x̂·q·f can pass fp16's 65504: scale the weights first
+        fp16 = x.dtype == torch.float16
+        if fp16:  # Σ x̂·q·f can pass fp16's 65504: scale the weights first (bf16 has the range)
             w.mul_(p["_wscales"].to(torch.float16).unsqueeze(1))
-            y = ((x2 * p["_smooth_rcp"].to(x.dtype)) @ w.t()).float()
-        else:  # bf16 has the range: integer weights, fp32 scaling after the product
-            y = ((x2 * p["_smooth_rcp"].to(x.dtype)) @ w.t()).float() * p["_wscales"]
+        y = ((x2 * p["_smooth_rcp"].to(x.dtype)) @ w.t()).float()
+        if not fp16:  # integer weights: each row's base in fp32 after the product
+            y = y * p["_wscales"]
         if p["_rp"]:
             y = y + (x2 @ p["_proj_down"].to(x.dtype)).float() @ p["_proj_up"].t()
         if p["_bias"] is not None:

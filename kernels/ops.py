@@ -147,6 +147,7 @@ def _proj_down(p, dtype):
 
 
 _ALIGN = 256
+_layouts = {}  # (M, K, fmt, rp) -> _act_layout's answer
 
 
 def _act_layout(m: int, k: int, fmt: int, rp: int):
@@ -159,9 +160,6 @@ def _act_layout(m: int, k: int, fmt: int, rp: int):
         off_l = off_s + -(-sr * mp * 4 // _ALIGN) * _ALIGN
         lay = _layouts[key] = (off_s, off_l, off_l + m * rp * 4, mp)
     return lay
-
-
-_layouts = {}
 
 
 def _direct_args(p: dict, dtype) -> tuple:
