@@ -8,6 +8,7 @@ if "comfyui_svdquant" not in sys.modules:
 # --- ComfyUI harness: markers, skips, the session server (tests/harness/) ---------------
 import os
 import resource
+import shutil
 import subprocess
 import time
 
@@ -20,6 +21,7 @@ from harness import config as harness_config  # noqa: E402  (stdlib only, no tor
 
 REQUIRE_COMFY = os.environ.get("SVDQ_REQUIRE_COMFY") == "1"
 _TIMINGS = {}  # filled by tests through the comfy_timings fixture, printed at the end
+_SERVER = []   # the session ComfyUI server, once the comfy_server fixture started it
 
 
 def pytest_configure(config):
@@ -100,9 +102,40 @@ def comfy_server(tmp_path_factory):
     _TIMINGS["tiny models ready (s)"] = round(time.perf_counter() - t0, 1)
     srv.start()
     _TIMINGS["server start (s)"] = round(srv.startup_seconds, 1)
+    _SERVER.append(srv)
     yield srv
+    _SERVER.clear()
     _TIMINGS["server peak RSS (MB)"] = round(srv.peak_rss_mb() or 0)
     srv.stop()
+
+
+def _saved_models(srv) -> set:
+    folder = srv.models_dir / "svdquant"
+    return set(folder.iterdir()) if folder.is_dir() else set()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_saved_models_after_module():
+    """Delete the 4-bit files (and unfinished .partial folders) a test module saved on the session
+    server once the module is done: a tiny FLUX one is ~0.4 GB, and a dozen modules' worth filled
+    a CI machine's disk. Tests that want a saved file make their own when none is there."""
+    before = _saved_models(_SERVER[0]) if _SERVER else set()
+    yield
+    if _SERVER:
+        for path in _saved_models(_SERVER[0]) - before:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def _free_disk_lines(config) -> list:
+    """Free disk where the tests write (basetemp, tiny-model cache): an out-of-space run names it."""
+    lines = []
+    for label, path in (("basetemp", config.option.basetemp or os.environ.get("TMPDIR") or "/tmp"),
+                        ("tiny-model cache", harness_config.tiny_models_cache())):
+        probe = pathlib.Path(path)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        lines.append(f"{'free disk at ' + label:40s} {shutil.disk_usage(probe).free / 2**30:.1f} GiB ({path})")
+    return lines
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -114,7 +147,10 @@ def pytest_runtest_makereport(item, call):
         rep.sections.append(("ComfyUI server log (tail)", srv.log_tail(60)))
 
 
-def pytest_terminal_summary(terminalreporter):
+def pytest_terminal_summary(terminalreporter, config):
+    terminalreporter.section("Disk")
+    for line in _free_disk_lines(config):
+        terminalreporter.write_line(line)
     if _TIMINGS:
         terminalreporter.section("ComfyUI harness timings")
         for k, v in _TIMINGS.items():
