@@ -67,6 +67,8 @@ class CalibrateAndQuantize:
                 "share_qkv": ("BOOLEAN", {"default": DEFAULTS.share_inputs, "tooltip": "Linears fed the same input (SD's attention q/k/v, k/v on the text) share one smoothing vector and one low-rank down projection fitted on their concatenated weight."}),
                 "unsigned_gelu": ("BOOLEAN", {"default": DEFAULTS.unsigned_acts, "tooltip": "FLUX: the inputs of the MLPs' second linears (after GELU) are shifted to >= 0 and quantized to [0, 15]. No CUDA kernel reads such layers: they run on the slow pure-torch path."}),
                 "outlier_k": ("FLOAT", {"default": DEFAULTS.outlier_k_std, "min": 3.0, "max": 5.0, "step": 0.5, "tooltip": "Report: an input channel counts as an outlier when its largest |x| exceeds the mean over channels by this many standard deviations."}),
+                "act16_modulation": ("BOOLEAN", {"default": DEFAULTS.act16_inputs, "tooltip": "FLUX: the adaLN modulation linears, which read one embedding vector per image, keep 16-bit inputs (their weights stay 4-bit). Their 4-bit inputs were the whole gap to weight-only 4-bit on our trained FLUX-style model; they run with one row per image, so 4-bit inputs would buy no speed. Off: 4-bit inputs everywhere."}),
+                "lowrank_refit": ("BOOLEAN", {"default": DEFAULTS.lowrank_refit, "tooltip": "After the residual is quantized, refit the low-rank branch to what the 4-bit residual misses, weighted by the calibration activations; kept per layer only where it lowers the output error. A little lower error (+0.1 to +0.8 dB on our trained models), slower quantization."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -75,7 +77,8 @@ class CalibrateAndQuantize:
                  smoothing, lowrank_iters, skip_layers, save, filename_prefix, positive=None, negative=None,
                  rank_policy=None, clip=None, prompts="", gptq=DEFAULTS.gptq,
                  gptq_hessian_mb=DEFAULTS.gram_budget_mb, share_qkv=DEFAULTS.share_inputs,
-                 unsigned_gelu=DEFAULTS.unsigned_acts, outlier_k=DEFAULTS.outlier_k_std, unique_id=None):
+                 unsigned_gelu=DEFAULTS.unsigned_acts, outlier_k=DEFAULTS.outlier_k_std,
+                 act16_modulation=DEFAULTS.act16_inputs, lowrank_refit=DEFAULTS.lowrank_refit, unique_id=None):
         if calibration_samples < 1:
             raise ValueError("calibration_samples is 0: at least one calibration sample is needed")
         if smoothing not in SMOOTHING:
@@ -86,6 +89,7 @@ class CalibrateAndQuantize:
                            lowrank_iters=lowrank_iters, gptq=gptq, gram_budget_mb=gptq_hessian_mb,
                            share_inputs=share_qkv,
                            unsigned_acts=unsigned_gelu, outlier_k_std=outlier_k,
+                           act16_inputs=act16_modulation, lowrank_refit=lowrank_refit,
                            skip_patterns=tuple(p.strip() for p in skip_layers.split(",") if p.strip()))
         conds = _conditionings(positive, negative, clip, prompts, calibration_samples)
         path = unique_path(folders.save_folder(), filename_prefix.strip()) if save else None

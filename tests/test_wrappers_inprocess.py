@@ -234,6 +234,31 @@ def test_calibrate_node_encodes_prompts_with_the_clip(comfy):
         _conditionings(None, None, None, "", 1)
 
 
+@pytest.mark.parametrize("act16, refit", [(True, False), (False, True)])
+def test_calibrate_node_passes_its_toggles_to_the_config(comfy, monkeypatch, act16, refit):
+    """The node's act16_modulation / lowrank_refit inputs reach QuantConfig (their defaults are the
+    library's), with the family's act16 patterns still filled in by the quantize wrapper."""
+    from comfyui_svdquant.core.config import QuantConfig
+    from comfyui_svdquant.nodes import calibrate_quantize as node
+    seen = {}
+
+    def fake(model, conds, qcfg, *args, **kwargs):
+        seen["qcfg"] = qcfg
+        return model, "report", {}
+    monkeypatch.setattr(node, "calibrate_and_quantize", fake)
+    pos = [[torch.zeros(1, 1, 4), {}]]
+    args = dict(model=object(), calibration_samples=1, steps=1, cfg=1.0, sampler_name="euler", scheduler="simple",
+                seed=0, width=64, height=64, rank=8, smoothing="off", lowrank_iters=1, skip_layers="", save=False,
+                filename_prefix="x", positive=pos)
+    node.CalibrateAndQuantize().quantize(**args)
+    assert (seen["qcfg"].act16_inputs, seen["qcfg"].lowrank_refit) == (QuantConfig().act16_inputs, QuantConfig().lowrank_refit)
+    node.CalibrateAndQuantize().quantize(**args, act16_modulation=act16, lowrank_refit=refit)
+    assert (seen["qcfg"].act16_inputs, seen["qcfg"].lowrank_refit) == (act16, refit)
+    opt = node.CalibrateAndQuantize.INPUT_TYPES()["optional"]
+    assert opt["act16_modulation"][1]["default"] is QuantConfig().act16_inputs
+    assert opt["lowrank_refit"][1]["default"] is QuantConfig().lowrank_refit
+
+
 def _sample(comfy_sample, model, pos, neg, seed=3):
     latent = torch.zeros(1, 4, 8, 8)
     noise = comfy_sample.prepare_noise(latent, seed)
