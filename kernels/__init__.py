@@ -10,7 +10,8 @@ Backends: "cuda-sm90a" (Hopper: e4m3 wgmma GEMM with per-group promotion, for fl
 "cuda-mma-int4" (sm_80/86/89/120: INT4 mma.sync, either scale mode), "reference".
 `SVDQ_BACKEND=reference` forces the reference.
 Layers with unsigned activations (an `act_shift` tensor, docs/FORMAT.md §1) have no CUDA kernel:
-`prepare_weights` keeps them on the reference whatever the device.
+`prepare_weights` keeps them on the reference whatever the device. Layers with 16-bit activations
+(`act_bits`) need none: on a GPU they run in the compute dtype with torch ops (`_linear_act16`).
 """
 import logging
 import os
@@ -88,12 +89,12 @@ def _kernel_rank(n: int, k: int, rank: int):
     return None if k % 64 or n % 64 or rp > MAX_RANK else rp
 
 
-def prepared_extra_bytes(n: int, k: int, rank: int, device, unsigned: bool = False) -> int:
+def prepared_extra_bytes(n: int, k: int, rank: int, device, unsigned: bool = False, act16: bool = False) -> int:
     """Device bytes `prepare_weights` adds beside a layer's own tensors on `device` (0 for the reference):
     the Hopper path's int8/e4m3 weight copy (N×K), fp32 proj_up, the padded proj_down, fp32 scales/bias.
     Counted by ComfyUI's memory management (see core/qlinear.py), so that it plans loads with it."""
-    if unsigned:
-        return 0
+    if unsigned or act16:
+        return 0  # no kernel copy (see prepare_weights)
     path = _device_path(device)
     rp = _kernel_rank(n, k, rank)
     if not path or rp is None:
@@ -113,6 +114,8 @@ def prepare_weights(tensors: dict, device) -> dict:
     out["_path"] = 0
     if tensors.get("act_shift") is not None:
         return out  # unsigned activations: reference only (no kernel reads them)
+    if tensors.get("act16"):
+        return out  # 16-bit activations: no kernel; _linear_act16 reads the natural tensors
     path = _device_path(device)
     if not path:
         return out
@@ -155,30 +158,54 @@ def prepare_weights(tensors: dict, device) -> dict:
     return out
 
 
-def _linear_act16(x, p: dict, group_size: int):
-    """A layer with 16-bit activations (docs/FORMAT.md §1). Where the Hopper path prepared its int8 copy
-    (q × multiplier, exact in bf16/fp16), that copy is cast and multiplied in the compute dtype and each output
-    row scaled by its base; elsewhere the reference dequantizes in fp32. These layers read one vector per
-    image (M = batch), so the weight read dominates either way."""
+def _act16_weight(p: dict, dtype, group_size: int):
+    """A 16-bit-activation layer's weight as a (N, K) matrix in the compute dtype, made from its packed codes for
+    this call (no resident copy: at FLUX.1 size these layers are 3.2 G weights), and the fp32 per-row scale still
+    to apply after the product (None when the matrix holds the scales).
+    int_ratio: code × multiplier, exact in bf16/fp16 (|.| <= 126), each row's base after the product (fp16: before
+    it, since Σ x̂·q·f can pass fp16's 65504; bf16 has the range). float (e.g. Nunchaku's AWQ modulation): codes ×
+    each group's step, rounded once to the compute dtype, as a W4A16 GEMV rounds its dequantized weight."""
     import torch
 
-    if p.get("_path") == 91 and x.device == p["_qw"].device and x.dtype in (torch.bfloat16, torch.float16):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        w = p["_qw"].view(torch.int8).to(x.dtype)
-        fp16 = x.dtype == torch.float16
-        if fp16:  # Σ x̂·q·f can pass fp16's 65504: scale the weights first (bf16 has the range)
-            w.mul_(p["_wscales"].to(torch.float16).unsqueeze(1))
-        y = ((x2 * p["_smooth_rcp"].to(x.dtype)) @ w.t()).float()
-        if not fp16:  # integer weights: each row's base in fp32 after the product
-            y = y * p["_wscales"]
-        if p["_rp"]:
-            y = y + (x2 @ p["_proj_down"].to(x.dtype)).float() @ p["_proj_up"].t()
-        if p["_bias"] is not None:
-            y = y + p["_bias"]
-        return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
-    return reference.svdquant_linear_act16(x, p["qweight"], reference.weight_scales_for_gemm(p), p["smooth_factor"],
-                                           p.get("proj_down"), p.get("proj_up"), p.get("bias"), group_size)
+    if "wscale_mult" in p:
+        w = _int8_from_ratio(p["qweight"], p["wscale_mult"]).to(dtype)
+        base = p["wscale_base"].float()
+        if dtype == torch.float16:
+            return w.mul_(base.to(dtype).unsqueeze(1)), None
+        return w, base
+    w = reference.unpack_int4(p["qweight"]).to(dtype)
+    n, k = w.shape
+    w.view(n, k // group_size, group_size).mul_(p["wscales"].t().to(dtype).unsqueeze(-1))
+    return w, None
+
+
+def _act16_in_16bit(x) -> bool:
+    """Whether a 16-bit-activation layer computes in the input's dtype (on a GPU) rather than in fp32 (reference)."""
+    import torch
+
+    return (x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
+            and os.environ.get("SVDQ_BACKEND", "").lower() != "reference")
+
+
+def _linear_act16(x, p: dict, group_size: int):
+    """A layer with 16-bit activations (docs/FORMAT.md §1): Y = X/λ · deq(R)ᵀ + (X·proj_down)·proj_upᵀ + b. On a GPU
+    in the compute dtype with the weight made for the call (_act16_weight), elsewhere the fp32 reference. These
+    layers read one vector per image (M = batch), so the weight read dominates either way."""
+    if not _act16_in_16bit(x):
+        return reference.svdquant_linear_act16(x, p["qweight"], reference.weight_scales_for_gemm(p), p["smooth_factor"],
+                                               p.get("proj_down"), p.get("proj_up"), p.get("bias"), group_size)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    w, row_scale = _act16_weight(p, x.dtype, group_size)
+    y = ((x2 / p["smooth_factor"].to(x.dtype)) @ w.t()).float()
+    if row_scale is not None:
+        y = y * row_scale
+    down, up = p.get("proj_down"), p.get("proj_up")
+    if down is not None and down.shape[-1]:
+        y = y + (x2 @ down.to(x.dtype)).float() @ up.float().t()
+    if p.get("bias") is not None:
+        y = y + p["bias"].float()
+    return y.to(x.dtype).reshape(*shape[:-1], y.shape[-1])
 
 
 def _use_cuda(x, prepared) -> bool:

@@ -47,24 +47,30 @@ def test_module_forward_is_the_stored_weights_on_unrounded_inputs(scales):
     assert _rel(y, x @ w.t() + t["bias"]) < q.report["error"] * 1.5  # the calibrated error, not W4A4's
 
 
+@pytest.mark.parametrize("scales", ["int_ratio", "float"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_hopper_copy_form_matches_the_reference(monkeypatch, dtype):
-    """On Hopper the layer reuses the int8 copy the GEMM path prepares (code × multiplier, exact in 16 bits):
-    computed here on the CPU with the same preparation, against the fp32 reference. Inputs ×30: Σ x̂·q·f then
-    passes fp16's range, which the fp16 form must survive."""
-    _, x, q = _layer(act16=True)
+def test_16bit_form_matches_the_reference(monkeypatch, dtype, scales):
+    """On a GPU the layer computes in the compute dtype with a weight made from the packed codes for the call
+    (int_ratio: code × multiplier; float: codes stepped per group): the same code run here on the CPU, against
+    the fp32 reference. Inputs ×30: Σ x̂·q·f then passes fp16's range, which the fp16 int_ratio form must survive.
+    No kernel copy is prepared for such a layer, on any device."""
+    _, x, q = _layer(act16=True, scales=scales)
     t = {k: (v.to(dtype) if v.is_floating_point() and k not in ("wscale_base",) else v)
          for k, v in q.tensors().items()}
     monkeypatch.setattr(kernels, "_device_path", lambda device: 90)
-    p = kernels.prepare_weights(t, torch.device("cpu"))
-    p["act16"] = True
-    assert p["_path"] == 91
+    monkeypatch.setattr(kernels, "_act16_in_16bit", lambda x: True)
+    p = kernels.prepare_weights({**t, "act16": True}, torch.device("cpu"))
+    assert p["_path"] == 0 and "_qw" not in p
+    assert kernels.prepared_extra_bytes(128, 256, 16, "cuda", act16=True) == 0
+    assert kernels.prepared_extra_bytes(128, 256, 16, "cuda") > 128 * 256  # a 4-bit-activation layer's copy
     xb = (x * 30).to(dtype)
     y = kernels.linear(xb, p)
     want = ref.svdquant_linear_act16(xb.float(), t["qweight"], ref.weight_scales_for_gemm(t), t["smooth_factor"],
                                      t["proj_down"], t["proj_up"], t["bias"])
-    xs = xb.float() / t["smooth_factor"].float()
-    assert float((xs @ p["_qw"].view(torch.int8).float().t()).abs().max()) > 65504  # Σ x̂·q·f: the hazard is real
+    if scales == "int_ratio":
+        xs = xb.float() / t["smooth_factor"].float()
+        codes = kernels._int8_from_ratio(t["qweight"], t["wscale_mult"])
+        assert float((xs @ codes.float().t()).abs().max()) > 65504  # Σ x̂·q·f: the hazard is real
     assert y.dtype == dtype and torch.isfinite(y).all() and _rel(y, want) < 1e-2
 
 

@@ -236,12 +236,12 @@ def test_cuda_graph_keeps_its_workspace_when_eager_calls_outgrow_it():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_activation_layer_on_the_gpu_matches_the_reference(dtype):
-    """A layer declared with 16-bit activations (FLUX modulation) on the Hopper path casts the prepared int8
-    copy; against the fp32 reference on the same stored tensors, within the whole linear's bound (bf16 2x:
-    X/λ is rounded to bf16 before the product here)."""
+    """A layer declared with 16-bit activations (FLUX modulation) on the GPU makes its 16-bit weight from the
+    packed codes per call (no prepared copy); against the fp32 reference on the same stored tensors, within the
+    whole linear's bound (bf16 2x: X/λ is rounded to bf16 before the product here)."""
     lay = make_ratio_layer(3072, 3072, 32, dtype, DEV)
-    prepared = kernels.prepare_weights(lay, torch.device(DEV))
-    prepared["act16"] = True
+    prepared = kernels.prepare_weights({**lay, "act16": True}, torch.device(DEV))
+    assert "_qw" not in prepared
     for m in (1, 2, 77):
         x = make_x(m, 3072, dtype, DEV, seed=m)
         y = kernels.linear(x, prepared)
