@@ -13,9 +13,10 @@ way (docs/FORMAT.md §3 has the full table):
 - Post-GELU inputs (every mlp_fc2): their kernel adds 0.171875 to the 4-bit path's input, and
   their converter folded the low-rank branch's share of that shift into the bias. Our runtime adds
   no shift, so the bias gets back the 4-bit path's share: b += R·(0.171875/λ).
-- adaLN modulation linears are W4A16 AWQ in their files; ours has no W4A16 layer, so they are
-  dequantized to 16 bits (W = code·scale + zero), their rows de-interleaved and the "+1" that
-  their converter folded into the scale biases taken out again (ComfyUI adds it at run time).
+- adaLN modulation linears are W4A16 AWQ in their files (W = code·scale + zero per group): they
+  become our layers with 16-bit activations, exactly (awq_as_act16_layer: codes − 8 as the residual,
+  the zero points as a rank-K/64 branch), their rows de-interleaved and the "+1" that their
+  converter folded into the scale biases taken out again (ComfyUI adds it at run time).
 """
 import json
 import logging
@@ -26,6 +27,7 @@ from safetensors import safe_open
 
 from ..kernels import reference as ref
 from . import checkpoint as ckpt
+from .layer_quant import ACT_BITS
 from .nunchaku_layout import LayoutError, unpack_awq_codes, unpack_channel_scales, unpack_lowrank, unpack_w4a4_weight
 
 # Nunchaku's INT4 GEMM adds this to the (post-GELU) input of every layer whose input it quantizes
@@ -269,8 +271,9 @@ def dequantize(t: dict, dtype) -> torch.Tensor:
     return w.to(dtype)
 
 
-def _awq(src, name, shape, splits, plus_one, dtype):
-    """An AWQ W4A16 modulation linear -> ComfyUI's 16-bit (weight, fp32 bias)."""
+def _awq(src, name, shape, splits, plus_one):
+    """An AWQ W4A16 modulation linear in ComfyUI's row order: (codes (N, K) in 0..15, scales and zeros
+    (N, K/64) as stored, fp32 bias) with W = code·scale + zero per group of 64 inputs."""
     path = src.path
     n, k = shape
     qw = src.get(f"{name}.qweight")
@@ -280,18 +283,33 @@ def _awq(src, name, shape, splits, plus_one, dtype):
     sz = []
     for key in ("wscales", "wzeros"):
         v = src.get(f"{name}.{key}")
-        if v.ndim != 2 or v.shape[1] != n or v.shape[0] < k // GROUP:
-            raise NunchakuImportError(f"{path}: tensor {name}.{key} has shape {tuple(v.shape)}, expected ({k // GROUP}, {n})")
-        sz.append(v[:k // GROUP].double().t().unsqueeze(-1))  # rows past K/64 are padding
-    codes = _layout(path, name, unpack_awq_codes, qw, k).double().reshape(n, k // GROUP, GROUP)
-    w = (codes * sz[0] + sz[1]).reshape(n, k)  # exact in fp64; their GEMV rounds the same fma to 16 bits once
+        if v.ndim != 2 or v.shape[1] != n or v.shape[0] < k // GROUP or not v.is_floating_point():
+            raise NunchakuImportError(f"{path}: tensor {name}.{key} is {v.dtype} {tuple(v.shape)}, expected "
+                                      f"16-bit ({k // GROUP}, {n})")
+        sz.append(v[:k // GROUP].t())  # rows past K/64 are padding
+    codes = _layout(path, name, unpack_awq_codes, qw, k)
     b = src.get(f"{name}.bias").float() if src.has(f"{name}.bias") else torch.zeros(n)
-    # their rows are interleaved chunk by chunk: row j·splits + c holds row c·(N/splits) + j
-    w = w.reshape(n // splits, splits, k).transpose(0, 1).reshape(n, k).to(dtype)
-    b = b.reshape(n // splits, splits).t().contiguous()
-    for c in plus_one:
+    # their rows are interleaved chunk by chunk: row j·splits + c holds our row c·(N/splits) + j
+    theirs = torch.arange(n).reshape(n // splits, splits).t().reshape(-1)
+    b = b[theirs].reshape(splits, n // splits)
+    for c in plus_one:  # their converter folded ComfyUI's run-time "+1" of the scale chunks into the bias
         b[c] -= 1.0
-    return w, b.reshape(n)
+    return codes[theirs], sz[0][theirs], sz[1][theirs], b.reshape(n)
+
+
+def awq_as_act16_layer(codes, scales, zeros, bias) -> dict:
+    """W = code·s + z (groups of 64 inputs) as one of our layers with 16-bit activations, exactly:
+    residual codes − 8 in [−8, 7] with the same scales, no smoothing, and the per-group offsets
+    z + 8s as a rank-K/64 branch (proj_down sums each group's inputs, proj_up holds the offsets).
+    The weights stay 4-bit: at FLUX.1 size 76 such layers are 3.2 G parameters (6.4 GB in 16 bits)."""
+    n, k = codes.shape
+    groups = k // GROUP
+    down = torch.zeros(k, groups, dtype=scales.dtype)
+    down[torch.arange(k), torch.arange(k) // GROUP] = 1.0
+    return {"qweight": ref.pack_int4(codes.to(torch.int8) - 8), "wscales": scales.t().contiguous(),
+            "smooth_factor": torch.ones(k, dtype=scales.dtype), "proj_down": down,
+            "proj_up": (zeros.double() + 8 * scales.double()).float(), "bias": bias,
+            ACT_BITS: torch.tensor([16], dtype=torch.uint8)}
 
 
 def _shapes(cfg):
@@ -312,8 +330,8 @@ def _convert_blocks(src, cfg, dtype, sd, layers):
                 unshift_bias(t, GELU_SHIFT)
             _put_layer(sd, layers, f"{ours}.{target}", t)
         for name, target, splits, plus_one in DOUBLE_MODS:
-            sd[f"{ours}.{target}.weight"], sd[f"{ours}.{target}.bias"] = _awq(src, f"{theirs}.{name}", (6 * h, h),
-                                                                               splits, plus_one, dtype)
+            _put_layer(sd, layers, f"{ours}.{target}",
+                       awq_as_act16_layer(*_awq(src, f"{theirs}.{name}", (6 * h, h), splits, plus_one)))
         for name, target in DOUBLE_NORMS.items():
             sd[f"{ours}.{target}"] = src.get(f"{theirs}.{name}.weight")
     for i in range(int(cfg["depth_single_blocks"])):
@@ -331,8 +349,8 @@ def _convert_blocks(src, cfg, dtype, sd, layers):
         unshift_bias(fc2, GELU_SHIFT)
         _put_layer(sd, layers, f"{ours}.linear2", join_inputs(out, fc2))
         for name, target, splits, plus_one in SINGLE_MODS:
-            sd[f"{ours}.{target}.weight"], sd[f"{ours}.{target}.bias"] = _awq(src, f"{theirs}.{name}", (3 * h, h),
-                                                                               splits, plus_one, dtype)
+            _put_layer(sd, layers, f"{ours}.{target}",
+                       awq_as_act16_layer(*_awq(src, f"{theirs}.{name}", (3 * h, h), splits, plus_one)))
         for name, target in SINGLE_NORMS.items():
             sd[f"{ours}.{target}"] = src.get(f"{theirs}.{name}.weight")
 
@@ -340,7 +358,7 @@ def _convert_blocks(src, cfg, dtype, sd, layers):
 def _put_layer(sd, layers, name, t):
     for key, v in t.items():
         sd[f"{name}.{key}"] = v
-    layers[name] = {"rank": t["proj_down"].shape[1], "scales": "float"}
+    layers[name] = {"rank": t["proj_down"].shape[1], "scales": "float", "act16": ACT_BITS in t}
 
 
 def _convert_top_level(src, sd):
@@ -396,5 +414,5 @@ def convert_nunchaku_flux(path: str):
                                                                            "model_class": meta.get("model_class"),
                                                                            "quantization_config": qc}})
     logging.info(f"[svdquant] converted Nunchaku INT4 {model_class} file {path}: {len(layers)} 4-bit layers, "
-                 f"adaLN modulation dequantized to {dtype}")
+                 f"adaLN modulation kept 4-bit with 16-bit activations")
     return sd, header

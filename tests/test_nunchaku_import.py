@@ -229,7 +229,7 @@ def test_synthetic_file_converts_to_the_same_tensors(tmp_path, bf16_flux, dtype,
     """natural -> their file -> converter: every tensor back bit-identical, except what the joins
     and the shift change by construction (checked exactly against that construction)."""
     if dtype == torch.bfloat16 and not v2_names:
-        sd, _, theirs = bf16_flux
+        sd, awq, theirs = bf16_flux
     else:
         sd, awq = synthetic_flux(dtype)
         theirs = npk.flux_state_dict(sd, CFG, dtype, awq, v2_names=v2_names)
@@ -240,7 +240,19 @@ def test_synthetic_file_converts_to_the_same_tensors(tmp_path, bf16_flux, dtype,
     check_layers(out, layers, 64, path)
     assert fmeta["model_class"] == "Flux" and fmeta["family"] == "flux" and fmeta["unet_config"] == CFG
     assert fmeta["source_dtype"] == str(dtype).removeprefix("torch.") and fmeta["imported_from"]["format"] == "nunchaku"
-    assert all(v["scales"] == "float" for v in layers.values()) and len(layers) == 8 * 2 + 2 * 2
+    assert all(v["scales"] == "float" for v in layers.values()) and len(layers) == (8 + 2) * 2 + (2 + 1) * 2
+    mods = {n for n, v in layers.items() if v.get("act") == "16bit"}
+    assert mods == {f"double_blocks.{i}.{m}" for i in range(2) for m in ("img_mod.lin", "txt_mod.lin")} | \
+        {f"single_blocks.{i}.modulation.lin" for i in range(2)}
+    for name in mods:  # the AWQ weight code·s + z, exactly (fp32 offsets), as a 4-bit layer with 16-bit inputs
+        codes, sc, z = awq[name]
+        want = codes.double() * sc.double().repeat_interleave(64, 1) + z.double().repeat_interleave(64, 1)
+        t = {k: out[f"{name}.{k}"] for k in ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up")}
+        got = ref.unpack_int4(t["qweight"]).double() * t["wscales"].double().t().repeat_interleave(64, 1) \
+            / t["smooth_factor"].double() + t["proj_up"].double() @ t["proj_down"].double().t()
+        assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max()), name
+        assert int(ref.unpack_int4(t["qweight"]).min()) >= -8 and out[f"{name}.act_bits"].tolist() == [16]
+        assert torch.equal(out[f"{name}.bias"].to(dtype), sd[f"{name}.bias"])
     exact = ("qweight", "wscales", "smooth_factor", "proj_down", "proj_up")
     for i in range(2):
         for name in npk.DOUBLE:
@@ -249,9 +261,6 @@ def test_synthetic_file_converts_to_the_same_tensors(tmp_path, bf16_flux, dtype,
                 assert torch.equal(out[f"{key}.{t}"], sd[f"{key}.{t}"]), (key, t)
             tol = 0 if not name.endswith(".2") else 2 ** -7  # fc2: their 16-bit bias held b - R·shift/λ
             assert torch.allclose(out[f"{key}.bias"], sd[f"{key}.bias"].float(), rtol=0, atol=tol), key
-        for name in ("img_mod.lin", "txt_mod.lin"):
-            for t in ("weight", "bias"):
-                assert torch.equal(out[f"double_blocks.{i}.{name}.{t}"].to(dtype), sd[f"double_blocks.{i}.{name}.{t}"])
         for name in npk.NORMS_DOUBLE:
             assert torch.equal(out[f"double_blocks.{i}.{name}"], sd[f"double_blocks.{i}.{name}"])
         s = f"single_blocks.{i}"
@@ -266,8 +275,6 @@ def test_synthetic_file_converts_to_the_same_tensors(tmp_path, bf16_flux, dtype,
         assert torch.equal(out[f"{l2}.proj_down"], torch.block_diag(d[:256], d[256:]))
         assert torch.equal(out[f"{l2}.proj_up"], torch.cat([u, u], 1))
         assert torch.allclose(out[f"{l2}.bias"], sd[f"{l2}.bias"].float(), rtol=0, atol=2 ** -7)
-        assert torch.equal(out[f"{s}.modulation.lin.weight"].to(dtype), sd[f"{s}.modulation.lin.weight"])
-        assert torch.equal(out[f"{s}.modulation.lin.bias"].to(dtype), sd[f"{s}.modulation.lin.bias"])
     for name in npk.TOP:
         for t in ("weight", "bias"):
             assert torch.equal(out[f"{name}.{t}"], sd[f"{name}.{t}"]), name
