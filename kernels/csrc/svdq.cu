@@ -855,6 +855,42 @@ __device__ __forceinline__ void init_ring(uint32_t bar_base, int consumer_thread
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
 
+// The common start of the warp-specialised GEMMs (kernels 2, 2a, 2c): the dynamic shared memory aligned to
+// 1024 B (TMA swizzle; the pointer keeps its shared-space provenance), STAGES stages of STAGE_BYTES then the
+// full/empty mbarrier ring; this CTA's output tile; its K stages (two groups of 64 each) and the LoRA-up stages
+// after them. Thread 0 initialises the ring for `consumers` arrivals; every thread waits for it.
+template <int BM, int BN, int STAGES, int STAGE_BYTES>
+struct WsCta {
+  uint8_t* smem;
+  uint32_t sbase, bar_base;
+  int m0, n0, nstages, nkb, total;
+  __device__ __forceinline__ WsCta(uint8_t* smem_raw, int M, int N, int K, int rp, int consumers) {
+    smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+    sbase = smem_u32(smem);
+    bar_base = sbase + STAGES * STAGE_BYTES;
+    tile_origin<BM, BN>(M, N, m0, n0);
+    nstages = (K / G + 1) / 2;
+    nkb = rp / 32;
+    total = nstages + nkb;
+    if (threadIdx.x == 0) init_ring<STAGES>(bar_base, consumers);
+    __syncthreads();
+  }
+  __device__ __forceinline__ uint32_t full_bar(int i) const { return bar_base + 8 * i; }
+  __device__ __forceinline__ uint32_t empty_bar(int i) const { return bar_base + 8 * (STAGES + i); }
+};
+
+// A consumer thread's place: consumer warpgroup cw (warpgroup 0 produces), its accumulator rows r0 and r0 + 8 of
+// the tile, and tig, its column pair within each 8-column block of the wgmma fragment.
+struct ConsumerLane {
+  int cw, tig, r0;
+  __device__ __forceinline__ explicit ConsumerLane(int tid) {
+    const int wl = (tid >> 5) & 3, lane = tid & 31;
+    cw = (tid >> 7) - 1;
+    tig = lane & 3;
+    r0 = cw * 64 + wl * 16 + (lane >> 2);
+  }
+};
+
 // The producer thread of every Hopper GEMM. Per 128-K stage: the A and B tiles and the stage's scales (float path:
 // the activation and weight scales of its two groups, at (m0, 2s) / (n0, 2s); int_ratio: the activation bases of
 // its 256-K chunk, at (m0, s/2)); then the LoRA-up tiles (lora_act rows into A's place, proj_up rows into B's) as
@@ -946,37 +982,21 @@ __global__ void __launch_bounds__(384, 1)
   using S = WsSmem<BN, STAGES>;
   static_assert(S::STAGE_BYTES % 1024 == 0, "stage alignment");
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);  // keeps the shared-space provenance
-  const uint32_t sbase = smem_u32(smem);
-  const uint32_t bar_base = sbase + STAGES * S::STAGE_BYTES;  // full[STAGES] then empty[STAGES]
-  auto full_bar = [&](int i) { return bar_base + 8 * i; };
-  auto empty_bar = [&](int i) { return bar_base + 8 * (STAGES + i); };
-
+  const WsCta<128, BN, STAGES, S::STAGE_BYTES> c(smem_raw, M, N, K, rp, 256);
   const int tid = threadIdx.x;
   const int wg = tid >> 7;
-  int m0, n0;
-  tile_origin<128, BN>(M, N, m0, n0);
-
-  const int ngroups = K / G;
-  const int nstages = (ngroups + 1) / 2;
-  const int nkb = rp / 32;
-  const int total = nstages + nkb;
-
-  if (tid == 0) init_ring<STAGES>(bar_base, 256);
-  __syncthreads();
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (tid == 0) {
       const StageLayout L = {S::STAGE_BYTES, S::A_BYTES, S::B_BYTES, S::SA_BYTES, S::A_BYTES + S::B_BYTES + S::SA_BYTES,
                              S::SW_BYTES, S::A_BYTES + S::B_BYTES};
-      produce_stages<STAGES, false>(maps, L, sbase, bar_base, m0, n0, nstages, total);
+      produce_stages<STAGES, false>(maps, L, c.sbase, c.bar_base, c.m0, c.n0, c.nstages, c.total);
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-    const int cw = wg - 1, wl = (tid >> 5) & 3, lane = tid & 31;
-    const int gid = lane >> 2, tig = lane & 3;
-    const int r0 = cw * 64 + wl * 16 + gid;
+    const ConsumerLane ln(tid);
+    const int cw = ln.cw, tig = ln.tig, r0 = ln.r0;
     float acc[BN / 2], P0[BN / 2], P1[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) { acc[i] = 0.f; P0[i] = 0.f; P1[i] = 0.f; }
@@ -993,10 +1013,10 @@ __global__ void __launch_bounds__(384, 1)
       }
     };
 
-    for (int s = 0; s < nstages; ++s) {
+    for (int s = 0; s < c.nstages; ++s) {
       const int slot = s % STAGES;
-      mbar_wait(full_bar(slot), (s / STAGES) & 1);
-      uint8_t* st = smem + slot * S::STAGE_BYTES;
+      mbar_wait(c.full_bar(slot), (s / STAGES) & 1);
+      uint8_t* st = c.smem + slot * S::STAGE_BYTES;
       const uint32_t a_base = smem_u32(st) + cw * 64 * 128;
       const uint32_t b_base = smem_u32(st + S::A_BYTES);
       const float* sa_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES);
@@ -1016,10 +1036,10 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) fence_operand(P1[i]);
       promote(P1, sa_s + 128, sw_s + BN);
-      mbar_arrive(empty_bar(slot));
+      mbar_arrive(c.empty_bar(slot));
     }
-    consumer_tail<BN, STAGES, OutT>(acc, sbase, bar_base, S::STAGE_BYTES, S::A_BYTES, nstages, nkb, cw, r0, tig, m0, n0, M,
-                                    N, bias, out);
+    consumer_tail<BN, STAGES, OutT>(acc, c.sbase, c.bar_base, S::STAGE_BYTES, S::A_BYTES, c.nstages, c.nkb, cw, r0, tig,
+                                    c.m0, c.n0, M, N, bias, out);
   }
 #endif
 }
@@ -1048,44 +1068,28 @@ __global__ void __launch_bounds__(512, 1)
   constexpr int BN = S::BN, BM = S::BM;
   static_assert(S::STAGE_BYTES % 1024 == 0, "stage alignment");
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
-  const uint32_t sbase = smem_u32(smem);
-  const uint32_t bar_base = sbase + STAGES * S::STAGE_BYTES;
-  auto full_bar = [&](int i) { return bar_base + 8 * i; };
-  auto empty_bar = [&](int i) { return bar_base + 8 * (STAGES + i); };
-
+  const WsCta<BM, BN, STAGES, S::STAGE_BYTES> c(smem_raw, M, N, K, rp, 384);
   const int tid = threadIdx.x;
   const int wg = tid >> 7;
-  int m0, n0;
-  tile_origin<BM, BN>(M, N, m0, n0);
-
-  const int ngroups = K / G;
-  const int nstages = (ngroups + 1) / 2;
-  const int nkb = rp / 32;
-  const int total = nstages + nkb;
-
-  if (tid == 0) init_ring<STAGES>(bar_base, 384);
-  __syncthreads();
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
     if (tid == 0) {
       const StageLayout L = {S::STAGE_BYTES, S::A_BYTES, S::B_BYTES, 2 * BM * 4, S::A_BYTES + S::B_BYTES + S::SA_BYTES,
                              S::SW_BYTES, S::A_BYTES + BN * 128};
-      produce_stages<STAGES, false>(maps, L, sbase, bar_base, m0, n0, nstages, total);
+      produce_stages<STAGES, false>(maps, L, c.sbase, c.bar_base, c.m0, c.n0, c.nstages, c.total);
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n");
-    const int cw = wg - 1, wl = (tid >> 5) & 3, lane = tid & 31;
-    const int gid = lane >> 2, tig = lane & 3;
-    const int r0 = cw * 64 + wl * 16 + gid;
+    const ConsumerLane ln(tid);
+    const int cw = ln.cw, tig = ln.tig, r0 = ln.r0;
     float acc[BN / 2], P[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) { acc[i] = 0.f; P[i] = 0.f; }
-    for (int s = 0; s < nstages; ++s) {
+    for (int s = 0; s < c.nstages; ++s) {
       const int slot = s % STAGES;
-      mbar_wait(full_bar(slot), (s / STAGES) & 1);
-      uint8_t* st = smem + slot * S::STAGE_BYTES;
+      mbar_wait(c.full_bar(slot), (s / STAGES) & 1);
+      uint8_t* st = c.smem + slot * S::STAGE_BYTES;
       const uint32_t a_base = smem_u32(st) + cw * 64 * 128;
       const uint32_t b_base = smem_u32(st + S::A_BYTES);
       const float* sa_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES);
@@ -1112,10 +1116,10 @@ __global__ void __launch_bounds__(512, 1)
           acc[4 * j + 3] = fmaf(P[4 * j + 3], a1 * w.y, acc[4 * j + 3]);
         }
       }
-      mbar_arrive(empty_bar(slot));
+      mbar_arrive(c.empty_bar(slot));
     }
-    consumer_tail<BN, STAGES, OutT>(acc, sbase, bar_base, S::STAGE_BYTES, S::A_BYTES, nstages, nkb, cw, r0, tig, m0, n0, M,
-                                    N, bias, out);
+    consumer_tail<BN, STAGES, OutT>(acc, c.sbase, c.bar_base, S::STAGE_BYTES, S::A_BYTES, c.nstages, c.nkb, cw, r0, tig,
+                                    c.m0, c.n0, M, N, bias, out);
   }
 #endif
 }
@@ -1161,23 +1165,9 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
   using S = I8Smem<BN, STAGES, NC>;
   constexpr int BM = S::BM;
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
-  const uint32_t sbase = smem_u32(smem);
-  const uint32_t bar_base = sbase + STAGES * S::STAGE_BYTES;  // full[STAGES] then empty[STAGES]
-  auto full_bar = [&](int i) { return bar_base + 8 * i; };
-  auto empty_bar = [&](int i) { return bar_base + 8 * (STAGES + i); };
-
+  const WsCta<BM, BN, STAGES, S::STAGE_BYTES> c(smem_raw, M, N, K, rp, 128 * NC);  // two stages per 256-K chunk
   const int tid = threadIdx.x;
   const int wg = tid >> 7;
-  int m0, n0;
-  tile_origin<BM, BN>(M, N, m0, n0);
-
-  const int nstages = (K / G + 1) / 2;  // 128 K each; two stages per int_ratio chunk
-  const int nkb = rp / 32;
-  const int total = nstages + nkb;
-
-  if (tid == 0) init_ring<STAGES>(bar_base, 128 * NC);
-  __syncthreads();
 
   if (wg == 0) {
     // the register file (64K) must hold 128 x producer + 128*NC x consumer registers, or setmaxnreg.inc waits forever
@@ -1185,24 +1175,23 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
     else asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
     if (tid == 0) {
       const StageLayout L = {S::STAGE_BYTES, S::A_BYTES, S::B_BYTES, S::SA_BYTES, 0, 0, BM * 128 + BN * 128};
-      produce_stages<STAGES, true>(maps, L, sbase, bar_base, m0, n0, nstages, total);
+      produce_stages<STAGES, true>(maps, L, c.sbase, c.bar_base, c.m0, c.n0, c.nstages, c.total);
     }
   } else {
     static_assert(NC == 2 || NC == 3, "2 or 3 consumer warpgroups");
     if constexpr (NC == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");  // 128*40 + 256*232 <= 64K
     else asm volatile("setmaxnreg.inc.sync.aligned.u32 160;\n");                    // 128*24 + 384*160 <= 64K
-    const int cw = wg - 1, wl = (tid >> 5) & 3, lane = tid & 31;
-    const int gid = lane >> 2, tig = lane & 3;
-    const int r0 = cw * 64 + wl * 16 + gid;
+    const ConsumerLane ln(tid);
+    const int cw = ln.cw, tig = ln.tig, r0 = ln.r0;
     float acc[BN / 2];
     int32_t P[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) { acc[i] = 0.f; P[i] = 0; }
 
-    for (int s = 0; s < nstages; ++s) {
+    for (int s = 0; s < c.nstages; ++s) {
       const int slot = s % STAGES;
-      mbar_wait(full_bar(slot), (s / STAGES) & 1);
-      uint8_t* st = smem + slot * S::STAGE_BYTES;
+      mbar_wait(c.full_bar(slot), (s / STAGES) & 1);
+      uint8_t* st = c.smem + slot * S::STAGE_BYTES;
       const uint32_t a_base = smem_u32(st) + cw * 64 * 128;
       const uint32_t b_base = smem_u32(st + S::A_BYTES);
       const int fresh = (s & 1) ? 1 : 0;  // scale-d 0 starts the chunk's integer sum
@@ -1212,7 +1201,7 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
       wgmma_s8<BN>(P, make_desc(a_base + 64), make_desc(b_base + 64), 1);
       wgmma_s8<BN>(P, make_desc(a_base + 96), make_desc(b_base + 96), 1);
       wg_commit();
-      if ((s & 1) == 0 && s + 1 < nstages) continue;  // first half of a chunk: keep issuing
+      if ((s & 1) == 0 && s + 1 < c.nstages) continue;  // first half of a chunk: keep issuing
       wg_wait<0>();
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) fence_operand(P[i]);
@@ -1228,18 +1217,18 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
         acc[4 * j + 2] = fmaf(__int_as_float(P[4 * j + 2] + MAGIC_I) - MAGIC_F, a1, acc[4 * j + 2]);
         acc[4 * j + 3] = fmaf(__int_as_float(P[4 * j + 3] + MAGIC_I) - MAGIC_F, a1, acc[4 * j + 3]);
       }
-      mbar_arrive(empty_bar(slot));
-      if (s & 1) mbar_arrive(empty_bar((s - 1) % STAGES));  // the chunk's first stage is free too
+      mbar_arrive(c.empty_bar(slot));
+      if (s & 1) mbar_arrive(c.empty_bar((s - 1) % STAGES));  // the chunk's first stage is free too
     }
     // weight base per output column, then LoRA-up into the same accumulators
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) {
-      const int col = n0 + 8 * j + 2 * tig;
+      const int col = c.n0 + 8 * j + 2 * tig;
       const float2 wb = col < N ? *reinterpret_cast<const float2*>(wbase + col) : make_float2(0.f, 0.f);
       acc[4 * j + 0] *= wb.x; acc[4 * j + 1] *= wb.y; acc[4 * j + 2] *= wb.x; acc[4 * j + 3] *= wb.y;
     }
-    consumer_tail<BN, STAGES, OutT>(acc, sbase, bar_base, S::STAGE_BYTES, S::A_BYTES, nstages, nkb, cw, r0, tig, m0, n0, M,
-                                    N, bias, out);
+    consumer_tail<BN, STAGES, OutT>(acc, c.sbase, c.bar_base, S::STAGE_BYTES, S::A_BYTES, c.nstages, c.nkb, cw, r0, tig,
+                                    c.m0, c.n0, M, N, bias, out);
   }
 #endif
 }
