@@ -249,3 +249,28 @@ def test_16bit_activation_layer_on_the_gpu_matches_the_reference(dtype):
                                          lay["smooth_factor"], lay["proj_down"], lay["proj_up"], lay["bias"])
         assert y.dtype == dtype and torch.isfinite(y).all()
         assert rel(y, want) < 2 * BOUND[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_imported_awq_modulation_layer_on_the_gpu(dtype):
+    """A Nunchaku AWQ modulation linear as imported (float scales, codes − 8, zero points as a rank-48 branch:
+    core/nunchaku_import.awq_as_act16_layer) at FLUX.1's single-block shape: on the GPU within the whole linear's
+    bound of the fp32 reference, which equals code·s + z exactly (tests/test_nunchaku_import.py)."""
+    from comfyui_svdquant.core.nunchaku_import import awq_as_act16_layer
+    g = torch.Generator().manual_seed(3)
+    n, k = 9216, 3072
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    s = (torch.rand(n, k // 64, generator=g) * 0.002 + 0.0005).to(dtype)
+    z = (-8 * s.float() + torch.randn(n, k // 64, generator=g) * 0.002).to(dtype)
+    t = awq_as_act16_layer(codes, s, z, torch.randn(n, generator=g) * 0.1)
+    lay = {key: (v.to(DEV, dtype) if v.is_floating_point() and key != "bias" else v.to(DEV)) for key, v in t.items()}
+    prepared = kernels.prepare_weights({**lay, "act16": True}, torch.device(DEV))
+    assert "_qw" not in prepared
+    for m in (1, 2):
+        x = make_x(m, k, dtype, DEV, seed=m)
+        y = kernels.linear(x, prepared)
+        want = ref.svdquant_linear_act16(x.float(), lay["qweight"], lay["wscales"], lay["smooth_factor"],
+                                         lay["proj_down"], lay["proj_up"], lay["bias"])
+        sync_check()
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        assert rel(y, want) < 2 * BOUND[dtype]
