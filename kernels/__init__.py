@@ -114,8 +114,11 @@ def prepare_weights(tensors: dict, device) -> dict:
     out["_path"] = 0
     if tensors.get("act_shift") is not None:
         return out  # unsigned activations: reference only (no kernel reads them)
-    if tensors.get("act16"):
-        return out  # 16-bit activations: no kernel; _linear_act16 reads the natural tensors
+    if tensors.get("act16"):  # 16-bit activations: no kernel; _linear_act16 reads the natural tensors, in the
+        # compute dtype on a GPU (decided here, once per device: no environment lookup in a traced forward)
+        out["_act16_16bit"] = (torch.device(device).type == "cuda"
+                               and os.environ.get("SVDQ_BACKEND", "").lower() != "reference")
+        return out
     path = _device_path(device)
     if not path:
         return out
@@ -179,19 +182,13 @@ def _act16_weight(p: dict, dtype, group_size: int):
     return w, None
 
 
-def _act16_in_16bit(x) -> bool:
-    """Whether a 16-bit-activation layer computes in the input's dtype (on a GPU) rather than in fp32 (reference)."""
-    import torch
-
-    return (x.device.type == "cuda" and x.dtype in (torch.bfloat16, torch.float16)
-            and os.environ.get("SVDQ_BACKEND", "").lower() != "reference")
-
-
 def _linear_act16(x, p: dict, group_size: int):
     """A layer with 16-bit activations (docs/FORMAT.md §1): Y = X/λ · deq(R)ᵀ + (X·proj_down)·proj_upᵀ + b. On a GPU
     in the compute dtype with the weight made for the call (_act16_weight), elsewhere the fp32 reference. These
     layers read one vector per image (M = batch), so the weight read dominates either way."""
-    if not _act16_in_16bit(x):
+    import torch
+
+    if not (p.get("_act16_16bit") and x.dtype in (torch.bfloat16, torch.float16) and x.device == p["qweight"].device):
         return reference.svdquant_linear_act16(x, p["qweight"], reference.weight_scales_for_gemm(p), p["smooth_factor"],
                                                p.get("proj_down"), p.get("proj_up"), p.get("bias"), group_size)
     shape = x.shape
