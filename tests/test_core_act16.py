@@ -143,9 +143,16 @@ def test_inconsistent_16bit_declarations_are_refused(tmp_path, case, match):
         ckpt.load_checkpoint(path)
 
 
-def test_a_16bit_activation_layer_traces_without_a_graph_break():
-    """TorchCompileModel compiles the diffusion model: the act16 layer's forward is plain torch ops."""
-    _, x, q = _layer(act16=True)
+@pytest.mark.parametrize("scales", ["int_ratio", "float"])
+def test_a_16bit_activation_layer_traces_without_a_graph_break(scales):
+    """TorchCompileModel compiles the diffusion model: the act16 layer's forward is plain torch ops, in the fp32
+    reference form (CPU) and in the 16-bit form a GPU runs (prepared for "cuda"; the form is device-agnostic)."""
+    _, x, q = _layer(act16=True, scales=scales)
     mod = SVDQuantLinear.from_tensors(q.tensors())
     f = torch.compile(lambda t: mod(t) * 2, backend="eager", fullgraph=True)  # fullgraph: a break raises
     assert torch.allclose(f(x), mod(x) * 2, atol=1e-5)
+    t = {k: (v.to(torch.bfloat16) if v.is_floating_point() and k != "wscale_base" else v) for k, v in q.tensors().items()}
+    p = kernels.prepare_weights({**t, "act16": True}, torch.device("cuda"))
+    xb = x.to(torch.bfloat16)
+    g = torch.compile(lambda t: kernels.linear(t, p) * 2, backend="eager", fullgraph=True)
+    assert torch.equal(g(xb), kernels.linear(xb, p) * 2)
