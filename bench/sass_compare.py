@@ -1,9 +1,9 @@
-"""Compare the sm_90a SASS of two builds of the kernel library, function by function: for a refactor that
+"""Compare the SASS (sm_90a, or the archs named) of two builds of the kernel library, function by function: for a refactor that
 should not change what the kernels do (no GPU needed).
 
     SVDQ_BUILD_DIR=/tmp/before bash kernels/build.sh --fast     # on the old commit
     SVDQ_BUILD_DIR=/tmp/after bash kernels/build.sh --fast      # on the new one
-    python3 bench/sass_compare.py /tmp/before/libsvdq_kernels.so /tmp/after/libsvdq_kernels.so
+    python3 bench/sass_compare.py /tmp/before/libsvdq_kernels.so /tmp/after/libsvdq_kernels.so [sm_80 ...]
 
 Per function: instruction count before/after, "identical" (same instruction text), else whether the multiset
 of the heavy opcodes (tensor-core, TMA, mbarrier, loads/stores, float math) is the same, and the opcodes whose
@@ -32,9 +32,9 @@ def cuobjdump() -> str:
     return found
 
 
-def functions(lib: str) -> dict:
-    """mangled name -> list of instruction texts (predicate included)."""
-    text = subprocess.run([cuobjdump(), "-sass", "-arch", "sm_90a", lib], capture_output=True, text=True,
+def functions(lib: str, arch: str) -> dict:
+    """mangled name -> list of instruction texts (predicate included), of the cubin for `arch`."""
+    text = subprocess.run([cuobjdump(), "-sass", "-arch", arch, lib], capture_output=True, text=True,
                           check=True).stdout
     out, cur = {}, None
     for line in text.splitlines():
@@ -52,8 +52,8 @@ def opcode(ins: str) -> str:
     return ins.split()[1] if ins.startswith("@") else ins.split()[0]
 
 
-def main(before: str, after: str) -> int:
-    a, b = functions(before), functions(after)
+def main(before: str, after: str, arch: str = "sm_90a") -> int:
+    a, b = functions(before, arch), functions(after, arch)
     bad = sorted(set(a) ^ set(b))
     for name in bad:
         print(f"only in {'before' if name in a else 'after'}: {name}")
@@ -73,6 +73,6 @@ def main(before: str, after: str) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) < 3:
         sys.exit(__doc__)
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(max(main(sys.argv[1], sys.argv[2], arch) for arch in (sys.argv[3:] or ["sm_90a"])))

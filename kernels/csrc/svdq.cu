@@ -64,26 +64,24 @@ __device__ __forceinline__ float4 ld_cg_f4(const float* p) {
   return v;
 }
 
-template <typename T> struct Pack2;
-template <> struct Pack2<__nv_bfloat16> {
+// A pair of 16-bit values packed in a uint32 <-> two floats. Pair16<T>: the element type's pair type and its two
+// conversions; Pack2<T>: the same on the raw 32 bits the kernels load and store.
+template <typename T> struct Pair16;
+template <> struct Pair16<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
-  static __device__ __forceinline__ float2 to_f2(uint32_t u) {
-    __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162*>(&u);
-    return __bfloat1622float2(v);
-  }
-  static __device__ __forceinline__ uint32_t from_f2(float a, float b) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
+  static __device__ __forceinline__ float2 to_float2(T2 v) { return __bfloat1622float2(v); }
+  static __device__ __forceinline__ T2 from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
-template <> struct Pack2<__half> {
+template <> struct Pair16<__half> {
   using T2 = __half2;
-  static __device__ __forceinline__ float2 to_f2(uint32_t u) {
-    __half2 v = *reinterpret_cast<__half2*>(&u);
-    return __half22float2(v);
-  }
+  static __device__ __forceinline__ float2 to_float2(T2 v) { return __half22float2(v); }
+  static __device__ __forceinline__ T2 from_floats(float a, float b) { return __floats2half2_rn(a, b); }
+};
+template <typename T> struct Pack2 {
+  using T2 = typename Pair16<T>::T2;
+  static __device__ __forceinline__ float2 to_f2(uint32_t u) { return Pair16<T>::to_float2(*reinterpret_cast<T2*>(&u)); }
   static __device__ __forceinline__ uint32_t from_f2(float a, float b) {
-    __half2 v = __floats2half2_rn(a, b);
+    T2 v = Pair16<T>::from_floats(a, b);
     return *reinterpret_cast<uint32_t*>(&v);
   }
 };
@@ -771,20 +769,6 @@ __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.
 __device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-template <int BN>
-__device__ __forceinline__ void wgmma_e4m3(float* d, uint64_t da, uint64_t db, int scale_d) {
-  if constexpr (BN == 64) wgmma_e4m3_n64(d, da, db, scale_d);
-  else if constexpr (BN == 128) wgmma_e4m3_n128(d, da, db, scale_d);
-  else if constexpr (BN == 192) wgmma_e4m3_n192(d, da, db, scale_d);
-  else wgmma_e4m3_n256(d, da, db, scale_d);
-}
-template <int BN>
-__device__ __forceinline__ void wgmma_tf32(float* d, uint64_t da, uint64_t db, int scale_d) {
-  if constexpr (BN == 64) wgmma_tf32_n64(d, da, db, scale_d);
-  else if constexpr (BN == 128) wgmma_tf32_n128(d, da, db, scale_d);
-  else if constexpr (BN == 192) wgmma_tf32_n192(d, da, db, scale_d);
-  else wgmma_tf32_n256(d, da, db, scale_d);
-}
 template <int BN, int NKB>
 __device__ __forceinline__ void lora_up_wgmma(float* acc, uint32_t la, uint32_t lb) {
 #pragma unroll
@@ -877,6 +861,40 @@ struct WsCta {
   }
   __device__ __forceinline__ uint32_t full_bar(int i) const { return bar_base + 8 * i; }
   __device__ __forceinline__ uint32_t empty_bar(int i) const { return bar_base + 8 * (STAGES + i); }
+  // A consumer: blocks until stage s's TMA loads have landed; returns its slot.
+  __device__ __forceinline__ uint8_t* wait_stage(int s) const {
+    mbar_wait(full_bar(s % STAGES), (s / STAGES) & 1);
+    return smem + (s % STAGES) * STAGE_BYTES;
+  }
+  // A consumer thread is done with stage s's slot (the producer refills it once all consumers are).
+  __device__ __forceinline__ void release_stage(int s) const { mbar_arrive(empty_bar(s % STAGES)); }
+};
+
+// Float path: one group's fp32 partial sums P (the wgmma fragment of rows r0, r0 + 8) promoted into acc with the
+// rows' activation scales a0, a1 and the weight scales sw of the tile's BN columns (this thread's pairs at 2·tig).
+template <int BN>
+__device__ __forceinline__ void promote_group(float* acc, const float* P, float a0, float a1, const float* sw, int tig) {
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    float2 w = *reinterpret_cast<const float2*>(sw + 8 * j + 2 * tig);
+    acc[4 * j + 0] = fmaf(P[4 * j + 0], a0 * w.x, acc[4 * j + 0]);
+    acc[4 * j + 1] = fmaf(P[4 * j + 1], a0 * w.y, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(P[4 * j + 2], a1 * w.x, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(P[4 * j + 3], a1 * w.y, acc[4 * j + 3]);
+  }
+}
+
+// What consumer warpgroup cw reads of a landed stage (layout S): the shared addresses of its 64 A rows and of the
+// B tile (wgmma descriptor bases), the activation scales (int_ratio: bases) and, float path, the weight scales.
+template <class S>
+struct ConsumerStage {
+  uint32_t a_base, b_base;
+  const float *sa, *sw;
+  __device__ __forceinline__ ConsumerStage(const uint8_t* st, int cw)
+      : a_base(smem_u32(st) + cw * 64 * 128),
+        b_base(smem_u32(st + S::A_BYTES)),
+        sa(reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES)),
+        sw(reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES)) {}
 };
 
 // A consumer thread's place: consumer warpgroup cw (warpgroup 0 produces), its accumulator rows r0 and r0 + 8 of
@@ -1001,26 +1019,14 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) { acc[i] = 0.f; P0[i] = 0.f; P1[i] = 0.f; }
 
-    auto promote = [&](float* P, const float* sa_s, const float* sw_s) {
-      const float a0 = sa_s[r0], a1 = sa_s[r0 + 8];
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        float2 w = *reinterpret_cast<const float2*>(sw_s + 8 * j + 2 * tig);
-        acc[4 * j + 0] = fmaf(P[4 * j + 0], a0 * w.x, acc[4 * j + 0]);
-        acc[4 * j + 1] = fmaf(P[4 * j + 1], a0 * w.y, acc[4 * j + 1]);
-        acc[4 * j + 2] = fmaf(P[4 * j + 2], a1 * w.x, acc[4 * j + 2]);
-        acc[4 * j + 3] = fmaf(P[4 * j + 3], a1 * w.y, acc[4 * j + 3]);
-      }
+    auto promote = [&](const float* P, const float* sa_s, const float* sw_s) {
+      promote_group<BN>(acc, P, sa_s[r0], sa_s[r0 + 8], sw_s, tig);
     };
 
     for (int s = 0; s < c.nstages; ++s) {
-      const int slot = s % STAGES;
-      mbar_wait(c.full_bar(slot), (s / STAGES) & 1);
-      uint8_t* st = c.smem + slot * S::STAGE_BYTES;
-      const uint32_t a_base = smem_u32(st) + cw * 64 * 128;
-      const uint32_t b_base = smem_u32(st + S::A_BYTES);
-      const float* sa_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES);
-      const float* sw_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES);
+      const ConsumerStage<S> st(c.wait_stage(s), cw);
+      const uint32_t a_base = st.a_base, b_base = st.b_base;
+      const float *sa_s = st.sa, *sw_s = st.sw;
       wg_arrive();
       wgmma_e4m3<BN>(P0, make_desc(a_base + 0), make_desc(b_base + 0), 0);
       wgmma_e4m3<BN>(P0, make_desc(a_base + 32), make_desc(b_base + 32), 1);
@@ -1036,7 +1042,7 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) fence_operand(P1[i]);
       promote(P1, sa_s + 128, sw_s + BN);
-      mbar_arrive(c.empty_bar(slot));
+      c.release_stage(s);
     }
     consumer_tail<BN, STAGES, OutT>(acc, c.sbase, c.bar_base, S::STAGE_BYTES, S::A_BYTES, c.nstages, c.nkb, cw, r0, tig,
                                     c.m0, c.n0, M, N, bias, out);
@@ -1087,13 +1093,9 @@ __global__ void __launch_bounds__(512, 1)
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) { acc[i] = 0.f; P[i] = 0.f; }
     for (int s = 0; s < c.nstages; ++s) {
-      const int slot = s % STAGES;
-      mbar_wait(c.full_bar(slot), (s / STAGES) & 1);
-      uint8_t* st = c.smem + slot * S::STAGE_BYTES;
-      const uint32_t a_base = smem_u32(st) + cw * 64 * 128;
-      const uint32_t b_base = smem_u32(st + S::A_BYTES);
-      const float* sa_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES);
-      const float* sw_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES + S::SA_BYTES);
+      const ConsumerStage<S> st(c.wait_stage(s), cw);
+      const uint32_t a_base = st.a_base, b_base = st.b_base;
+      const float *sa_s = st.sa, *sw_s = st.sw;
 #pragma unroll
       for (int grp = 0; grp < 2; ++grp) {
 #pragma unroll
@@ -1105,18 +1107,9 @@ __global__ void __launch_bounds__(512, 1)
         wg_wait<0>();
 #pragma unroll
         for (int i = 0; i < BN / 2; ++i) fence_operand(P[i]);
-        const float a0 = sa_s[grp * BM + r0], a1 = sa_s[grp * BM + r0 + 8];
-        const float* sws = sw_s + grp * BN;
-#pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
-          float2 w = *reinterpret_cast<const float2*>(sws + 8 * j + 2 * tig);
-          acc[4 * j + 0] = fmaf(P[4 * j + 0], a0 * w.x, acc[4 * j + 0]);
-          acc[4 * j + 1] = fmaf(P[4 * j + 1], a0 * w.y, acc[4 * j + 1]);
-          acc[4 * j + 2] = fmaf(P[4 * j + 2], a1 * w.x, acc[4 * j + 2]);
-          acc[4 * j + 3] = fmaf(P[4 * j + 3], a1 * w.y, acc[4 * j + 3]);
-        }
+        promote_group<BN>(acc, P, sa_s[grp * BM + r0], sa_s[grp * BM + r0 + 8], sw_s + grp * BN, tig);
       }
-      mbar_arrive(c.empty_bar(slot));
+      c.release_stage(s);
     }
     consumer_tail<BN, STAGES, OutT>(acc, c.sbase, c.bar_base, S::STAGE_BYTES, S::A_BYTES, c.nstages, c.nkb, cw, r0, tig,
                                     c.m0, c.n0, M, N, bias, out);
@@ -1148,12 +1141,6 @@ struct I8Smem {  // TOTAL must stay within the 227 KB an sm_90 CTA may use
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-template <int BN>
-__device__ __forceinline__ void wgmma_s8(int32_t* d, uint64_t da, uint64_t db, int scale_d) {
-  if constexpr (BN == 128) wgmma_s8_n128(d, da, db, scale_d);
-  else if constexpr (BN == 192) wgmma_s8_n192(d, da, db, scale_d);
-  else wgmma_s8_n256(d, da, db, scale_d);
-}
 __device__ __forceinline__ void fence_operand(int32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 #endif
 
@@ -1189,11 +1176,8 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
     for (int i = 0; i < BN / 2; ++i) { acc[i] = 0.f; P[i] = 0; }
 
     for (int s = 0; s < c.nstages; ++s) {
-      const int slot = s % STAGES;
-      mbar_wait(c.full_bar(slot), (s / STAGES) & 1);
-      uint8_t* st = c.smem + slot * S::STAGE_BYTES;
-      const uint32_t a_base = smem_u32(st) + cw * 64 * 128;
-      const uint32_t b_base = smem_u32(st + S::A_BYTES);
+      const ConsumerStage<S> st(c.wait_stage(s), cw);
+      const uint32_t a_base = st.a_base, b_base = st.b_base;
       const int fresh = (s & 1) ? 1 : 0;  // scale-d 0 starts the chunk's integer sum
       wg_arrive();
       wgmma_s8<BN>(P, make_desc(a_base + 0), make_desc(b_base + 0), fresh);
@@ -1205,8 +1189,7 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
       wg_wait<0>();
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) fence_operand(P[i]);
-      const float* sa_s = reinterpret_cast<const float*>(st + S::A_BYTES + S::B_BYTES);
-      const float a0 = sa_s[r0], a1 = sa_s[r0 + 8];
+      const float a0 = st.sa[r0], a1 = st.sa[r0 + 8];
       // exact int -> float for |v| < 2^22: the bits of 1.5*2^23 + v, minus 1.5*2^23
       constexpr int MAGIC_I = 0x4B400000;
       constexpr float MAGIC_F = 12582912.0f;
@@ -1217,8 +1200,8 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
         acc[4 * j + 2] = fmaf(__int_as_float(P[4 * j + 2] + MAGIC_I) - MAGIC_F, a1, acc[4 * j + 2]);
         acc[4 * j + 3] = fmaf(__int_as_float(P[4 * j + 3] + MAGIC_I) - MAGIC_F, a1, acc[4 * j + 3]);
       }
-      mbar_arrive(c.empty_bar(slot));
-      if (s & 1) mbar_arrive(c.empty_bar((s - 1) % STAGES));  // the chunk's first stage is free too
+      c.release_stage(s);
+      if (s & 1) c.release_stage(s - 1);  // the chunk's first stage is free too
     }
     // weight base per output column, then LoRA-up into the same accumulators
 #pragma unroll
