@@ -34,9 +34,13 @@ def _get_ops():
     return _ops
 
 
+def _forced_reference() -> bool:
+    return os.environ.get("SVDQ_BACKEND", "").lower() == "reference"
+
+
 def _device_path(device) -> int:
     """The CUDA path for `device` (90/80), or 0 for the reference."""
-    if os.environ.get("SVDQ_BACKEND", "").lower() == "reference":
+    if _forced_reference():
         return 0
     try:
         import torch
@@ -116,8 +120,7 @@ def prepare_weights(tensors: dict, device) -> dict:
         return out  # unsigned activations: reference only (no kernel reads them)
     if tensors.get("act16"):  # 16-bit activations: no kernel; _linear_act16 reads the natural tensors, in the
         # compute dtype on a GPU (decided here, once per device: no environment lookup in a traced forward)
-        out["_act16_16bit"] = (torch.device(device).type == "cuda"
-                               and os.environ.get("SVDQ_BACKEND", "").lower() != "reference")
+        out["_act16_16bit"] = torch.device(device).type == "cuda" and not _forced_reference()
         return out
     path = _device_path(device)
     if not path:

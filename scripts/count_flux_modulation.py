@@ -3,7 +3,7 @@
 import). Builds ComfyUI's own Flux class with the FLUX.1-dev config on the meta device (no memory, no
 weights) and counts parameters; converts one random AWQ layer of each modulation shape with the
 importer's own function and counts its bytes: in the converted state dict (what load_svdquant_model
-holds), resident in the compute dtype, and the Hopper kernels' prepared copy on top.
+holds) and resident in the compute dtype; and the Hopper kernel copy such layers no longer keep.
 
     .venv/bin/python scripts/count_flux_modulation.py
 """
@@ -37,18 +37,24 @@ def main():
     for n, p in model.named_parameters():
         if n.endswith(("_mod.lin.weight", "modulation.lin.weight")):
             shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + 1
-    converted, resident, hopper = _imported_bytes(shapes, torch.bfloat16)
+    converted, resident, copy = _imported_bytes(shapes, torch.bfloat16)
     print(f"  after a Nunchaku import (bf16 file; {', '.join(f'{c} x {n}x{k}' for (n, k), c in shapes.items())}): "
-          f"{converted / 1e9:.2f} GB converted, {resident / 1e9:.2f} GB resident in bf16, "
-          f"+{hopper / 1e9:.2f} GB for the Hopper kernels' prepared copy")
+          f"{converted / 1e9:.2f} GB converted, {resident / 1e9:.2f} GB resident in bf16")
+    print(f"  Hopper kernel copy of rank-32 4-bit-activation layers of these shapes, which layers with 16-bit "
+          f"activations do not keep: {copy / 1e9:.2f} GB")
 
 
 def _imported_bytes(shapes: dict, dtype):
+    """(converted state-dict bytes, resident bytes in `dtype`) of the imported layers, and the Hopper kernel copy a
+    rank-32 4-bit-activation layer of the same shapes would add (kernels.prepared_extra_bytes on the sm_90 path):
+    what a 16-bit-activation layer no longer keeps."""
+    from unittest import mock
+
     import torch
     from comfyui_svdquant import kernels
     from comfyui_svdquant.core.nunchaku_import import awq_as_act16_layer
     from comfyui_svdquant.core.qlinear import COMPUTE_DTYPE_TENSORS
-    converted = resident = hopper = 0
+    converted = resident = copy = 0
     g = torch.Generator().manual_seed(0)
     for (n, k), count in shapes.items():
         codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
@@ -57,9 +63,9 @@ def _imported_bytes(shapes: dict, dtype):
         converted += count * sum(v.numel() * v.element_size() for v in t.values())
         resident += count * sum(v.numel() * (dtype.itemsize if name in COMPUTE_DTYPE_TENSORS else v.element_size())
                                 for name, v in t.items())
-        kernels._device_path = lambda device: 90  # the Hopper path's preparation, sized without a GPU
-        hopper += count * kernels.prepared_extra_bytes(n, k, t["proj_down"].shape[1], "cuda", act16=True)
-    return converted, resident, hopper
+        with mock.patch.object(kernels, "_device_path", lambda device: 90):  # sized without a GPU
+            copy += count * kernels.prepared_extra_bytes(n, k, 32, "cuda")
+    return converted, resident, copy
 
 
 if __name__ == "__main__":

@@ -123,7 +123,10 @@ def _drop_saved_models_after_module():
     yield
     if _SERVER:
         for path in _saved_models(_SERVER[0]) - before:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def _free_disk_lines(config) -> list:

@@ -1019,9 +1019,6 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) { acc[i] = 0.f; P0[i] = 0.f; P1[i] = 0.f; }
 
-    auto promote = [&](const float* P, const float* sa_s, const float* sw_s) {
-      promote_group<BN>(acc, P, sa_s[r0], sa_s[r0 + 8], sw_s, tig);
-    };
 
     for (int s = 0; s < c.nstages; ++s) {
       const ConsumerStage<S> st(c.wait_stage(s), cw);
@@ -1037,11 +1034,11 @@ __global__ void __launch_bounds__(384, 1)
       wg_wait<1>();
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) fence_operand(P0[i]);
-      promote(P0, sa_s, sw_s);  // overlaps group 1's wgmma
+      promote_group<BN>(acc, P0, sa_s[r0], sa_s[r0 + 8], sw_s, tig);  // overlaps group 1's wgmma
       wg_wait<0>();
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) fence_operand(P1[i]);
-      promote(P1, sa_s + 128, sw_s + BN);
+      promote_group<BN>(acc, P1, sa_s[128 + r0], sa_s[128 + r0 + 8], sw_s + BN, tig);
       c.release_stage(s);
     }
     consumer_tail<BN, STAGES, OutT>(acc, c.sbase, c.bar_base, S::STAGE_BYTES, S::A_BYTES, c.nstages, c.nkb, cw, r0, tig,
