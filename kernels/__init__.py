@@ -11,7 +11,8 @@ Backends: "cuda-sm90a" (Hopper: e4m3 wgmma GEMM with per-group promotion, for fl
 `SVDQ_BACKEND=reference` forces the reference.
 Layers with unsigned activations (an `act_shift` tensor, docs/FORMAT.md §1) have no CUDA kernel:
 `prepare_weights` keeps them on the reference whatever the device. Layers with 16-bit activations
-(`act_bits`) need none: on a GPU they run in the compute dtype with torch ops (`_linear_act16`).
+(`act_bits`) run the W4A16 GEMV (kernels/csrc/w4a16.cu) on a GPU for up to GEMV_MAX_M rows, else torch ops
+in the compute dtype (`_linear_act16`).
 """
 import logging
 import os
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 _BACKEND_LOGGED = set()
 _NAMES = {90: "cuda-sm90a", 91: "cuda-sm90a-int8", 80: "cuda-mma-int4"}
 MAX_RANK = 128
+GEMV_MAX_M = 64  # rows (images) up to which a 16-bit-activation layer runs the GEMV: it reads the weight once per 4
+                 # rows, so past this a 16-bit weight made for the call and one cuBLAS GEMM cost less
 _ops = None
 
 
@@ -97,8 +100,10 @@ def prepared_extra_bytes(n: int, k: int, rank: int, device, unsigned: bool = Fal
     """Device bytes `prepare_weights` adds beside a layer's own tensors on `device` (0 for the reference):
     the Hopper path's int8/e4m3 weight copy (N×K), fp32 proj_up, the padded proj_down, fp32 scales/bias.
     Counted by ComfyUI's memory management (see core/qlinear.py), so that it plans loads with it."""
-    if unsigned or act16:
-        return 0  # no kernel copy (see prepare_weights)
+    if act16:  # the GEMV's fp32 1/λ and bias, its transposed per-group steps (fp32 bound: float scales)
+        return 4 * k + 4 * n + 4 * (k // 64) * n if _act16_gemv(device) else 0
+    if unsigned:
+        return 0  # no kernel (see prepare_weights)
     path = _device_path(device)
     rp = _kernel_rank(n, k, rank)
     if not path or rp is None:
@@ -118,9 +123,11 @@ def prepare_weights(tensors: dict, device) -> dict:
     out["_path"] = 0
     if tensors.get("act_shift") is not None:
         return out  # unsigned activations: reference only (no kernel reads them)
-    if tensors.get("act16"):  # 16-bit activations: no kernel; _linear_act16 reads the natural tensors, in the
-        # compute dtype on a GPU (decided here, once per device: no environment lookup in a traced forward)
+    if tensors.get("act16"):  # 16-bit activations: the GEMV, or torch ops in the compute dtype on a GPU (decided
+        # here, once per device: no environment lookup in a traced forward)
         out["_act16_16bit"] = torch.device(device).type == "cuda" and not _forced_reference()
+        if out["_act16_16bit"] and _act16_gemv(device):
+            out.update(_prepare_gemv(tensors, torch.device(device)))
         return out
     path = _device_path(device)
     if not path:
@@ -164,6 +171,66 @@ def prepare_weights(tensors: dict, device) -> dict:
     return out
 
 
+def _act16_gemv(device) -> bool:
+    """Whether 16-bit-activation layers on `device` run the W4A16 GEMV (any CUDA path of the library has it)."""
+    return _device_path(device) != 0 and _lib.has_gemv()
+
+
+def _prepare_gemv(tensors: dict, dev) -> dict:
+    """The GEMV's operands (kernels/csrc/w4a16.cu): the packed codes where they are, steps transposed to
+    (N, K/64) so that a row's steps are contiguous (fp32 for float scales; uint8 multipliers and the fp32 row
+    bases for int_ratio), fp32 1/λ and bias."""
+    import torch
+
+    out = {"_gv_qw": tensors["qweight"].to(dev).contiguous()}
+    if "wscale_mult" in tensors:
+        out["_gv_mult"] = tensors["wscale_mult"].to(dev).t().contiguous()
+        out["_gv_base"] = tensors["wscale_base"].to(dev, torch.float32).contiguous()
+        out["_gv_steps"] = None
+    else:
+        out["_gv_steps"] = tensors["wscales"].to(dev).t().float().contiguous()
+        out["_gv_mult"] = out["_gv_base"] = None
+    out["_smooth_rcp"] = (1.0 / tensors["smooth_factor"].to(dev, torch.float32)).contiguous()
+    b = tensors.get("bias")
+    out["_bias"] = None if b is None else b.to(dev, torch.float32).contiguous()
+    return out
+
+
+def _in_dtype(p: dict, name: str, dtype):
+    """p[name] in `dtype`, contiguous; the cast kept in p for later eager calls (traced calls cast in the graph)."""
+    import torch
+
+    t = p.get(name)
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    key = f"_{name}_{dtype}"
+    cached = p.get(key)
+    if cached is None:
+        cached = t.to(dtype).contiguous()
+        if not torch.compiler.is_compiling():
+            p[key] = cached
+    return cached
+
+
+def _linear_gemv(x2, p: dict):
+    """A 16-bit-activation layer through the W4A16 GEMV: (X·proj_down) by cuBLAS, the rest in the kernel."""
+    import torch
+
+    ops = _ops or _get_ops()
+    down, up = _in_dtype(p, "proj_down", x2.dtype), _in_dtype(p, "proj_up", x2.dtype)
+    lora = None if down is None or not down.shape[-1] else x2 @ down
+    up = None if lora is None else up
+    if torch.compiler.is_compiling():
+        return ops.w4a16_gemv(x2, p["_smooth_rcp"], p["_gv_qw"], p["_gv_steps"], p["_gv_mult"], p["_gv_base"],
+                              lora, up, p["_bias"])
+    if x2.data_ptr() % 16 or not x2.is_contiguous():  # the kernel reads 16-byte vectors
+        x2 = x2.contiguous().clone()
+    out = torch.empty((x2.shape[0], p["_gv_qw"].shape[0]), dtype=x2.dtype, device=x2.device)
+    ops.gemv_into(x2, p["_smooth_rcp"], p["_gv_qw"], p["_gv_steps"], p["_gv_mult"], p["_gv_base"], lora, up,
+                  p["_bias"], out)
+    return out
+
+
 def _act16_weight(p: dict, dtype, group_size: int):
     """A 16-bit-activation layer's weight as a (N, K) matrix in the compute dtype, made from its packed codes for
     this call (no resident copy: at FLUX.1 size these layers are 3.2 G weights), and the fp32 per-row scale still
@@ -186,15 +253,20 @@ def _act16_weight(p: dict, dtype, group_size: int):
 
 
 def _linear_act16(x, p: dict, group_size: int):
-    """A layer with 16-bit activations (docs/FORMAT.md §1): Y = X/λ · deq(R)ᵀ + (X·proj_down)·proj_upᵀ + b. On a GPU
-    in the compute dtype with the weight made for the call (_act16_weight), elsewhere the fp32 reference. These
-    layers read one vector per image (M = batch), so the weight read dominates either way."""
+    """A layer with 16-bit activations (docs/FORMAT.md §1): Y = X/λ · deq(R)ᵀ + (X·proj_down)·proj_upᵀ + b. These
+    layers read one vector per image (M = batch), so reading the weight is their cost: on a GPU the W4A16 GEMV reads
+    the packed codes (up to GEMV_MAX_M rows); past that, or without the library, torch ops in the compute dtype with
+    the weight made for the call (_act16_weight); elsewhere the fp32 reference."""
     import torch
 
-    if not (p.get("_act16_16bit") and x.dtype in (torch.bfloat16, torch.float16) and x.device == p["qweight"].device):
+    shape = x.shape
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    gv = p.get("_gv_qw")
+    if gv is not None and half and x.device == gv.device and group_size == 64 and 0 < x.numel() // shape[-1] <= GEMV_MAX_M:
+        return _linear_gemv(x.reshape(-1, shape[-1]), p).reshape(*shape[:-1], gv.shape[0])
+    if not (p.get("_act16_16bit") and half and x.device == p["qweight"].device):
         return reference.svdquant_linear_act16(x, p["qweight"], reference.weight_scales_for_gemm(p), p["smooth_factor"],
                                                p.get("proj_down"), p.get("proj_up"), p.get("bias"), group_size)
-    shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     w, row_scale = _act16_weight(p, x.dtype, group_size)
     y = ((x2 / p["smooth_factor"].to(x.dtype)) @ w.t()).float()

@@ -55,6 +55,9 @@ def _bind(lib):
     if hasattr(lib, "svdq_gptq_block"):  # optional: a library built before it still serves the linear
         lib.svdq_gptq_block.restype = c_int
         lib.svdq_gptq_block.argtypes = [c_void_p] * 3 + [c_int] + [c_void_p] * 2 + [c_int] * 2 + [ctypes.c_float, c_void_p]
+    if hasattr(lib, "svdq_w4a16_gemv"):  # optional as well (kernels/csrc/w4a16.cu)
+        lib.svdq_w4a16_gemv.restype = c_int
+        lib.svdq_w4a16_gemv.argtypes = [c_void_p] * 10 + [c_int] * 5 + [c_void_p]
     return lib
 
 
@@ -62,6 +65,12 @@ def has_gptq() -> bool:
     """Whether the loaded library has the GPTQ block kernel (kernels/csrc/gptq.cu)."""
     lib = load()
     return lib is not None and hasattr(lib, "svdq_gptq_block")
+
+
+def has_gemv() -> bool:
+    """Whether the loaded library has the W4A16 GEMV of the 16-bit-activation layers (kernels/csrc/w4a16.cu)."""
+    lib = load()
+    return lib is not None and hasattr(lib, "svdq_w4a16_gemv")
 
 
 def load():

@@ -141,6 +141,37 @@ def _(qact, ascales, qweight, wscales, lora, proj_up, bias, out_dtype, path):
     return qact.new_empty((qact.shape[0], qweight.shape[0]), dtype=out_dtype)
 
 
+def gemv_into(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias, out) -> None:
+    """The W4A16 GEMV of a 16-bit-activation layer (kernels/csrc/w4a16.cu) into a given output (M, N): steps fp32
+    (N, K/64) for float scales, or mult uint8 (N, K/64) and base fp32 (N,) for int_ratio; lora (M, r) and up (N, r)
+    in x2's dtype, or both None."""
+    lib = _lib.load()
+    m, k = x2.shape
+    n = qweight.shape[0]
+    r = 0 if lora is None else lora.shape[1]
+    index = x2.device.index
+    code = lib.svdq_w4a16_gemv(_ptr(x2), _ptr(smooth_rcp), _ptr(qweight), _ptr(steps), _ptr(mult), _ptr(base),
+                               _ptr(lora) if r else None, _ptr(up) if r else None, _ptr(bias), _ptr(out), m, n, k, r,
+                               _dt(x2.dtype), _raw_stream(index))
+    _lib.check(code, "svdq_w4a16_gemv")
+
+
+@torch.library.custom_op("svdquant::w4a16_gemv", mutates_args=(), device_types="cuda")
+def w4a16_gemv(x2: torch.Tensor, smooth_rcp: torch.Tensor, qweight: torch.Tensor, steps: Optional[torch.Tensor],
+               mult: Optional[torch.Tensor], base: Optional[torch.Tensor], lora: Optional[torch.Tensor],
+               up: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if x2.data_ptr() % 16 or not x2.is_contiguous():  # the kernel reads 16-byte vectors
+        x2 = x2.contiguous().clone()
+    out = torch.empty((x2.shape[0], qweight.shape[0]), dtype=x2.dtype, device=x2.device)
+    gemv_into(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias, out)
+    return out
+
+
+@w4a16_gemv.register_fake
+def _(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias):
+    return x2.new_empty((x2.shape[0], qweight.shape[0]))
+
+
 def _proj_down(p, dtype):
     pd = p["_proj_down"]
     return pd.to(dtype) if pd is not None and pd.dtype != dtype else pd

@@ -58,6 +58,7 @@ def test_16bit_form_matches_the_reference(monkeypatch, dtype, scales):
     t = {k: (v.to(dtype) if v.is_floating_point() and k not in ("wscale_base",) else v)
          for k, v in q.tensors().items()}
     monkeypatch.setattr(kernels, "_device_path", lambda device: 90)
+    monkeypatch.setattr(kernels._lib, "has_gemv", lambda: False)  # the torch form (a library without the GEMV)
     assert not kernels.prepare_weights({**t, "act16": True}, torch.device("cpu"))["_act16_16bit"]  # CPU: reference
     monkeypatch.setenv("SVDQ_BACKEND", "reference")
     assert not kernels.prepare_weights({**t, "act16": True}, torch.device("cuda"))["_act16_16bit"]
@@ -66,6 +67,9 @@ def test_16bit_form_matches_the_reference(monkeypatch, dtype, scales):
     p = kernels.prepare_weights({**t, "act16": True}, torch.device("cuda"))
     assert p["_act16_16bit"] and p["_path"] == 0 and "_qw" not in p
     assert kernels.prepared_extra_bytes(128, 256, 16, "cuda", act16=True) == 0
+    monkeypatch.setattr(kernels._lib, "has_gemv", lambda: True)  # the GEMV's operands: 1/λ, bias, steps (fp32)
+    assert kernels.prepared_extra_bytes(128, 256, 16, "cuda", act16=True) == 4 * 256 + 4 * 128 + 4 * 4 * 128
+    monkeypatch.setattr(kernels._lib, "has_gemv", lambda: False)
     assert kernels.prepared_extra_bytes(128, 256, 16, "cuda") > 128 * 256  # a 4-bit-activation layer's copy
     xb = (x * 30).to(dtype)
     y = kernels.linear(xb, p)
