@@ -18,5 +18,6 @@ if [[ "$MODE" == prof ]]; then
 fi
 if [[ "$MODE" == all || "$MODE" == bench ]]; then
   timeout 300 python3 bench/bench_kernels.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -16
+  timeout 60 python3 bench/bench_gemv.py --json "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" | tail -14
 fi
 done

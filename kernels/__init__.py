@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 _BACKEND_LOGGED = set()
 _NAMES = {90: "cuda-sm90a", 91: "cuda-sm90a-int8", 80: "cuda-mma-int4"}
 MAX_RANK = 128
-GEMV_MAX_M = 64  # rows (images) up to which a 16-bit-activation layer runs the GEMV: it reads the weight once per 4
-                 # rows, so past this a 16-bit weight made for the call and one cuBLAS GEMM cost less
+GEMV_MAX_M = 16  # rows (images) up to which a 16-bit-activation layer runs the GEMV. It reads the weight once per 4
+# rows: at 3072 -> 18432 it took 29.8 / 85.5 / 157.9 µs at M = 1 / 4 / 8 against 519 µs for the per-call 16-bit weight
+# (H200, bench/bench_gemv.py), so the two cross near M = 24
 _ops = None
 
 
