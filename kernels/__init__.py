@@ -183,7 +183,8 @@ def _prepare_gemv(tensors: dict, dev) -> dict:
     bases for int_ratio), fp32 1/λ and bias."""
     import torch
 
-    out = {"_gv_qw": tensors["qweight"].to(dev).contiguous()}
+    qw = tensors["qweight"].to(dev).contiguous()
+    out = {"_gv_qw": qw if qw.data_ptr() % 16 == 0 else qw.clone()}  # the kernel reads 16-byte vectors
     if "wscale_mult" in tensors:
         out["_gv_mult"] = tensors["wscale_mult"].to(dev).t().contiguous()
         out["_gv_base"] = tensors["wscale_base"].to(dev, torch.float32).contiguous()
@@ -221,15 +222,8 @@ def _linear_gemv(x2, p: dict):
     down, up = _in_dtype(p, "proj_down", x2.dtype), _in_dtype(p, "proj_up", x2.dtype)
     lora = None if down is None or not down.shape[-1] else x2 @ down
     up = None if lora is None else up
-    if torch.compiler.is_compiling():
-        return ops.w4a16_gemv(x2, p["_smooth_rcp"], p["_gv_qw"], p["_gv_steps"], p["_gv_mult"], p["_gv_base"],
-                              lora, up, p["_bias"])
-    if x2.data_ptr() % 16 or not x2.is_contiguous():  # the kernel reads 16-byte vectors
-        x2 = x2.contiguous().clone()
-    out = torch.empty((x2.shape[0], p["_gv_qw"].shape[0]), dtype=x2.dtype, device=x2.device)
-    ops.gemv_into(x2, p["_smooth_rcp"], p["_gv_qw"], p["_gv_steps"], p["_gv_mult"], p["_gv_base"], lora, up,
-                  p["_bias"], out)
-    return out
+    fn = ops.w4a16_gemv if torch.compiler.is_compiling() else ops.gemv  # the custom op for the tracer only
+    return fn(x2, p["_smooth_rcp"], p["_gv_qw"], p["_gv_steps"], p["_gv_mult"], p["_gv_base"], lora, up, p["_bias"])
 
 
 def _act16_weight(p: dict, dtype, group_size: int):

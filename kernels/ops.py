@@ -156,15 +156,20 @@ def gemv_into(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias, out) -
     _lib.check(code, "svdq_w4a16_gemv")
 
 
-@torch.library.custom_op("svdquant::w4a16_gemv", mutates_args=(), device_types="cuda")
-def w4a16_gemv(x2: torch.Tensor, smooth_rcp: torch.Tensor, qweight: torch.Tensor, steps: Optional[torch.Tensor],
-               mult: Optional[torch.Tensor], base: Optional[torch.Tensor], lora: Optional[torch.Tensor],
-               up: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+def gemv(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias) -> torch.Tensor:
+    """The GEMV into a new output; eager callers use it directly (no custom-op dispatch)."""
     if x2.data_ptr() % 16 or not x2.is_contiguous():  # the kernel reads 16-byte vectors
         x2 = x2.contiguous().clone()
     out = torch.empty((x2.shape[0], qweight.shape[0]), dtype=x2.dtype, device=x2.device)
     gemv_into(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias, out)
     return out
+
+
+@torch.library.custom_op("svdquant::w4a16_gemv", mutates_args=(), device_types="cuda")
+def w4a16_gemv(x2: torch.Tensor, smooth_rcp: torch.Tensor, qweight: torch.Tensor, steps: Optional[torch.Tensor],
+               mult: Optional[torch.Tensor], base: Optional[torch.Tensor], lora: Optional[torch.Tensor],
+               up: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return gemv(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias)
 
 
 @w4a16_gemv.register_fake

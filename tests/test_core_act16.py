@@ -160,3 +160,35 @@ def test_a_16bit_activation_layer_traces_without_a_graph_break(scales):
     xb = x.to(torch.bfloat16)
     g = torch.compile(lambda t: kernels.linear(t, p) * 2, backend="eager", fullgraph=True)
     assert torch.equal(g(xb), kernels.linear(xb, p) * 2)
+
+
+@pytest.mark.parametrize("scales", ["int_ratio", "float"])
+def test_gemv_operands_and_routing(monkeypatch, scales):
+    """The Python side of the W4A16 GEMV, on the CPU: the operands prepare makes (steps transposed to (N, K/64), 1/λ,
+    fp32 bias, low-rank activations in the compute dtype) and the routing (a 3-D input of up to GEMV_MAX_M rows goes to
+    the GEMV; more rows take the torch form). The kernel is replaced by the formula it computes (kernels/csrc/w4a16.cu
+    header); the kernel itself is tested against the reference on the GPU (tests/gpu/test_gemv_gpu.py)."""
+    _, x, q = _layer(act16=True, scales=scales)
+    t = {k: (v.to(torch.bfloat16) if v.is_floating_point() and k != "wscale_base" else v) for k, v in q.tensors().items()}
+    p = {**t, "act16": True, "_act16_16bit": True, **kernels._prepare_gemv(t, torch.device("cpu"))}
+    n, k = t["qweight"].shape[0], 2 * t["qweight"].shape[1]
+    assert (p["_gv_steps"] if scales == "float" else p["_gv_mult"]).shape == (n, k // 64)
+    calls = []
+
+    def formula(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias):
+        calls.append(x2.shape[0])
+        st = steps if steps is not None else base.unsqueeze(1) * mult.float()  # (N, K/64)
+        w = ref.unpack_int4(qweight).float().view(n, k // 64, 64) * st.unsqueeze(-1)
+        y = (x2.float() * smooth_rcp) @ w.view(n, k).t() + lora.float() @ up.float().t() + bias
+        assert lora.dtype == up.dtype == x2.dtype == torch.bfloat16 and bias.dtype == torch.float32
+        return y.to(x2.dtype)
+
+    ops = kernels._get_ops()
+    monkeypatch.setattr(ops, "gemv", formula)
+    for m in (1, kernels.GEMV_MAX_M, kernels.GEMV_MAX_M + 1):
+        xb = x[:m].to(torch.bfloat16).unsqueeze(1)  # (B, 1, C), as the modulation's input
+        y = kernels.linear(xb, p)
+        want = ref.svdquant_linear_act16(xb.float(), t["qweight"], ref.weight_scales_for_gemm(t), t["smooth_factor"],
+                                         t["proj_down"], t["proj_up"], t["bias"])
+        assert y.shape == (m, 1, n) and _rel(y, want) < 1e-2
+    assert calls == [1, kernels.GEMV_MAX_M]  # the torch form past GEMV_MAX_M rows
