@@ -158,18 +158,25 @@ def prepare_weights(tensors: dict, device) -> dict:
         out["_qw"] = (_e4m3_from_packed(qweight) if path == 90 else qweight.contiguous()).view(torch.uint8)
         out["_wscales"] = tensors["wscales"].to(dev, torch.float32).contiguous()
         out["_afmt"] = _lib.FMT_E4M3 if path == 90 else _lib.FMT_INT4
-    out["_smooth_rcp"] = (1.0 / tensors["smooth_factor"].to(dev, torch.float32)).contiguous()
+    out.update(_fp32_rcp_and_bias(tensors, dev))
     if r:
         out["_proj_down"] = F.pad(proj_down.to(dev), (0, rp - r)).contiguous()
         out["_proj_up"] = F.pad(proj_up.to(dev, torch.float32), (0, rp - r)).contiguous()
     else:
         out["_proj_down"] = None
         out["_proj_up"] = torch.empty((n, 0), dtype=torch.float32, device=dev)
-    b = tensors.get("bias")
-    out["_bias"] = None if b is None else b.to(dev, torch.float32).contiguous()
     out["_rp"] = rp
     out["_path"] = path
     return out
+
+
+def _fp32_rcp_and_bias(tensors: dict, dev) -> dict:
+    """What every kernel reads in fp32 beside the weights: 1/λ (`_smooth_rcp`) and the bias (`_bias`, or None)."""
+    import torch
+
+    b = tensors.get("bias")
+    return {"_smooth_rcp": (1.0 / tensors["smooth_factor"].to(dev, torch.float32)).contiguous(),
+            "_bias": None if b is None else b.to(dev, torch.float32).contiguous()}
 
 
 def _act16_gemv(device) -> bool:
@@ -183,8 +190,7 @@ def _prepare_gemv(tensors: dict, dev) -> dict:
     bases for int_ratio), fp32 1/λ and bias."""
     import torch
 
-    qw = tensors["qweight"].to(dev).contiguous()
-    out = {"_gv_qw": qw if qw.data_ptr() % 16 == 0 else qw.clone()}  # the kernel reads 16-byte vectors
+    out = {"_gv_qw": (_ops or _get_ops()).aligned16(tensors["qweight"].to(dev))}
     if "wscale_mult" in tensors:
         out["_gv_mult"] = tensors["wscale_mult"].to(dev).t().contiguous()
         out["_gv_base"] = tensors["wscale_base"].to(dev, torch.float32).contiguous()
@@ -192,26 +198,8 @@ def _prepare_gemv(tensors: dict, dev) -> dict:
     else:
         out["_gv_steps"] = tensors["wscales"].to(dev).t().float().contiguous()
         out["_gv_mult"] = out["_gv_base"] = None
-    out["_smooth_rcp"] = (1.0 / tensors["smooth_factor"].to(dev, torch.float32)).contiguous()
-    b = tensors.get("bias")
-    out["_bias"] = None if b is None else b.to(dev, torch.float32).contiguous()
+    out.update(_fp32_rcp_and_bias(tensors, dev))
     return out
-
-
-def _in_dtype(p: dict, name: str, dtype):
-    """p[name] in `dtype`, contiguous; the cast kept in p for later eager calls (traced calls cast in the graph)."""
-    import torch
-
-    t = p.get(name)
-    if t is None or (t.dtype == dtype and t.is_contiguous()):
-        return t
-    key = f"_{name}_{dtype}"
-    cached = p.get(key)
-    if cached is None:
-        cached = t.to(dtype).contiguous()
-        if not torch.compiler.is_compiling():
-            p[key] = cached
-    return cached
 
 
 def _linear_gemv(x2, p: dict):
@@ -219,7 +207,7 @@ def _linear_gemv(x2, p: dict):
     import torch
 
     ops = _ops or _get_ops()
-    down, up = _in_dtype(p, "proj_down", x2.dtype), _in_dtype(p, "proj_up", x2.dtype)
+    down, up = ops.cast_cached(p, "proj_down", x2.dtype), ops.cast_cached(p, "proj_up", x2.dtype)
     lora = None if down is None or not down.shape[-1] else x2 @ down
     up = None if lora is None else up
     fn = ops.w4a16_gemv if torch.compiler.is_compiling() else ops.gemv  # the custom op for the tracer only

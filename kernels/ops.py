@@ -45,6 +45,25 @@ def _act_buffers(x, fmt, rank_padded, new):
             new((m, rank_padded), dtype=torch.float32))
 
 
+def aligned16(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous at a 16-byte-aligned address (the kernels read 16-byte vectors): t itself, else a copy."""
+    return t if t.data_ptr() % 16 == 0 and t.is_contiguous() else t.contiguous().clone()
+
+
+def cast_cached(p: dict, name: str, dtype):
+    """p[name] in `dtype`, contiguous; a cast is kept in p for later eager calls (a traced call casts in its graph)."""
+    t = p.get(name)
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    key = f"_cast:{name}:{dtype}"  # "_proj_down" and "proj_down" stay apart
+    cached = p.get(key)
+    if cached is None:
+        cached = t.to(dtype).contiguous()
+        if not torch.compiler.is_compiling():
+            p[key] = cached
+    return cached
+
+
 def _raw_stream(index: int) -> int:
     """The current CUDA stream of device `index` as a raw handle (~0.5 µs; torch.cuda.current_stream builds a
     Python object, ~10 µs on the GPU machine: twice per linear it was a tenth of the eager host time)."""
@@ -115,8 +134,7 @@ def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: i
 @torch.library.custom_op("svdquant::quantize_act_lora_down", mutates_args=(), device_types="cuda")
 def quantize_act_lora_down(x: torch.Tensor, smooth_rcp: torch.Tensor, proj_down: Optional[torch.Tensor],
                            rank_padded: int, fmt: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if x.data_ptr() % 16 or not x.is_contiguous():  # the kernel reads 16-byte vectors
-        x = x.contiguous().clone()
+    x = aligned16(x)
     qact, ascales, lora = _act_buffers(x, fmt, rank_padded, lambda shape, dtype: torch.empty(shape, dtype=dtype, device=x.device))
     quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt)
     return qact, ascales, lora
@@ -158,8 +176,7 @@ def gemv_into(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias, out) -
 
 def gemv(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias) -> torch.Tensor:
     """The GEMV into a new output; eager callers use it directly (no custom-op dispatch)."""
-    if x2.data_ptr() % 16 or not x2.is_contiguous():  # the kernel reads 16-byte vectors
-        x2 = x2.contiguous().clone()
+    x2 = aligned16(x2)
     out = torch.empty((x2.shape[0], qweight.shape[0]), dtype=x2.dtype, device=x2.device)
     gemv_into(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias, out)
     return out
@@ -175,11 +192,6 @@ def w4a16_gemv(x2: torch.Tensor, smooth_rcp: torch.Tensor, qweight: torch.Tensor
 @w4a16_gemv.register_fake
 def _(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias):
     return x2.new_empty((x2.shape[0], qweight.shape[0]))
-
-
-def _proj_down(p, dtype):
-    pd = p["_proj_down"]
-    return pd.to(dtype) if pd is not None and pd.dtype != dtype else pd
 
 
 _ALIGN = 256
@@ -200,9 +212,7 @@ def _act_layout(m: int, k: int, fmt: int, rp: int):
 
 def _direct_args(p: dict, dtype) -> tuple:
     """The pointers and sizes of a prepared layer that every eager call passes (its tensors stay alive in `p`)."""
-    pd = _proj_down(p, dtype)
-    if pd is not p["_proj_down"]:
-        p["_proj_down_" + str(dtype)] = pd  # keeps the cast copy alive
+    pd = cast_cached(p, "_proj_down", dtype)  # the cast copy stays alive in p
     qw, path = p["_qw"], p["_path"]
     k = qw.shape[1] if path == 91 else p["_wscales"].shape[0] * GROUP
     return (dtype, _dt(dtype), _ptr(p["_smooth_rcp"]), _ptr(pd), _ptr(qw), _ptr(p["_wscales"]), _ptr(p["_proj_up"]),
@@ -213,8 +223,7 @@ def linear_direct(x2: torch.Tensor, p: dict) -> torch.Tensor:
     """Eager fast path: the same two kernels without the custom-op dispatch, with one buffer for kernel 1's
     outputs and the layer's pointers computed once (host time per call is what an eager step pays 300 times;
     bench/bench_host.py). Still capturable in CUDA graphs."""
-    if x2.data_ptr() % 16:
-        x2 = x2.clone()
+    x2 = aligned16(x2)
     d = p.get("_direct")
     if d is None or d[0] != x2.dtype:
         d = p["_direct"] = _direct_args(p, x2.dtype)
@@ -240,5 +249,6 @@ def linear(x2: torch.Tensor, p: dict) -> torch.Tensor:
     """The whole 4-bit linear on the CUDA path for x2 (M, K) with tensors from prepare_weights."""
     if not torch.compiler.is_compiling():
         return linear_direct(x2, p)
-    qact, ascales, lora = quantize_act_lora_down(x2, p["_smooth_rcp"], _proj_down(p, x2.dtype), p["_rp"], p["_afmt"])
+    qact, ascales, lora = quantize_act_lora_down(x2, p["_smooth_rcp"], cast_cached(p, "_proj_down", x2.dtype), p["_rp"],
+                                                p["_afmt"])
     return w4a4_gemm(qact, ascales, p["_qw"], p["_wscales"], lora, p["_proj_up"], p["_bias"], x2.dtype, p["_path"])
