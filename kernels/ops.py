@@ -1,8 +1,10 @@
 """torch.library custom ops over the CUDA library, with fake (meta) implementations.
 
-`svdquant::quantize_act_lora_down` and `svdquant::w4a4_gemm` are opaque to torch.compile (the fake
-implementations give it shapes and dtypes) and run on the current CUDA stream, so they can be
-captured in CUDA graphs. `*_into` variants write into caller-given buffers (tests poison them).
+`svdquant::quantize_act_lora_down` and `svdquant::w4a4_gemm` (the two kernels, for tests and benchmarks),
+`svdquant::linear` (both, what a compiled model calls per 4-bit layer) and `svdquant::w4a16_gemv` are opaque to
+torch.compile (the fake implementations give it shapes and dtypes) and run on the current CUDA stream, so they
+can be captured in CUDA graphs. `*_into` variants write into caller-given buffers (tests poison them). Eager
+calls skip the op dispatch (`linear_direct`, `gemv`).
 Layouts: see kernels/csrc/svdq.cu (header) and docs/KERNELS.md.
 """
 from typing import Optional, Tuple
@@ -182,16 +184,28 @@ def gemv(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias) -> torch.Te
     return out
 
 
-@torch.library.custom_op("svdquant::w4a16_gemv", mutates_args=(), device_types="cuda")
-def w4a16_gemv(x2: torch.Tensor, smooth_rcp: torch.Tensor, qweight: torch.Tensor, steps: Optional[torch.Tensor],
-               mult: Optional[torch.Tensor], base: Optional[torch.Tensor], lora: Optional[torch.Tensor],
-               up: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return gemv(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias)
+# The ops a compiled model calls once per layer are registered with the low-level torch.library API: a
+# `torch.library.custom_op` call cost 12.4 µs of host time against 5.8 µs for `Library.impl` and 2.2 µs for the
+# bare body (bench/bench_op_dispatch.py, CPU, torch 2.14), which a compiled graph pays per 4-bit linear.
+_DEF = torch.library.Library("svdquant", "FRAGMENT")
+_DEF.define("w4a16_gemv(Tensor x2, Tensor smooth_rcp, Tensor qweight, Tensor? steps, Tensor? mult, Tensor? base, "
+            "Tensor? lora, Tensor? up, Tensor? bias) -> Tensor")
+_DEF.impl("w4a16_gemv", gemv, "CUDA")
+_DEF.define("linear(Tensor x2, Tensor smooth_rcp, Tensor? proj_down, Tensor qweight, Tensor wscales, Tensor proj_up, "
+            "Tensor? bias, int rank_padded, int fmt, int path) -> Tensor")
 
 
-@w4a16_gemv.register_fake
+@torch.library.register_fake("svdquant::w4a16_gemv")
 def _(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias):
     return x2.new_empty((x2.shape[0], qweight.shape[0]))
+
+
+@torch.library.register_fake("svdquant::linear")
+def _(x2, smooth_rcp, proj_down, qweight, wscales, proj_up, bias, rank_padded, fmt, path):
+    return x2.new_empty((x2.shape[0], qweight.shape[0]))
+
+
+w4a16_gemv = torch.ops.svdquant.w4a16_gemv.default
 
 
 _ALIGN = 256
@@ -219,15 +233,9 @@ def _direct_args(p: dict, dtype) -> tuple:
             _ptr(p["_bias"]), qw.shape[0], k, p["_rp"], p["_afmt"], path)
 
 
-def linear_direct(x2: torch.Tensor, p: dict) -> torch.Tensor:
-    """Eager fast path: the same two kernels without the custom-op dispatch, with one buffer for kernel 1's
-    outputs and the layer's pointers computed once (host time per call is what an eager step pays 300 times;
-    bench/bench_host.py). Still capturable in CUDA graphs."""
+def _run_linear(x2, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path) -> torch.Tensor:
+    """Both kernels on x2 (M, K) with a layer's raw pointers; one buffer for kernel 1's three outputs."""
     x2 = aligned16(x2)
-    d = p.get("_direct")
-    if d is None or d[0] != x2.dtype:
-        d = p["_direct"] = _direct_args(p, x2.dtype)
-    _, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path = d
     m = x2.shape[0]
     off_s, off_l, size, mp = _act_layout(m, k, fmt, rp)
     dev = x2.device
@@ -245,10 +253,29 @@ def linear_direct(x2: torch.Tensor, p: dict) -> torch.Tensor:
     return out
 
 
+def linear_direct(x2: torch.Tensor, p: dict) -> torch.Tensor:
+    """Eager fast path: the same two kernels without the custom-op dispatch, with the layer's pointers computed
+    once (host time per call is what an eager step pays 300 times; bench/bench_host.py). Capturable in CUDA graphs."""
+    d = p.get("_direct")
+    if d is None or d[0] != x2.dtype:
+        d = p["_direct"] = _direct_args(p, x2.dtype)
+    return _run_linear(x2, *d[1:])
+
+
+def _linear_op(x2, smooth_rcp, proj_down, qweight, wscales, proj_up, bias, rank_padded, fmt, path):
+    """svdquant::linear, what a compiled model calls per 4-bit layer: one op (not two) for the whole linear."""
+    k = qweight.shape[1] if path == 91 else wscales.shape[0] * GROUP
+    return _run_linear(x2, _dt(x2.dtype), _ptr(smooth_rcp), _ptr(proj_down), _ptr(qweight), _ptr(wscales),
+                       _ptr(proj_up), _ptr(bias), qweight.shape[0], k, rank_padded, fmt, path)
+
+
+_DEF.impl("linear", _linear_op, "CUDA")
+
+
 def linear(x2: torch.Tensor, p: dict) -> torch.Tensor:
     """The whole 4-bit linear on the CUDA path for x2 (M, K) with tensors from prepare_weights."""
     if not torch.compiler.is_compiling():
         return linear_direct(x2, p)
-    qact, ascales, lora = quantize_act_lora_down(x2, p["_smooth_rcp"], cast_cached(p, "_proj_down", x2.dtype), p["_rp"],
-                                                p["_afmt"])
-    return w4a4_gemm(qact, ascales, p["_qw"], p["_wscales"], lora, p["_proj_up"], p["_bias"], x2.dtype, p["_path"])
+    return torch.ops.svdquant.linear.default(x2, p["_smooth_rcp"], cast_cached(p, "_proj_down", x2.dtype), p["_qw"],
+                                             p["_wscales"], p["_proj_up"], p["_bias"], p["_rp"], p["_afmt"],
+                                             p["_path"])

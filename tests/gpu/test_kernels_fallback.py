@@ -33,3 +33,34 @@ def test_missing_library_is_not_an_error(monkeypatch, tmp_path):
 def test_forced_reference(monkeypatch):
     monkeypatch.setenv("SVDQ_BACKEND", "reference")
     assert kernels.backend_name("cuda") == "reference"
+
+
+def test_compiled_path_is_one_op_per_linear(monkeypatch):
+    """Under torch.compile a 4-bit linear is one `svdquant::linear` op (one dispatch of host time per layer, not two),
+    traced without a graph break. Run on the CPU with the op's CUDA kernel stood in by a CPU implementation that
+    returns the right shape; the kernels themselves are compared compiled vs eager on the GPU (tests/gpu)."""
+    from _layers import make_ratio_layer
+    ops = kernels._get_ops()
+    monkeypatch.setattr(kernels, "_device_path", lambda device: 90)
+    p = kernels.prepare_weights(make_ratio_layer(128, 256, 16, torch.bfloat16, "cpu"), torch.device("cpu"))
+    assert p["_path"] == 91
+    calls = []
+    stand_in = torch.library.Library("svdquant", "IMPL")
+    stand_in.impl("linear", lambda x2, *a: calls.append(x2.shape) or x2.new_zeros(x2.shape[0], a[2].shape[0]), "CPU")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    try:
+        torch._dynamo.reset()
+        y = torch.compile(lambda x: ops.linear(x, p) + 1, backend=backend, fullgraph=True)(
+            make_x(7, 256, torch.bfloat16, "cpu"))
+    finally:
+        stand_in._destroy()
+        torch._dynamo.reset()
+    targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.svdquant.linear.default) == 1
+    assert not any("quantize_act_lora_down" in str(t) or "w4a4_gemm" in str(t) for t in targets)
+    assert calls == [(7, 256)] and y.shape == (7, 128)
