@@ -7,8 +7,10 @@ pack's Calibrate & Quantize path (wrappers/quantize.py, default settings except 
 saves, reloads with Load SVDQuant Model's code, samples again. Per family and batch size it reports:
 DiT/UNet weight bytes, peak VRAM while sampling, time per denoising step, calibrate+quantize time, save
 and load time. Ratios are 4-bit / 16-bit from the same run. Prints a table, writes JSON.
---compile adds both models under the stock TorchCompileModel node's wrapper (inductor): step time, the
-first (compiling) run's time (a whole sampling run), and the compiled output's relative distance from eager's.
+--compile [inductor|cudagraphs] adds both models under the stock TorchCompileModel node's wrapper with that
+backend (default inductor; cudagraphs replays CUDA graphs, which removes the host time of small models): step
+time, the first (compiling) run's time (a whole sampling run), and the compiled output's relative distance from
+eager's.
 --vram-cap G samples the 4-bit model once more as on a GPU with G GiB for this process: ComfyUI's free-memory
 query answers G minus what torch holds, so it plans a partial (low-VRAM) load as it would there, and torch's
 allocator is capped at G GiB (set_per_process_memory_fraction), so going over fails for real; the allocator
@@ -131,14 +133,15 @@ def sample(patcher, family, batch, res, steps, cfg, device, warm_steps=2):
     return dt, peak, warm, out.float().cpu()
 
 
-def sample_row(row, tag, patcher, family, b, res, steps, cfg_scale, device, compile_too):
-    """Eager (and with --compile, TorchCompileModel/inductor) timings of one model into `row`."""
+def sample_row(row, tag, patcher, family, b, res, steps, cfg_scale, device, compile_backend):
+    """Eager (and with --compile, TorchCompileModel with that backend) timings of one model into `row`."""
     dt, peak, _, eager = sample(patcher, family, b, res, steps, cfg_scale, device)
     row[f"b{b}_step{tag}_s"], row[f"b{b}_peak{tag}_gib"] = dt / steps, peak
-    if compile_too:
+    if compile_backend:
         from comfy_api.torch_helpers import set_torch_compile_wrapper
         compiled = patcher.clone()
-        set_torch_compile_wrapper(model=compiled, backend="inductor")
+        set_torch_compile_wrapper(model=compiled, backend=compile_backend)
+        row["compile_backend"] = compile_backend
         dt, _, warm, out = sample(compiled, family, b, res, steps, cfg_scale, device, warm_steps=steps)
         row[f"b{b}_step{tag}c_s"], row[f"b{b}_compile{tag}_s"] = dt / steps, warm
         row[f"b{b}_compiled_vs_eager{tag}"] = float((out - eager).norm() / eager.norm())
@@ -306,7 +309,8 @@ def main():
     ap.add_argument("--fast-quant", action="store_true", help="one smoothing strength instead of the search")
     ap.add_argument("--flux-depth", nargs=2, type=int, default=None, metavar=("DOUBLE", "SINGLE"))
     ap.add_argument("--tiny", action="store_true", help="the test suite's tiny configs (plumbing check)")
-    ap.add_argument("--compile", action="store_true", help="also time both models under TorchCompileModel (inductor)")
+    ap.add_argument("--compile", nargs="?", const="inductor", default=None, choices=["inductor", "cudagraphs"],
+                    help="also time both models under TorchCompileModel with this backend (default inductor)")
     ap.add_argument("--vram-cap", type=float, default=0, metavar="GIB",
                     help="also sample the 4-bit model (batch 1) as on a GPU with this many GiB free (CUDA only)")
     ap.add_argument("--alloc-conf", default="backend:cudaMallocAsync",
@@ -355,7 +359,7 @@ def main():
                   f"({r[f'b{b}_step_ratio']:.2f}x), peak VRAM {r[f'b{b}_peak16_gib']:.2f} -> {r[f'b{b}_peak4_gib']:.2f} GiB",
                   flush=True)
             if args.compile:
-                print(f"   batch {b}, TorchCompileModel (inductor): step {r[f'b{b}_step16c_s'] * 1e3:8.1f} ms -> "
+                print(f"   batch {b}, TorchCompileModel ({args.compile}): step {r[f'b{b}_step16c_s'] * 1e3:8.1f} ms -> "
                       f"{r[f'b{b}_step4c_s'] * 1e3:8.1f} ms ({r[f'b{b}_step_ratio_compiled']:.2f}x), compile "
                       f"{r[f'b{b}_compile16_s']:.0f} / {r[f'b{b}_compile4_s']:.0f} s, compiled vs eager "
                       f"{r[f'b{b}_compiled_vs_eager16']:.1e} / {r[f'b{b}_compiled_vs_eager4']:.1e}", flush=True)

@@ -98,25 +98,34 @@ def _quant_scratch(index: int, stream: int, n_part: int, n_cnt: int):
     return ws
 
 
-def _launch_quantize(lib, x_ptr, smooth_ptr, pd_ptr, q_ptr, s_ptr, lora_ptr, m, k, mp, rp, dt, fmt, index, stream):
+def _launch_quantize(lib, x_ptr, smooth_ptr, pd_ptr, q_ptr, s_ptr, lora_ptr, m, k, mp, rp, dt, fmt, index, stream,
+                     keep_scratch: bool = True):
+    """Kernel 1. keep_scratch=False (the compiled path's op bodies) takes a fresh workspace per call: a
+    CUDA-graph backend runs its warm-up inside the graph's memory pool, where a buffer kept between calls is an
+    untracked allocation (cudagraph trees refuse it: "tensor(s) in the cudagraph pool not tracked as outputs")."""
     n_part, n_cnt = _lib.quant_workspace(m, k, rp, index) if rp else (0, 0)
     part = cnt = None
     if n_part:
-        part_t, cnt_t = _quant_scratch(index, stream, n_part, n_cnt)
+        if keep_scratch:
+            part_t, cnt_t = _quant_scratch(index, stream, n_part, n_cnt)
+        else:
+            dev = torch.device("cuda", index)
+            part_t = torch.empty(n_part, dtype=torch.float32, device=dev)
+            cnt_t = torch.zeros(n_cnt, dtype=torch.int32, device=dev)
         part, cnt = part_t.data_ptr(), cnt_t.data_ptr()
     code = lib.svdq_quantize_act_lora_down(x_ptr, smooth_ptr, pd_ptr if rp else None, q_ptr, s_ptr, lora_ptr,
                                            part, cnt, m, k, mp, rp, dt, fmt, index, stream)
     _lib.check(code, "svdq_quantize_act_lora_down")
 
 
-def quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt: int) -> None:
+def quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt: int, keep_scratch: bool = True) -> None:
     """Kernel 1 into given buffers. smooth_rcp = 1/smooth_factor (fp32); every element of lora (M, rp) is
     written (no zeroing needed). The K-split LoRA-down partials are summed in a fixed order (bitwise
     reproducible) in a per-stream workspace (_quant_scratch)."""
     m, k = x.shape
     index = x.device.index
     _launch_quantize(_lib.load(), _ptr(x), _ptr(smooth_rcp), _ptr(proj_down), _ptr(qact), _ptr(ascales), _ptr(lora),
-                     m, k, ascales.shape[1], lora.shape[1], _dt(x.dtype), fmt, index, _raw_stream(index))
+                     m, k, ascales.shape[1], lora.shape[1], _dt(x.dtype), fmt, index, _raw_stream(index), keep_scratch)
 
 
 def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: int, variant: int = 0) -> None:
@@ -138,7 +147,7 @@ def quantize_act_lora_down(x: torch.Tensor, smooth_rcp: torch.Tensor, proj_down:
                            rank_padded: int, fmt: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = aligned16(x)
     qact, ascales, lora = _act_buffers(x, fmt, rank_padded, lambda shape, dtype: torch.empty(shape, dtype=dtype, device=x.device))
-    quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt)
+    quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt, keep_scratch=False)
     return qact, ascales, lora
 
 
@@ -233,7 +242,7 @@ def _direct_args(p: dict, dtype) -> tuple:
             _ptr(p["_bias"]), qw.shape[0], k, p["_rp"], p["_afmt"], path)
 
 
-def _run_linear(x2, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path) -> torch.Tensor:
+def _run_linear(x2, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path, keep_scratch=True) -> torch.Tensor:
     """Both kernels on x2 (M, K) with a layer's raw pointers; one buffer for kernel 1's three outputs."""
     x2 = aligned16(x2)
     m = x2.shape[0]
@@ -245,7 +254,8 @@ def _run_linear(x2, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path) -> to
     buf = torch.empty(size, dtype=torch.uint8, device=dev)
     base = buf.data_ptr()
     lora = base + off_l if rp else None
-    _launch_quantize(lib, x2.data_ptr(), smooth, pd, base, base + off_s, lora, m, k, mp, rp, dt, fmt, index, stream)
+    _launch_quantize(lib, x2.data_ptr(), smooth, pd, base, base + off_s, lora, m, k, mp, rp, dt, fmt, index, stream,
+                     keep_scratch)
     out = torch.empty((m, n), dtype=x2.dtype, device=dev)
     code = lib.svdq_w4a4_gemm(base, base + off_s, qw, ws, lora, pu if rp else None, bias, out.data_ptr(),
                               m, n, k, mp, rp, dt, path, 0, index, stream)
@@ -266,7 +276,7 @@ def _linear_op(x2, smooth_rcp, proj_down, qweight, wscales, proj_up, bias, rank_
     """svdquant::linear, what a compiled model calls per 4-bit layer: one op (not two) for the whole linear."""
     k = qweight.shape[1] if path == 91 else wscales.shape[0] * GROUP
     return _run_linear(x2, _dt(x2.dtype), _ptr(smooth_rcp), _ptr(proj_down), _ptr(qweight), _ptr(wscales),
-                       _ptr(proj_up), _ptr(bias), qweight.shape[0], k, rank_padded, fmt, path)
+                       _ptr(proj_up), _ptr(bias), qweight.shape[0], k, rank_padded, fmt, path, keep_scratch=False)
 
 
 _DEF.impl("linear", _linear_op, "CUDA")

@@ -192,6 +192,33 @@ def test_torch_compile_and_cuda_graph(make):
     assert torch.equal(static_y, kernels.linear(x2, prepared))
 
 
+@pytest.mark.parametrize("backend,mode", [("cudagraphs", None), ("inductor", "reduce-overhead")])
+def test_cuda_graph_backends_replay_a_model_of_4bit_layers(backend, mode):
+    """The stock TorchCompileModel node's `cudagraphs` backend (and inductor's reduce-overhead mode) record the 4-bit
+    layers into cudagraph trees: warm-up runs inside the graph's memory pool, where a workspace kept between calls
+    would be refused as untracked. Three layers of different shapes (kernel 1's K-split workspace grows), replayed
+    on fresh inputs, equal eager bitwise."""
+    dtype = torch.bfloat16
+    torch._dynamo.reset()
+    dims = [(640, 1280), (1280, 3072), (3072, 640)]
+    layers = [kernels.prepare_weights(make_ratio_layer(n, k, 32, dtype, DEV, seed=n + k), torch.device(DEV))
+              for k, n in dims]
+
+    def f(x):
+        for p in layers:
+            x = kernels.linear(x, p)
+        return x
+
+    compiled = torch.compile(f, backend=backend, mode=mode, fullgraph=True)
+    for seed in range(4):  # warm-up, record, replays
+        x = make_x(333, 640, dtype, DEV, seed=20 + seed)
+        y = compiled(x)
+        sync_check()
+        want = f(x)
+        assert torch.isfinite(y).all() and torch.equal(y, want), f"call {seed}"
+    torch._dynamo.reset()
+
+
 def test_fake_impls_shapes():
     ops = _ops()
     from torch._subclasses.fake_tensor import FakeTensorMode
