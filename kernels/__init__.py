@@ -156,8 +156,9 @@ def prepare_weights(tensors: dict, device) -> dict:
         base = tensors["wscale_base"].to(dev, torch.float32)
         if path == 90 and _packed_weights():  # kernel 2d: the packed codes and multipliers as they are
             path = 92
-            out["_qw"] = qweight.contiguous().view(torch.uint8)
-            out["_wmult"] = mult.contiguous()
+            align = (_ops or _get_ops()).aligned16  # TMA reads both from 16-byte-aligned addresses
+            out["_qw"] = align(qweight).view(torch.uint8)
+            out["_wmult"] = align(mult)
             out["_wscales"] = base.contiguous()
         elif path == 90:
             path = 91

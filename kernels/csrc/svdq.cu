@@ -788,6 +788,7 @@ __device__ __forceinline__ void lora_up_wgmma(float* acc, uint32_t la, uint32_t 
 // TMA descriptors of one GEMM launch (passed by value as a __grid_constant__ parameter)
 struct WsMaps {
   CUtensorMap a, b, sa, sw, lora, pup;
+  CUtensorMap wm;  // kernel 2d: the weight multipliers (K/64, N) uint8
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1142,7 +1143,9 @@ struct I8Smem {  // TOTAL must stay within the 227 KB an sm_90 CTA may use
   // warps expand them into B's place
   static constexpr int PK_OFF = (A_BYTES + B_BYTES + SA_BYTES + 1023) / 1024 * 1024;
   static constexpr int PK_BYTES = PACKED ? BN * 64 : 0;
-  static constexpr int STAGE_BYTES = (PK_OFF + PK_BYTES + 1023) / 1024 * 1024;
+  static constexpr int PKM_OFF = PK_OFF + PK_BYTES;  // and the stage's two groups' multipliers (2 x BN bytes)
+  static constexpr int PKM_BYTES = PACKED ? 2 * BN : 0;
+  static constexpr int STAGE_BYTES = (PKM_OFF + PKM_BYTES + 1023) / 1024 * 1024;
   static constexpr int RINGS = PACKED ? 3 : 2;  // full, empty (+ raw: the packed tile landed)
   static constexpr int TOTAL = STAGES * STAGE_BYTES + RINGS * STAGES * 8 + 1024;
   static_assert(TOTAL <= 227 * 1024, "int_ratio GEMM tile does not fit in shared memory");
@@ -1164,8 +1167,9 @@ __device__ __forceinline__ void produce_stages_packed(const WsMaps& maps, const 
       mbar_expect_tx(c.full_bar(slot), S::A_BYTES + S::SA_BYTES);
       tma_2d(st, &maps.a, s * 128, c.m0, c.full_bar(slot));
       tma_2d(st + S::A_BYTES + S::B_BYTES, &maps.sa, c.m0, s / 2, c.full_bar(slot));
-      mbar_expect_tx(c.raw_bar(slot), S::PK_BYTES);
+      mbar_expect_tx(c.raw_bar(slot), S::PK_BYTES + S::PKM_BYTES);
       tma_2d(st + S::PK_OFF, &maps.b, s * 64, c.n0, c.raw_bar(slot));
+      tma_2d(st + S::PKM_OFF, &maps.wm, c.n0, 2 * s, c.raw_bar(slot));
     } else {
       const int kb = s - c.nstages;
       mbar_expect_tx(c.full_bar(slot), S::BM * 128 + BN * 128);
@@ -1175,16 +1179,18 @@ __device__ __forceinline__ void produce_stages_packed(const WsMaps& maps, const 
   }
 }
 
-// 8 packed codes (nibble i = code i, sign-extended) times the group multiplier f as 8 int8 bytes, code 0 lowest.
-__device__ __forceinline__ void expand8(uint32_t w, int f, uint32_t& lo, uint32_t& hi) {
-  uint32_t r[2] = {0u, 0u};
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int code = static_cast<int>(w << (28 - 4 * i)) >> 28;
-    r[i >> 2] |= (static_cast<uint32_t>(code * f) & 0xFFu) << (8 * (i & 3));
-  }
-  lo = r[0];
-  hi = r[1];
+// 8 packed codes (nibble i = code i, two's complement) times the group multiplier f in [0, 18] as 8 int8 bytes, code 0
+// lowest. Two codes per 16-bit lane, offset to c + 8 >= 0; one IMAD per pair multiplies and adds bias = 256 - 8f per
+// lane, so each lane holds c*f + 256 in [112, 382] (no borrow into the next lane) and its low byte is the int8 c*f.
+__device__ __forceinline__ void expand8(uint32_t w, uint32_t f, uint32_t bias, uint32_t& lo, uint32_t& hi) {
+  const uint32_t a = ((w & 0x000F000Fu) ^ 0x00080008u) * f + bias;          // codes 0, 4
+  const uint32_t b = (((w >> 4) & 0x000F000Fu) ^ 0x00080008u) * f + bias;   // codes 1, 5
+  const uint32_t c = (((w >> 8) & 0x000F000Fu) ^ 0x00080008u) * f + bias;   // codes 2, 6
+  const uint32_t d = (((w >> 12) & 0x000F000Fu) ^ 0x00080008u) * f + bias;  // codes 3, 7
+  const uint32_t ab = __byte_perm(a, b, 0x6240);                            // codes 0, 1, 4, 5
+  const uint32_t cd = __byte_perm(c, d, 0x6240);                            // codes 2, 3, 6, 7
+  lo = __byte_perm(ab, cd, 0x5410);
+  hi = __byte_perm(ab, cd, 0x7632);
 }
 
 // Kernel 2d's converter warps (I8P_CONVERTERS threads, t = 0..95): each K stage's packed tile becomes the int8
@@ -1192,23 +1198,27 @@ __device__ __forceinline__ void expand8(uint32_t w, int f, uint32_t& lo, uint32_
 // that copy: row n at n x 128 bytes, its 16-byte unit j at j ^ (n mod 8) (the 128B swizzle of the wgmma
 // descriptors). Then a proxy fence (generic-proxy writes, async-proxy reads) and one arrival on the stage's full
 // barrier; LoRA stages only arrive, once the slot's previous phase is over. Rows past N and groups past K are
-// zero-filled by the TMA; their multiplier is not read.
+// zero-filled by the TMA, codes and multipliers alike (f = 0 expands to 0).
 template <int BN, int STAGES, class S, class C>
-__device__ __forceinline__ void expand_stages(const C& c, const uint8_t* __restrict__ wmult, int N, int K, int t) {
-  const int groups = K / G;
+__device__ __forceinline__ void expand_stages(const C& c, int t) {
   for (int s = 0; s < c.total; ++s) {
     const int slot = s % STAGES;
     uint8_t* st = c.smem + slot * S::STAGE_BYTES;
     if (s < c.nstages) {
       mbar_wait(c.raw_bar(slot), (s / STAGES) & 1);
-      for (int u = t; u < BN * 8; u += I8P_CONVERTERS) {
-        const int n = u >> 3, j = u & 7, gn = c.n0 + n, g = 2 * s + (j >> 2);
-        const int f = (gn < N && g < groups) ? static_cast<int>(__ldg(wmult + (size_t)g * N + gn)) : 0;
-        const uint2 w = *reinterpret_cast<const uint2*>(st + S::PK_OFF + n * 64 + j * 8);
-        uint4 o;
-        expand8(w.x, f, o.x, o.y);
-        expand8(w.y, f, o.z, o.w);
-        *reinterpret_cast<uint4*>(st + S::A_BYTES + n * 128 + ((j ^ (n & 7)) << 4)) = o;
+      const uint8_t* mult = st + S::PKM_OFF;  // the stage's two groups' multipliers, BN each (TMA, 0 past N or K)
+      for (int u = t; u < BN * 4; u += I8P_CONVERTERS) {  // 32 codes (16 bytes) of row n, K offset 32 j: group j / 2
+        const int n = u >> 2, j = u & 3;
+        const uint32_t f = mult[(j >> 1) * BN + n], bias = (256u - 8u * f) * 0x00010001u;
+        const uint4 w = *reinterpret_cast<const uint4*>(st + S::PK_OFF + n * 64 + j * 16);
+        uint4 o0, o1;
+        expand8(w.x, f, bias, o0.x, o0.y);
+        expand8(w.y, f, bias, o0.z, o0.w);
+        expand8(w.z, f, bias, o1.x, o1.y);
+        expand8(w.w, f, bias, o1.z, o1.w);
+        uint8_t* row = st + S::A_BYTES + n * 128;  // two swizzled 16-byte units; a warp's 8 rows hit distinct banks
+        *reinterpret_cast<uint4*>(row + (((2 * j) ^ (n & 7)) << 4)) = o0;
+        *reinterpret_cast<uint4*>(row + (((2 * j + 1) ^ (n & 7)) << 4)) = o1;
       }
       fence_proxy_async();
     } else if (s >= STAGES) {
@@ -1224,8 +1234,7 @@ __device__ __forceinline__ void expand_stages(const C& c, const uint8_t* __restr
 template <int BN, int STAGES, int NC, typename OutT, bool PACKED = false>
 __global__ void __launch_bounds__(128 * (NC + 1), 1)
     gemm_sm90_i8_kernel(const __grid_constant__ WsMaps maps, const float* __restrict__ wbase,
-                        const float* __restrict__ bias, OutT* __restrict__ out, int M, int N, int K, int rp,
-                        const uint8_t* __restrict__ wmult) {
+                        const float* __restrict__ bias, OutT* __restrict__ out, int M, int N, int K, int rp) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = I8Smem<BN, STAGES, NC, PACKED>;
   constexpr int BM = S::BM;
@@ -1243,7 +1252,7 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
     if constexpr (PACKED) {
       static_assert(NC == 2, "kernel 2d: 2 consumer warpgroups (the converters need the producer's 40 registers)");
       if (tid == 0) produce_stages_packed<BN, STAGES, S>(maps, c);
-      else if (tid >= 32) expand_stages<BN, STAGES, S>(c, wmult, N, K, tid - 32);
+      else if (tid >= 32) expand_stages<BN, STAGES, S>(c, tid - 32);
     } else if (tid == 0) {
       const StageLayout L = {S::STAGE_BYTES, S::A_BYTES, S::B_BYTES, S::SA_BYTES, 0, 0, BM * 128 + BN * 128};
       produce_stages<STAGES, true>(maps, L, c.sbase, c.bar_base, c.m0, c.n0, c.nstages, c.total);
@@ -1629,14 +1638,16 @@ static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st, const uint8_t* w
                 CU_TENSOR_MAP_SWIZZLE_NONE))
     return ERR_NO_PATH;
   // packed weights: 64-byte (128-code) boxes, unswizzled (the converters read them row by row)
-  if (PACKED && !make_map(&maps.b, p.qw, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K / 2, p.N, p.K / 2, 64, BN,
-                          CU_TENSOR_MAP_SWIZZLE_NONE))
+  if (PACKED && !(make_map(&maps.b, p.qw, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K / 2, p.N, p.K / 2, 64, BN,
+                            CU_TENSOR_MAP_SWIZZLE_NONE) &&
+                   make_map(&maps.wm, wmult, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.N, p.K / G, p.N, BN, 2,
+                            CU_TENSOR_MAP_SWIZZLE_NONE)))
     return ERR_NO_PATH;
   auto kern = gemm_sm90_i8_kernel<BN, STAGES, NC, OutT, PACKED>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
   if (e != cudaSuccess) return (int)e;
   int tiles = ((p.N + BN - 1) / BN) * ((p.M + BM - 1) / BM);
-  kern<<<tiles, 128 * (NC + 1), S::TOTAL, st>>>(maps, p.sw, p.bias, (OutT*)p.out, p.M, p.N, p.K, p.rp, wmult);
+  kern<<<tiles, 128 * (NC + 1), S::TOTAL, st>>>(maps, p.sw, p.bias, (OutT*)p.out, p.M, p.N, p.K, p.rp);
   return (int)cudaGetLastError();
 }
 
@@ -1679,8 +1690,8 @@ SVDQ_API int svdq_w4a4_gemm_packed(const void* qact, const float* abase, const v
   if (M <= 0 || N <= 0 || K <= 0 || K % G || N % 64 || Mp < M || Mp % 4 || rp % 32 || rp > 128 || !wmult || !wbase)
     return ERR_BAD_ARG;
   if (rp > 0 && (!lora || !proj_up)) return ERR_BAD_ARG;
-  if (((uintptr_t)qact | (uintptr_t)qweight | (uintptr_t)abase | (uintptr_t)wbase | (uintptr_t)lora |
-       (uintptr_t)proj_up | (uintptr_t)out) & 15)
+  if (((uintptr_t)qact | (uintptr_t)qweight | (uintptr_t)wmult | (uintptr_t)abase | (uintptr_t)wbase |
+       (uintptr_t)lora | (uintptr_t)proj_up | (uintptr_t)out) & 15)
     return ERR_BAD_ARG;
   Sm90Params p{(const uint8_t*)qact, abase, (const uint8_t*)qweight, wbase, lora, proj_up, bias, out, M, N, K, Mp, rp};
   const auto* mu = static_cast<const uint8_t*>(wmult);
