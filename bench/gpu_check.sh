@@ -19,5 +19,6 @@ fi
 if [[ "$MODE" == all || "$MODE" == bench ]]; then
   timeout 300 python3 bench/bench_kernels.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -16
   timeout 60 python3 bench/bench_gemv.py --json "$OUT/gemv.json" 2>&1 | tee "$OUT/gemv.log" | tail -14
+  timeout 120 python3 bench/bench_packed.py --json "$OUT/packed.json" 2>&1 | tee "$OUT/packed.log" | tail -16
 fi
 done

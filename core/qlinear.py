@@ -82,7 +82,8 @@ class QuantizedLinearMixin:
             device = torch.device("cuda", torch.cuda.current_device())
         return kernels.prepared_extra_bytes(self.out_features, self.in_features, self.rank, device,
                                             unsigned=getattr(self, ACT_SHIFT, None) is not None,
-                                            act16=getattr(self, ACT_BITS, None) is not None)
+                                            act16=getattr(self, ACT_BITS, None) is not None,
+                                            ratio=getattr(self, "scale_mode", "float") == "int_ratio")
 
     def _apply(self, fn, *args, **kwargs):
         self._prepared = None  # cached kernel-ready tensors belong to the old device

@@ -22,7 +22,7 @@ from . import _lib
 
 log = logging.getLogger(__name__)
 _BACKEND_LOGGED = set()
-_NAMES = {90: "cuda-sm90a", 91: "cuda-sm90a-int8", 80: "cuda-mma-int4"}
+_NAMES = {90: "cuda-sm90a", 91: "cuda-sm90a-int8", 92: "cuda-sm90a-int8-packed", 80: "cuda-mma-int4"}
 MAX_RANK = 128
 GEMV_MAX_M = 16  # rows (images) up to which a 16-bit-activation layer runs the GEMV. It reads the weight once per 4
 # rows: at 3072 -> 18432 it took 29.8 / 85.5 / 157.9 µs at M = 1 / 4 / 8 against 519 µs for the per-call 16-bit weight
@@ -61,11 +61,17 @@ def _device_path(device) -> int:
         return 0
 
 
+def _packed_weights() -> bool:
+    """Hopper int_ratio layers on the packed weights (kernel 2d, no int8 copy in VRAM): `SVDQ_HOPPER_WEIGHTS=packed`.
+    Off by default until it is measured against the int8 copy (kernel 2c); read at prepare time."""
+    return os.environ.get("SVDQ_HOPPER_WEIGHTS", "int8").lower() == "packed" and _lib.has_packed_gemm()
+
+
 def backend_name(device, scale_mode: str = "float") -> str:
     """Name of the backend that `linear` will use on `device` for layers with `scale_mode` scales."""
     path = _device_path(device)
     if path == 90 and scale_mode == "int_ratio":
-        path = 91
+        path = 92 if _packed_weights() else 91
     return _NAMES.get(path, "reference")
 
 
@@ -97,7 +103,8 @@ def _kernel_rank(n: int, k: int, rank: int):
     return None if k % 64 or n % 64 or rp > MAX_RANK else rp
 
 
-def prepared_extra_bytes(n: int, k: int, rank: int, device, unsigned: bool = False, act16: bool = False) -> int:
+def prepared_extra_bytes(n: int, k: int, rank: int, device, unsigned: bool = False, act16: bool = False,
+                         ratio: bool = False) -> int:
     """Device bytes `prepare_weights` adds beside a layer's own tensors on `device` (0 for the reference):
     the Hopper path's int8/e4m3 weight copy (N×K), fp32 proj_up, the padded proj_down, fp32 scales/bias.
     Counted by ComfyUI's memory management (see core/qlinear.py), so that it plans loads with it."""
@@ -109,7 +116,8 @@ def prepared_extra_bytes(n: int, k: int, rank: int, device, unsigned: bool = Fal
     rp = _kernel_rank(n, k, rank)
     if not path or rp is None:
         return 0
-    weight = n * k if path == 90 else 0  # sm_80 path reads the packed file layout in place
+    # sm_80 path and Hopper's packed-weight GEMM (int_ratio, kernel 2d) read the packed file layout in place
+    weight = n * k if path == 90 and not (ratio and _packed_weights()) else 0
     return weight + 4 * n * rp + 2 * k * rp + 4 * (k // 64) * n + 4 * (n + k)
 
 
@@ -146,14 +154,20 @@ def prepare_weights(tensors: dict, device) -> dict:
     if "wscale_mult" in tensors:  # int_ratio scales
         mult = tensors["wscale_mult"].to(dev)
         base = tensors["wscale_base"].to(dev, torch.float32)
-        if path == 90:
+        if path == 90 and _packed_weights():  # kernel 2d: the packed codes and multipliers as they are
+            path = 92
+            align = (_ops or _get_ops()).aligned16  # TMA reads both from 16-byte-aligned addresses
+            out["_qw"] = align(qweight).view(torch.uint8)
+            out["_wmult"] = align(mult)
+            out["_wscales"] = base.contiguous()
+        elif path == 90:
             path = 91
             out["_qw"] = _int8_from_ratio(qweight, mult).view(torch.uint8)
             out["_wscales"] = base.contiguous()
         else:
             out["_qw"] = qweight.contiguous().view(torch.uint8)
             out["_wscales"] = (base.unsqueeze(0) * mult.float()).contiguous()  # per-group steps (K/G, N)
-        out["_afmt"] = _lib.FMT_I8_RATIO if path == 91 else _lib.FMT_INT4_RATIO
+        out["_afmt"] = _lib.FMT_I8_RATIO if path in (91, 92) else _lib.FMT_INT4_RATIO
     else:
         out["_qw"] = (_e4m3_from_packed(qweight) if path == 90 else qweight.contiguous()).view(torch.uint8)
         out["_wscales"] = tensors["wscales"].to(dev, torch.float32).contiguous()

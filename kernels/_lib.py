@@ -55,6 +55,9 @@ def _bind(lib):
     if hasattr(lib, "svdq_gptq_block"):  # optional: a library built before it still serves the linear
         lib.svdq_gptq_block.restype = c_int
         lib.svdq_gptq_block.argtypes = [c_void_p] * 3 + [c_int] + [c_void_p] * 2 + [c_int] * 2 + [ctypes.c_float, c_void_p]
+    if hasattr(lib, "svdq_w4a4_gemm_packed"):  # optional as well (kernel 2d)
+        lib.svdq_w4a4_gemm_packed.restype = c_int
+        lib.svdq_w4a4_gemm_packed.argtypes = [c_void_p] * 9 + [c_int] * 7 + [c_void_p]
     if hasattr(lib, "svdq_w4a16_gemv"):  # optional as well (kernels/csrc/w4a16.cu)
         lib.svdq_w4a16_gemv.restype = c_int
         lib.svdq_w4a16_gemv.argtypes = [c_void_p] * 10 + [c_int] * 5 + [c_void_p]
@@ -65,6 +68,12 @@ def has_gptq() -> bool:
     """Whether the loaded library has the GPTQ block kernel (kernels/csrc/gptq.cu)."""
     lib = load()
     return lib is not None and hasattr(lib, "svdq_gptq_block")
+
+
+def has_packed_gemm() -> bool:
+    """Whether the loaded library has the Hopper GEMM on packed weights (kernel 2d, svdq_w4a4_gemm_packed)."""
+    lib = load()
+    return lib is not None and hasattr(lib, "svdq_w4a4_gemm_packed")
 
 
 def has_gemv() -> bool:

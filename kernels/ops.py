@@ -128,13 +128,27 @@ def quantize_into(x, smooth_rcp, proj_down, qact, ascales, lora, fmt: int, keep_
                      m, k, ascales.shape[1], lora.shape[1], _dt(x.dtype), fmt, index, _raw_stream(index), keep_scratch)
 
 
-def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: int, variant: int = 0) -> None:
+def _k_of(path: int, qweight, wscales) -> int:
+    """K of a prepared layer: int8 weights (path 91) hold it, packed ones (92) half of it, else the scale rows."""
+    return qweight.shape[1] if path == 91 else 2 * qweight.shape[1] if path == 92 else wscales.shape[0] * GROUP
+
+
+def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: int, variant: int = 0,
+              wmult=None) -> None:
     """Kernel 2 into a given output buffer (M, N). Path 91 (int_ratio on Hopper): qact/qweight int8 codes x
-    multipliers, ascales the activation bases, wscales the weight bases (N,)."""
+    multipliers, ascales the activation bases, wscales the weight bases (N,). Path 92 (kernel 2d): qweight the
+    packed codes, wmult their multipliers (K/64, N)."""
     lib = _lib.load()
     m, n = out.shape
-    k = qweight.shape[1] if path == 91 else wscales.shape[0] * GROUP
+    k = _k_of(path, qweight, wscales)
     rp = lora.shape[1] if lora is not None else 0
+    if path == 92:
+        code = lib.svdq_w4a4_gemm_packed(
+            _ptr(qact), _ptr(ascales), _ptr(qweight), _ptr(wmult), _ptr(wscales), _ptr(lora) if rp else None,
+            _ptr(proj_up) if rp else None, _ptr(bias), _ptr(out), m, n, k, ascales.shape[1], rp, _dt(out.dtype),
+            out.device.index, _raw_stream(out.device.index))
+        _lib.check(code, "svdq_w4a4_gemm_packed")
+        return
     code = lib.svdq_w4a4_gemm(
         _ptr(qact), _ptr(ascales), _ptr(qweight), _ptr(wscales), _ptr(lora) if rp else None,
         _ptr(proj_up) if rp else None, _ptr(bias), _ptr(out), m, n, k, ascales.shape[1], rp,
@@ -159,14 +173,14 @@ def _(x, smooth_rcp, proj_down, rank_padded, fmt):
 @torch.library.custom_op("svdquant::w4a4_gemm", mutates_args=(), device_types="cuda")
 def w4a4_gemm(qact: torch.Tensor, ascales: torch.Tensor, qweight: torch.Tensor, wscales: torch.Tensor,
               lora: torch.Tensor, proj_up: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype,
-              path: int) -> torch.Tensor:
+              path: int, wmult: Optional[torch.Tensor] = None) -> torch.Tensor:
     out = torch.empty((qact.shape[0], qweight.shape[0]), dtype=out_dtype, device=qact.device)
-    gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path)
+    gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path, wmult=wmult)
     return out
 
 
 @w4a4_gemm.register_fake
-def _(qact, ascales, qweight, wscales, lora, proj_up, bias, out_dtype, path):
+def _(qact, ascales, qweight, wscales, lora, proj_up, bias, out_dtype, path, wmult=None):
     return qact.new_empty((qact.shape[0], qweight.shape[0]), dtype=out_dtype)
 
 
@@ -201,7 +215,7 @@ _DEF.define("w4a16_gemv(Tensor x2, Tensor smooth_rcp, Tensor qweight, Tensor? st
             "Tensor? lora, Tensor? up, Tensor? bias) -> Tensor")
 _DEF.impl("w4a16_gemv", gemv, "CUDA")
 _DEF.define("linear(Tensor x2, Tensor smooth_rcp, Tensor? proj_down, Tensor qweight, Tensor wscales, Tensor proj_up, "
-            "Tensor? bias, int rank_padded, int fmt, int path) -> Tensor")
+            "Tensor? bias, int rank_padded, int fmt, int path, Tensor? wmult) -> Tensor")
 
 
 @torch.library.register_fake("svdquant::w4a16_gemv")
@@ -210,7 +224,7 @@ def _(x2, smooth_rcp, qweight, steps, mult, base, lora, up, bias):
 
 
 @torch.library.register_fake("svdquant::linear")
-def _(x2, smooth_rcp, proj_down, qweight, wscales, proj_up, bias, rank_padded, fmt, path):
+def _(x2, smooth_rcp, proj_down, qweight, wscales, proj_up, bias, rank_padded, fmt, path, wmult):
     return x2.new_empty((x2.shape[0], qweight.shape[0]))
 
 
@@ -237,13 +251,14 @@ def _direct_args(p: dict, dtype) -> tuple:
     """The pointers and sizes of a prepared layer that every eager call passes (its tensors stay alive in `p`)."""
     pd = cast_cached(p, "_proj_down", dtype)  # the cast copy stays alive in p
     qw, path = p["_qw"], p["_path"]
-    k = qw.shape[1] if path == 91 else p["_wscales"].shape[0] * GROUP
+    k = _k_of(path, qw, p["_wscales"])
     return (dtype, _dt(dtype), _ptr(p["_smooth_rcp"]), _ptr(pd), _ptr(qw), _ptr(p["_wscales"]), _ptr(p["_proj_up"]),
-            _ptr(p["_bias"]), qw.shape[0], k, p["_rp"], p["_afmt"], path)
+            _ptr(p["_bias"]), qw.shape[0], k, p["_rp"], p["_afmt"], path, _ptr(p.get("_wmult")))
 
 
-def _run_linear(x2, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path, keep_scratch=True) -> torch.Tensor:
-    """Both kernels on x2 (M, K) with a layer's raw pointers; one buffer for kernel 1's three outputs."""
+def _run_linear(x2, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path, wmult, keep_scratch=True) -> torch.Tensor:
+    """Both kernels on x2 (M, K) with a layer's raw pointers (wmult: path 92's multipliers); one buffer for kernel
+    1's three outputs."""
     x2 = aligned16(x2)
     m = x2.shape[0]
     off_s, off_l, size, mp = _act_layout(m, k, fmt, rp)
@@ -257,8 +272,12 @@ def _run_linear(x2, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path, keep_
     _launch_quantize(lib, x2.data_ptr(), smooth, pd, base, base + off_s, lora, m, k, mp, rp, dt, fmt, index, stream,
                      keep_scratch)
     out = torch.empty((m, n), dtype=x2.dtype, device=dev)
-    code = lib.svdq_w4a4_gemm(base, base + off_s, qw, ws, lora, pu if rp else None, bias, out.data_ptr(),
-                              m, n, k, mp, rp, dt, path, 0, index, stream)
+    if path == 92:
+        code = lib.svdq_w4a4_gemm_packed(base, base + off_s, qw, wmult, ws, lora, pu if rp else None, bias,
+                                         out.data_ptr(), m, n, k, mp, rp, dt, index, stream)
+    else:
+        code = lib.svdq_w4a4_gemm(base, base + off_s, qw, ws, lora, pu if rp else None, bias, out.data_ptr(),
+                                  m, n, k, mp, rp, dt, path, 0, index, stream)
     _lib.check(code, "svdq_w4a4_gemm")
     return out
 
@@ -272,11 +291,11 @@ def linear_direct(x2: torch.Tensor, p: dict) -> torch.Tensor:
     return _run_linear(x2, *d[1:])
 
 
-def _linear_op(x2, smooth_rcp, proj_down, qweight, wscales, proj_up, bias, rank_padded, fmt, path):
+def _linear_op(x2, smooth_rcp, proj_down, qweight, wscales, proj_up, bias, rank_padded, fmt, path, wmult):
     """svdquant::linear, what a compiled model calls per 4-bit layer: one op (not two) for the whole linear."""
-    k = qweight.shape[1] if path == 91 else wscales.shape[0] * GROUP
     return _run_linear(x2, _dt(x2.dtype), _ptr(smooth_rcp), _ptr(proj_down), _ptr(qweight), _ptr(wscales),
-                       _ptr(proj_up), _ptr(bias), qweight.shape[0], k, rank_padded, fmt, path, keep_scratch=False)
+                       _ptr(proj_up), _ptr(bias), qweight.shape[0], _k_of(path, qweight, wscales), rank_padded, fmt,
+                       path, _ptr(wmult), keep_scratch=False)
 
 
 _DEF.impl("linear", _linear_op, "CUDA")
@@ -288,4 +307,4 @@ def linear(x2: torch.Tensor, p: dict) -> torch.Tensor:
         return linear_direct(x2, p)
     return torch.ops.svdquant.linear.default(x2, p["_smooth_rcp"], cast_cached(p, "_proj_down", x2.dtype), p["_qw"],
                                              p["_wscales"], p["_proj_up"], p["_bias"], p["_rp"], p["_afmt"],
-                                             p["_path"])
+                                             p["_path"], p.get("_wmult"))

@@ -788,6 +788,7 @@ __device__ __forceinline__ void lora_up_wgmma(float* acc, uint32_t la, uint32_t 
 // TMA descriptors of one GEMM launch (passed by value as a __grid_constant__ parameter)
 struct WsMaps {
   CUtensorMap a, b, sa, sw, lora, pup;
+  CUtensorMap wm;  // kernel 2d: the weight multipliers (K/64, N) uint8
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -830,11 +831,15 @@ __device__ __forceinline__ void tile_origin(int M, int N, int& m0, int& n0) {
 
 // The producer/consumer ring's mbarriers at bar_base: full[STAGES] (one TMA arrival + bytes), then empty[STAGES]
 // (one arrival per consumer thread).
+// With a converter (packed weights, kernel 2d), full[] also takes `full_count - 1` converter arrivals and a third
+// ring raw[STAGES] (one TMA arrival + bytes) follows: the packed weight tile has landed, to be expanded.
 template <int STAGES>
-__device__ __forceinline__ void init_ring(uint32_t bar_base, int consumer_threads) {
+__device__ __forceinline__ void init_ring(uint32_t bar_base, int consumer_threads, int full_count = 1,
+                                          bool raw_ring = false) {
   for (int i = 0; i < STAGES; ++i) {
-    mbar_init(bar_base + 8 * i, 1);
+    mbar_init(bar_base + 8 * i, full_count);
     mbar_init(bar_base + 8 * (STAGES + i), consumer_threads);
+    if (raw_ring) mbar_init(bar_base + 8 * (2 * STAGES + i), 1);
   }
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 }
@@ -848,7 +853,8 @@ struct WsCta {
   uint8_t* smem;
   uint32_t sbase, bar_base;
   int m0, n0, nstages, nkb, total;
-  __device__ __forceinline__ WsCta(uint8_t* smem_raw, int M, int N, int K, int rp, int consumers) {
+  __device__ __forceinline__ WsCta(uint8_t* smem_raw, int M, int N, int K, int rp, int consumers, int full_count = 1,
+                                   bool raw_ring = false) {
     smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
     sbase = smem_u32(smem);
     bar_base = sbase + STAGES * STAGE_BYTES;
@@ -856,11 +862,12 @@ struct WsCta {
     nstages = (K / G + 1) / 2;
     nkb = rp / 32;
     total = nstages + nkb;
-    if (threadIdx.x == 0) init_ring<STAGES>(bar_base, consumers);
+    if (threadIdx.x == 0) init_ring<STAGES>(bar_base, consumers, full_count, raw_ring);
     __syncthreads();
   }
   __device__ __forceinline__ uint32_t full_bar(int i) const { return bar_base + 8 * i; }
   __device__ __forceinline__ uint32_t empty_bar(int i) const { return bar_base + 8 * (STAGES + i); }
+  __device__ __forceinline__ uint32_t raw_bar(int i) const { return bar_base + 8 * (2 * STAGES + i); }
   // A consumer: blocks until stage s's TMA loads have landed; returns its slot.
   __device__ __forceinline__ uint8_t* wait_stage(int s) const {
     mbar_wait(full_bar(s % STAGES), (s / STAGES) & 1);
@@ -1126,30 +1133,115 @@ static int launch_sm90_ws6(const Sm90Params& p, cudaStream_t st);
 // Warp-specialised as v2: WG0 = TMA producer, NC consumer warpgroups of 64 tokens; stage = 128 K
 // (half a chunk), STAGES-deep full/empty mbarrier ring; the LoRA tiles follow as extra stages.
 // ------------------------------------------------------------------------------------------------
-template <int BN, int STAGES, int NC>
+template <int BN, int STAGES, int NC, bool PACKED = false>
 struct I8Smem {  // TOTAL must stay within the 227 KB an sm_90 CTA may use
   static constexpr int BM = 64 * NC;
   static constexpr int A_BYTES = BM * 128;
   static constexpr int B_BYTES = BN * 128;
   static constexpr int SA_BYTES = BM * 4;
-  static constexpr int STAGE_BYTES = (A_BYTES + B_BYTES + SA_BYTES + 1023) / 1024 * 1024;
-  static constexpr int TOTAL = STAGES * STAGE_BYTES + 2 * STAGES * 8 + 1024;
+  // kernel 2d (PACKED): the TMA lands the stage's packed int4 weights (BN rows x 64 bytes) at PK_OFF; the converter
+  // warps expand them into B's place
+  static constexpr int PK_OFF = (A_BYTES + B_BYTES + SA_BYTES + 1023) / 1024 * 1024;
+  static constexpr int PK_BYTES = PACKED ? BN * 64 : 0;
+  static constexpr int PKM_OFF = PK_OFF + PK_BYTES;  // and the stage's two groups' multipliers (2 x BN bytes)
+  static constexpr int PKM_BYTES = PACKED ? 2 * BN : 0;
+  static constexpr int STAGE_BYTES = (PKM_OFF + PKM_BYTES + 1023) / 1024 * 1024;
+  static constexpr int RINGS = PACKED ? 3 : 2;  // full, empty (+ raw: the packed tile landed)
+  static constexpr int TOTAL = STAGES * STAGE_BYTES + RINGS * STAGES * 8 + 1024;
   static_assert(TOTAL <= 227 * 1024, "int_ratio GEMM tile does not fit in shared memory");
 };
+constexpr int I8P_CONVERTERS = 96;  // kernel 2d: warps 1-3 of the producer warpgroup expand the packed weights
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void fence_operand(int32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+// Kernel 2d's producer thread: as produce_stages for int_ratio, but each K stage's weight tile is the packed int4
+// (BN x 64 bytes) and lands on the raw ring for the converter warps; A and the activation bases land on full.
+template <int BN, int STAGES, class S, class C>
+__device__ __forceinline__ void produce_stages_packed(const WsMaps& maps, const C& c) {
+  for (int s = 0; s < c.total; ++s) {
+    const int slot = s % STAGES;
+    if (s >= STAGES) mbar_wait(c.empty_bar(slot), ((s / STAGES) - 1) & 1);
+    const uint32_t st = c.sbase + slot * S::STAGE_BYTES;
+    if (s < c.nstages) {
+      mbar_expect_tx(c.full_bar(slot), S::A_BYTES + S::SA_BYTES);
+      tma_2d(st, &maps.a, s * 128, c.m0, c.full_bar(slot));
+      tma_2d(st + S::A_BYTES + S::B_BYTES, &maps.sa, c.m0, s / 2, c.full_bar(slot));
+      mbar_expect_tx(c.raw_bar(slot), S::PK_BYTES + S::PKM_BYTES);
+      tma_2d(st + S::PK_OFF, &maps.b, s * 64, c.n0, c.raw_bar(slot));
+      tma_2d(st + S::PKM_OFF, &maps.wm, c.n0, 2 * s, c.raw_bar(slot));
+    } else {
+      const int kb = s - c.nstages;
+      mbar_expect_tx(c.full_bar(slot), S::BM * 128 + BN * 128);
+      tma_2d(st, &maps.lora, kb * 32, c.m0, c.full_bar(slot));
+      tma_2d(st + S::A_BYTES, &maps.pup, kb * 32, c.n0, c.full_bar(slot));
+    }
+  }
+}
+
+// 8 packed codes (nibble i = code i, two's complement) times the group multiplier f in [0, 18] as 8 int8 bytes, code 0
+// lowest. Two codes per 16-bit lane, offset to c + 8 >= 0; one IMAD per pair multiplies and adds bias = 256 - 8f per
+// lane, so each lane holds c*f + 256 in [112, 382] (no borrow into the next lane) and its low byte is the int8 c*f.
+__device__ __forceinline__ void expand8(uint32_t w, uint32_t f, uint32_t bias, uint32_t& lo, uint32_t& hi) {
+  const uint32_t a = ((w & 0x000F000Fu) ^ 0x00080008u) * f + bias;          // codes 0, 4
+  const uint32_t b = (((w >> 4) & 0x000F000Fu) ^ 0x00080008u) * f + bias;   // codes 1, 5
+  const uint32_t c = (((w >> 8) & 0x000F000Fu) ^ 0x00080008u) * f + bias;   // codes 2, 6
+  const uint32_t d = (((w >> 12) & 0x000F000Fu) ^ 0x00080008u) * f + bias;  // codes 3, 7
+  const uint32_t ab = __byte_perm(a, b, 0x6240);                            // codes 0, 1, 4, 5
+  const uint32_t cd = __byte_perm(c, d, 0x6240);                            // codes 2, 3, 6, 7
+  lo = __byte_perm(ab, cd, 0x5410);
+  hi = __byte_perm(ab, cd, 0x7632);
+}
+
+// Kernel 2d's converter warps (I8P_CONVERTERS threads, t = 0..95): each K stage's packed tile becomes the int8
+// operand the resident copy of kernel 2c holds (code x multiplier, |.| <= 126), written where the TMA would have put
+// that copy: row n at n x 128 bytes, its 16-byte unit j at j ^ (n mod 8) (the 128B swizzle of the wgmma
+// descriptors). Then a proxy fence (generic-proxy writes, async-proxy reads) and one arrival on the stage's full
+// barrier; LoRA stages only arrive, once the slot's previous phase is over. Rows past N and groups past K are
+// zero-filled by the TMA, codes and multipliers alike (f = 0 expands to 0).
+template <int BN, int STAGES, class S, class C>
+__device__ __forceinline__ void expand_stages(const C& c, int t) {
+  for (int s = 0; s < c.total; ++s) {
+    const int slot = s % STAGES;
+    uint8_t* st = c.smem + slot * S::STAGE_BYTES;
+    if (s < c.nstages) {
+      mbar_wait(c.raw_bar(slot), (s / STAGES) & 1);
+      const uint8_t* mult = st + S::PKM_OFF;  // the stage's two groups' multipliers, BN each (TMA, 0 past N or K)
+      for (int u = t; u < BN * 4; u += I8P_CONVERTERS) {  // 32 codes (16 bytes) of row n, K offset 32 j: group j / 2
+        const int n = u >> 2, j = u & 3;
+        const uint32_t f = mult[(j >> 1) * BN + n], bias = (256u - 8u * f) * 0x00010001u;
+        const uint4 w = *reinterpret_cast<const uint4*>(st + S::PK_OFF + n * 64 + j * 16);
+        uint4 o0, o1;
+        expand8(w.x, f, bias, o0.x, o0.y);
+        expand8(w.y, f, bias, o0.z, o0.w);
+        expand8(w.z, f, bias, o1.x, o1.y);
+        expand8(w.w, f, bias, o1.z, o1.w);
+        uint8_t* row = st + S::A_BYTES + n * 128;  // two swizzled 16-byte units; a warp's 8 rows hit distinct banks
+        *reinterpret_cast<uint4*>(row + (((2 * j) ^ (n & 7)) << 4)) = o0;
+        *reinterpret_cast<uint4*>(row + (((2 * j + 1) ^ (n & 7)) << 4)) = o1;
+      }
+      fence_proxy_async();
+    } else if (s >= STAGES) {
+      mbar_wait(c.empty_bar(slot), ((s / STAGES) - 1) & 1);
+    }
+    mbar_arrive(c.full_bar(slot));
+  }
+}
 #endif
 
-template <int BN, int STAGES, int NC, typename OutT>
+// PACKED (kernel 2d): the weights stay packed int4 in VRAM (half the bytes of 2c's int8 copy, none beside the
+// file's tensors); warps 1-3 of the producer warpgroup expand each stage's tile in shared memory (expand_stages).
+template <int BN, int STAGES, int NC, typename OutT, bool PACKED = false>
 __global__ void __launch_bounds__(128 * (NC + 1), 1)
     gemm_sm90_i8_kernel(const __grid_constant__ WsMaps maps, const float* __restrict__ wbase,
                         const float* __restrict__ bias, OutT* __restrict__ out, int M, int N, int K, int rp) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using S = I8Smem<BN, STAGES, NC>;
+  using S = I8Smem<BN, STAGES, NC, PACKED>;
   constexpr int BM = S::BM;
   extern __shared__ uint8_t smem_raw[];
-  const WsCta<BM, BN, STAGES, S::STAGE_BYTES> c(smem_raw, M, N, K, rp, 128 * NC);  // two stages per 256-K chunk
+  // two stages per 256-K chunk; PACKED: full[] also counts the converters' arrivals, plus the raw ring
+  const WsCta<BM, BN, STAGES, S::STAGE_BYTES> c(smem_raw, M, N, K, rp, 128 * NC, PACKED ? 1 + I8P_CONVERTERS : 1,
+                                                PACKED);
   const int tid = threadIdx.x;
   const int wg = tid >> 7;
 
@@ -1157,7 +1249,11 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
     // the register file (64K) must hold 128 x producer + 128*NC x consumer registers, or setmaxnreg.inc waits forever
     if constexpr (NC == 2) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     else asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n");
-    if (tid == 0) {
+    if constexpr (PACKED) {
+      static_assert(NC == 2, "kernel 2d: 2 consumer warpgroups (the converters need the producer's 40 registers)");
+      if (tid == 0) produce_stages_packed<BN, STAGES, S>(maps, c);
+      else if (tid >= 32) expand_stages<BN, STAGES, S>(c, tid - 32);
+    } else if (tid == 0) {
       const StageLayout L = {S::STAGE_BYTES, S::A_BYTES, S::B_BYTES, S::SA_BYTES, 0, 0, BM * 128 + BN * 128};
       produce_stages<STAGES, true>(maps, L, c.sbase, c.bar_base, c.m0, c.n0, c.nstages, c.total);
     }
@@ -1529,9 +1625,10 @@ static int launch_sm90_ws6(const Sm90Params& p, cudaStream_t st) {
 // variant (path 90): 0 = default (v6 for M >= 1536, N >= 640, K < 8192; else v2), 1 = v1 (cp.async), 5 = v3, 8 = v4, 9/10 = v5,
 // 11 = v6, 12 = v2; 2/3/4/6/7 = timing-only diagnostics (wrong results, see gemm_sm90_ws_kernel).
 // int_ratio Hopper GEMM (kernel 2c): qa int8 (M, K), abase fp32 (ceil(K/256), Mp), qw int8 (N, K), wbase fp32 (N).
-template <int BN, int STAGES, int NC, typename OutT>
-static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st) {
-  using S = I8Smem<BN, STAGES, NC>;
+// Kernel 2d (PACKED): qw is the packed int4 (N, K/2) of the file and wmult its multipliers (K/64, N) uint8.
+template <int BN, int STAGES, int NC, typename OutT, bool PACKED = false>
+static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st, const uint8_t* wmult = nullptr) {
+  using S = I8Smem<BN, STAGES, NC, PACKED>;
   constexpr int BM = S::BM;
   WsMaps maps;
   const int nchunks = (p.K / G + RATIO_CHUNK - 1) / RATIO_CHUNK;
@@ -1540,7 +1637,13 @@ static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st) {
       !make_map(&maps.sa, p.sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.Mp, nchunks, (uint64_t)p.Mp * 4, BM, 1,
                 CU_TENSOR_MAP_SWIZZLE_NONE))
     return ERR_NO_PATH;
-  auto kern = gemm_sm90_i8_kernel<BN, STAGES, NC, OutT>;
+  // packed weights: 64-byte (128-code) boxes, unswizzled (the converters read them row by row)
+  if (PACKED && !(make_map(&maps.b, p.qw, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.K / 2, p.N, p.K / 2, 64, BN,
+                            CU_TENSOR_MAP_SWIZZLE_NONE) &&
+                   make_map(&maps.wm, wmult, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.N, p.K / G, p.N, BN, 2,
+                            CU_TENSOR_MAP_SWIZZLE_NONE)))
+    return ERR_NO_PATH;
+  auto kern = gemm_sm90_i8_kernel<BN, STAGES, NC, OutT, PACKED>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
   if (e != cudaSuccess) return (int)e;
   int tiles = ((p.N + BN - 1) / BN) * ((p.M + BM - 1) / BM);
@@ -1575,6 +1678,27 @@ static int dispatch_sm90_i8(const Sm90Params& p, int variant, int dev, cudaStrea
     case 3: return launch_sm90_i8<128, 6, 2, OutT>(p, st);  // 128 x 128 tiles
     default: return ERR_BAD_ARG;
   }
+}
+
+// Kernel 2d: the int_ratio Hopper GEMM on the file's packed weights (no int8 copy in VRAM): qweight packed int4
+// (N, K/2), wmult uint8 (K/64, N), wbase fp32 (N); the rest as svdq_w4a4_gemm's path 91.
+SVDQ_API int svdq_w4a4_gemm_packed(const void* qact, const float* abase, const void* qweight, const void* wmult,
+                                   const float* wbase, const float* lora, const float* proj_up, const float* bias,
+                                   void* out, int M, int N, int K, int Mp, int rp, int out_dtype, int device,
+                                   void* stream) {
+  if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
+  if (M <= 0 || N <= 0 || K <= 0 || K % G || N % 64 || Mp < M || Mp % 4 || rp % 32 || rp > 128 || !wmult || !wbase)
+    return ERR_BAD_ARG;
+  if (rp > 0 && (!lora || !proj_up)) return ERR_BAD_ARG;
+  if (((uintptr_t)qact | (uintptr_t)qweight | (uintptr_t)wmult | (uintptr_t)abase | (uintptr_t)wbase |
+       (uintptr_t)lora | (uintptr_t)proj_up | (uintptr_t)out) & 15)
+    return ERR_BAD_ARG;
+  Sm90Params p{(const uint8_t*)qact, abase, (const uint8_t*)qweight, wbase, lora, proj_up, bias, out, M, N, K, Mp, rp};
+  const auto* mu = static_cast<const uint8_t*>(wmult);
+  cudaStream_t st = (cudaStream_t)stream;
+  if (out_dtype == DT_BF16) return launch_sm90_i8<128, 5, 2, __nv_bfloat16, true>(p, st, mu);
+  if (out_dtype == DT_F16) return launch_sm90_i8<128, 5, 2, __half, true>(p, st, mu);
+  return ERR_BAD_ARG;
 }
 
 SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* qweight, const float* wscales,

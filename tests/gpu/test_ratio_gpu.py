@@ -274,3 +274,46 @@ def test_imported_awq_modulation_layer_on_the_gpu(dtype):
         sync_check()
         assert y.dtype == dtype and torch.isfinite(y).all()
         assert rel(y, want) < 2 * BOUND[dtype]
+
+
+# (M, N, K, rank): FLUX shapes at both token counts, SD shapes, ragged M, N a multiple of 64 but not of the 128-wide
+# tile, K with an odd number of groups (a half-empty last stage) and one group only.
+PACKED_CASES = [(4608, 3072, 3072, 32), (256, 12288, 3072, 32), (256, 3072, 12288, 32), (4096 + 13, 320, 1280, 16),
+                (333, 1280, 640, 128), (77, 192, 192, 0), (1, 64, 64, 32)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,r", PACKED_CASES)
+def test_packed_weight_gemm_equals_the_int8_copy(monkeypatch, m, n, k, r, dtype):
+    """Kernel 2d (SVDQ_HOPPER_WEIGHTS=packed) expands the packed codes x multipliers in shared memory into exactly the
+    operand kernel 2c reads from its resident int8 copy: with the same 128x128 tiles the outputs are bitwise equal.
+    The packed layer keeps no N x K copy, and its whole linear is within the usual bound of the reference."""
+    if _lib.device_path(torch.cuda.current_device()) != 90 or not _lib.has_packed_gemm():
+        pytest.skip("kernel 2d is Hopper's")
+    ops = _ops()
+    lay = make_ratio_layer(n, k, r, dtype, DEV, seed=m + n + k)
+    dev = torch.device(DEV)
+    p91 = kernels.prepare_weights(lay, dev)
+    extra91 = kernels.prepared_extra_bytes(n, k, r, dev, ratio=True)
+    monkeypatch.setenv("SVDQ_HOPPER_WEIGHTS", "packed")
+    p92 = kernels.prepare_weights(lay, dev)
+    assert p91["_path"] == 91 and p92["_path"] == 92 and p92["_qw"].numel() == n * k // 2
+    assert kernels.backend_name(dev, "int_ratio") == "cuda-sm90a-int8-packed"
+    assert extra91 - kernels.prepared_extra_bytes(n, k, r, dev, ratio=True) == n * k  # no int8 copy counted
+    x = make_x(m, k, dtype, DEV, seed=m + 1)
+    qa, sa, la = ops.quantize_act_lora_down(x, p91["_smooth_rcp"], p91["_proj_down"], p91["_rp"], _lib.FMT_I8_RATIO)
+    y91 = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+    y92 = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+    ops.gemm_into(qa, sa, p91["_qw"], p91["_wscales"], la, p91["_proj_up"], p91["_bias"], y91, 91, variant=3)
+    ops.gemm_into(qa, sa, p92["_qw"], p92["_wscales"], la, p92["_proj_up"], p92["_bias"], y92, 92,
+                  wmult=p92["_wmult"])
+    sync_check()
+    assert torch.isfinite(y92).all() and torch.equal(y91, y92)
+    y = kernels.linear(x, p92)
+    want = ref.svdquant_linear(x.float(), lay["qweight"], (lay["wscale_mult"], lay["wscale_base"]),
+                               lay["smooth_factor"].float(), lay["proj_down"].float(), lay["proj_up"].float(),
+                               lay["bias"].float())
+    sync_check()
+    assert rel(y, want) < BOUND[dtype]
+    if m == 333:  # the compiled path's custom op passes the multipliers too
+        assert torch.equal(torch.compile(lambda t: kernels.linear(t, p92), fullgraph=True)(x), y)
