@@ -277,7 +277,9 @@ def run_family(family, args, dtype, device, checkpoint=lambda row: None):
         del p16
         mm.soft_empty_cache()
         t0 = time.perf_counter()
-        q, _ = load_svdquant_model(path, compute_dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype])
+        q, _ = load_svdquant_model(path, compute_dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype],
+                                   weights_in_vram=args.weights_in_vram)
+        row["weights_in_vram"] = args.weights_in_vram
         row["load_s"] = time.perf_counter() - t0
     row["bytes_4"] = weight_bytes(q)
     for b in args.batch:
@@ -318,6 +320,8 @@ def main():
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel category of one step (torch.profiler)")
     ap.add_argument("--skip-16bit", action="store_true", help="do not time the 16-bit model (quantize it only)")
     ap.add_argument("--verbose", action="store_true", help="show the pack's INFO log (calibration progress per layer)")
+    ap.add_argument("--weights-in-vram", default="fast", choices=["fast", "compact"],
+                    help="Load SVDQuant Model's weights_in_vram for the 4-bit model (Hopper: int8 copy or packed)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.vram_cap and args.alloc_conf and os.environ.get("PYTORCH_CUDA_ALLOC_CONF") != args.alloc_conf:
@@ -336,7 +340,8 @@ def main():
     dtype = torch.bfloat16 if on_gpu else torch.float32
     device = torch.device("cuda" if on_gpu else "cpu")
     gpu = torch.cuda.get_device_name() if on_gpu else "cpu"
-    print(f"GPU: {gpu}  torch {torch.__version__}  driver {_driver()}  4-bit backend {kernels.backend_name(device, 'int_ratio')}")
+    backend = kernels.backend_name(device, 'int_ratio', packed=args.weights_in_vram == 'compact')
+    print(f"GPU: {gpu}  torch {torch.__version__}  driver {_driver()}  4-bit backend {backend}")
     rows = []
 
     def save(partial=None):

@@ -1,12 +1,11 @@
-"""Hopper int_ratio 4-bit linear on the packed weights (kernel 2d, SVDQ_HOPPER_WEIGHTS=packed: no int8 copy in VRAM)
-against the resident int8 copy (kernel 2c) and cuBLAS bf16, whole linear (quantize + GEMM + rank-32 branch), CUDA-graph
+"""Hopper int_ratio 4-bit linear on the packed weights (kernel 2d; the loader's weights_in_vram=compact: no int8 copy
+in VRAM) against the resident int8 copy (kernel 2c) and cuBLAS bf16, whole linear (quantize + GEMM + rank-32 branch), CUDA-graph
 medians in µs, ratios against bf16 of the same run; prints a table and writes JSON.
 
     python3 bench/bench_packed.py --json packed.json
 """
 import argparse
 import json
-import os
 import pathlib
 import sys
 
@@ -35,11 +34,8 @@ def main():
     rows = []
     for label, m, k, n in SHAPES:
         lay = make_ratio_layer(n, k, args.rank, dtype, "cuda", seed=n + k)
-        os.environ.pop("SVDQ_HOPPER_WEIGHTS", None)
         p_int8 = kernels.prepare_weights(lay, dev)
-        os.environ["SVDQ_HOPPER_WEIGHTS"] = "packed"
-        p_packed = kernels.prepare_weights(lay, dev)
-        os.environ.pop("SVDQ_HOPPER_WEIGHTS")
+        p_packed = kernels.prepare_weights({**lay, "packed_weights": True}, dev)
         x = make_x(m, k, dtype, "cuda", seed=m)
         w16 = ref._dequant_weight(lay["qweight"], ref.weight_scales_for_gemm(lay), 64).to(dtype)
         t16 = time_graph(lambda: torch.nn.functional.linear(x, w16, lay["bias"]))

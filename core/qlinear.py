@@ -47,6 +47,7 @@ def _weight_placeholder(module, state_dict, prefix, local_metadata):
 class QuantizedLinearMixin:
     group_size = 64
     quantized = False
+    packed_weights = False  # Hopper: kernel 2d on the packed codes instead of an int8 copy (set_packed_weights)
 
     def set_quantized(self, tensors: dict, group_size: int = 64) -> None:
         """Become 4-bit with these natural-layout tensors (bias optional)."""
@@ -74,6 +75,12 @@ class QuantizedLinearMixin:
         """Extra low-rank terms (D (K×r), U (N×r)) added as (X·D)·Uᵀ, e.g. LoRAs; None removes them."""
         self._lora = terms
 
+    def set_packed_weights(self, packed: bool) -> None:
+        """On Hopper, run int_ratio layers on the packed 4-bit codes in VRAM (kernel 2d) instead of an int8 copy
+        (kernel 2c: twice the weight bytes, faster). Other GPUs read the packed codes either way."""
+        self.packed_weights = bool(packed)
+        self._prepared = None
+
     def kernel_cache_bytes(self, device=None) -> int:
         """Bytes the kernels prepare on `device` (default: the current CUDA device) for this layer."""
         if device is None:
@@ -83,7 +90,8 @@ class QuantizedLinearMixin:
         return kernels.prepared_extra_bytes(self.out_features, self.in_features, self.rank, device,
                                             unsigned=getattr(self, ACT_SHIFT, None) is not None,
                                             act16=getattr(self, ACT_BITS, None) is not None,
-                                            ratio=getattr(self, "scale_mode", "float") == "int_ratio")
+                                            ratio=getattr(self, "scale_mode", "float") == "int_ratio",
+                                            packed=self.packed_weights)
 
     def _apply(self, fn, *args, **kwargs):
         self._prepared = None  # cached kernel-ready tensors belong to the old device
@@ -114,6 +122,7 @@ class QuantizedLinearMixin:
         if self.act_shift is not None:
             t[ACT_SHIFT] = self.act_shift.to(device)
         t["act16"] = getattr(self, ACT_BITS, None) is not None
+        t["packed_weights"] = self.packed_weights
         prepared = kernels.prepare_weights(t, device)
         if self.qweight.device == device:
             self._prepared = (key, prepared)

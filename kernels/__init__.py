@@ -61,18 +61,18 @@ def _device_path(device) -> int:
         return 0
 
 
-def _packed_weights() -> bool:
-    """Hopper int_ratio layers on the packed weights (kernel 2d, no int8 copy in VRAM): `SVDQ_HOPPER_WEIGHTS=packed`.
-    Off by default until it is measured against the int8 copy (kernel 2c); read at prepare time."""
-    return os.environ.get("SVDQ_HOPPER_WEIGHTS", "int8").lower() == "packed" and _lib.has_packed_gemm()
+def _hopper_path(path: int, ratio: bool, packed: bool) -> int:
+    """The Hopper kernel of a layer: int_ratio layers run kernel 2c on a resident int8 copy of the weights (91,
+    fastest), or with packed=True kernel 2d on the packed codes themselves (92: no copy in VRAM, slower: the weight
+    layout a user picks on the loader, "weights in VRAM"); float-scale layers run path 90 on an e4m3 copy."""
+    if path != 90 or not ratio:
+        return path
+    return 92 if packed and _lib.has_packed_gemm() else 91
 
 
-def backend_name(device, scale_mode: str = "float") -> str:
+def backend_name(device, scale_mode: str = "float", packed: bool = False) -> str:
     """Name of the backend that `linear` will use on `device` for layers with `scale_mode` scales."""
-    path = _device_path(device)
-    if path == 90 and scale_mode == "int_ratio":
-        path = 92 if _packed_weights() else 91
-    return _NAMES.get(path, "reference")
+    return _NAMES.get(_hopper_path(_device_path(device), scale_mode == "int_ratio", packed), "reference")
 
 
 def _e4m3_from_packed(qweight):
@@ -104,7 +104,7 @@ def _kernel_rank(n: int, k: int, rank: int):
 
 
 def prepared_extra_bytes(n: int, k: int, rank: int, device, unsigned: bool = False, act16: bool = False,
-                         ratio: bool = False) -> int:
+                         ratio: bool = False, packed: bool = False) -> int:
     """Device bytes `prepare_weights` adds beside a layer's own tensors on `device` (0 for the reference):
     the Hopper path's int8/e4m3 weight copy (N×K), fp32 proj_up, the padded proj_down, fp32 scales/bias.
     Counted by ComfyUI's memory management (see core/qlinear.py), so that it plans loads with it."""
@@ -117,14 +117,15 @@ def prepared_extra_bytes(n: int, k: int, rank: int, device, unsigned: bool = Fal
     if not path or rp is None:
         return 0
     # sm_80 path and Hopper's packed-weight GEMM (int_ratio, kernel 2d) read the packed file layout in place
-    weight = n * k if path == 90 and not (ratio and _packed_weights()) else 0
+    weight = n * k if _hopper_path(path, ratio, packed) in (90, 91) else 0
     return weight + 4 * n * rp + 2 * k * rp + 4 * (k // 64) * n + 4 * (n + k)
 
 
 def prepare_weights(tensors: dict, device) -> dict:
     """Per-device weight preparation. The natural tensors stay (the reference reads them); the CUDA
-    path adds its own: `_qw` (Hopper: e4m3 bytes (N, K); else the packed int4 as is), fp32 scales,
-    rank padded to a multiple of 32."""
+    path adds its own: `_qw` (Hopper: e4m3 or int8 bytes (N, K), or with tensors["packed_weights"] the
+    int_ratio layers' packed int4 as is (kernel 2d); else the packed int4 as is), fp32 scales, rank padded
+    to a multiple of 32."""
     import torch
     import torch.nn.functional as F
 
@@ -154,14 +155,13 @@ def prepare_weights(tensors: dict, device) -> dict:
     if "wscale_mult" in tensors:  # int_ratio scales
         mult = tensors["wscale_mult"].to(dev)
         base = tensors["wscale_base"].to(dev, torch.float32)
-        if path == 90 and _packed_weights():  # kernel 2d: the packed codes and multipliers as they are
-            path = 92
+        path = _hopper_path(path, True, bool(tensors.get("packed_weights")))
+        if path == 92:  # kernel 2d: the packed codes and multipliers as they are
             align = (_ops or _get_ops()).aligned16  # TMA reads both from 16-byte-aligned addresses
             out["_qw"] = align(qweight).view(torch.uint8)
             out["_wmult"] = align(mult)
             out["_wscales"] = base.contiguous()
-        elif path == 90:
-            path = 91
+        elif path == 91:
             out["_qw"] = _int8_from_ratio(qweight, mult).view(torch.uint8)
             out["_wscales"] = base.contiguous()
         else:

@@ -71,6 +71,41 @@ def test_loader_refuses_wrong_family(comfy, quantized_sd15):
         load_svdquant_model(path, expected_family="flux")
 
 
+def test_weights_in_vram_compact_drops_the_hopper_copy(comfy, quantized_sd15, monkeypatch):
+    """Load SVDQuant Model's weights_in_vram: compact marks every 4-bit layer for kernel 2d (packed codes, no int8 copy),
+    so the kernel_cache entry ComfyUI plans loads with shrinks by N x K per int_ratio layer on Hopper (simulated here,
+    as the library's kernel 2d); the samples stay those of the default load (the reference ignores the layout). A bad
+    value is refused by name."""
+    from comfyui_svdquant import kernels
+    from comfyui_svdquant.kernels import _lib
+    from comfyui_svdquant.nodes import folders
+    from comfyui_svdquant.nodes.load_model import LoadSVDQuantModel
+    from comfyui_svdquant.wrappers.loader import load_svdquant_model
+    path = quantized_sd15[-1]
+    dt = str(comfy.DTYPE).removeprefix("torch.")
+    folders.register()
+    assert LoadSVDQuantModel.INPUT_TYPES()["optional"]["weights_in_vram"][1]["default"] == "fast"
+    fast, _ = load_svdquant_model(path, compute_dtype=dt)
+    compact, _ = load_svdquant_model(path, compute_dtype=dt, weights_in_vram="compact")
+    qf = [m for m in fast.model.diffusion_model.modules() if getattr(m, "quantized", False)]
+    qc = [m for m in compact.model.diffusion_model.modules() if getattr(m, "quantized", False)]
+    assert qc and all(m.packed_weights for m in qc) and not any(m.packed_weights for m in qf)
+    x, s = _probe_inputs()
+    pos, _ = comfy.sd15_conds()
+    assert torch.equal(comfy.denoise_once(fast, x, s, pos), comfy.denoise_once(compact, x, s, pos))
+    real_path = kernels._device_path
+    monkeypatch.setattr(kernels, "_device_path", lambda d: 90 if torch.device(d).type == "cuda" else real_path(d))
+    monkeypatch.setattr(_lib, "has_packed_gemm", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    ratio = [(f, c) for f, c in zip(qf, qc) if f.scale_mode == "int_ratio"]
+    assert ratio
+    for f, c in ratio:
+        assert f.kernel_cache_bytes() - c.kernel_cache_bytes() == f.out_features * f.in_features
+    with pytest.raises(ValueError, match="weights_in_vram"):
+        load_svdquant_model(path, compute_dtype=dt, weights_in_vram="small")
+
+
 def test_zero_samples_and_too_large_rank_are_refused(comfy):
     from comfyui_svdquant.core.config import QuantConfig, RankPolicy
     from comfyui_svdquant.wrappers.quantize import calibrate_and_quantize

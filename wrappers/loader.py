@@ -19,10 +19,16 @@ from .lora import enable_lora
 from .ops import SVDQuantOps
 
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Load SVDQuant Model's "weights_in_vram": fast = Hopper's int8 copy of each 4-bit weight (kernel 2c), compact = the
+# packed 4-bit codes only (kernel 2d). Only Hopper GPUs differ; other GPUs always read the packed codes.
+WEIGHTS_IN_VRAM = {"fast": False, "compact": True}
 
 
-def build_patcher(sd: dict, fmeta: dict, n_declared: int, source: str, dtype=None, device: str = "default"):
+def build_patcher(sd: dict, fmeta: dict, n_declared: int, source: str, dtype=None, device: str = "default",
+                  weights_in_vram: str = "fast"):
     """Model + ModelPatcher from a 4-bit state dict (consumed) and its file declaration."""
+    if weights_in_vram not in WEIGHTS_IN_VRAM:
+        raise ValueError(f"weights_in_vram must be one of {sorted(WEIGHTS_IN_VRAM)}, not {weights_in_vram!r}")
     if not fmeta.get("model_class"):
         raise CheckpointError(f"{source}: the declaration names no model_class, so the model cannot be built")
     try:
@@ -44,12 +50,15 @@ def build_patcher(sd: dict, fmeta: dict, n_declared: int, source: str, dtype=Non
     if still_meta:
         raise CheckpointError(f"{source}: no weights for {len(still_meta)} parameters, e.g. {still_meta[:3]}")
     model = model.to(offload_device)
-    n_q = sum(1 for m in model.diffusion_model.modules() if getattr(m, "quantized", False))
+    quantized = [m for m in model.diffusion_model.modules() if getattr(m, "quantized", False)]
+    for m in quantized:  # before ComfyUI sizes the model (kernel_cache entries) and moves it to the GPU
+        m.set_packed_weights(WEIGHTS_IN_VRAM[weights_in_vram])
+    n_q = len(quantized)
     if n_q != n_declared:
         raise CheckpointError(f"{source}: {n_declared} layers are declared 4-bit but {n_q} were found in the model; "
                               f"the file does not match {fmeta['model_class']}")
     logging.info(f"[svdquant] built {fmeta.get('family')} ({fmeta['model_class']}) from {source}: "
-                 f"{n_q} 4-bit linears, compute dtype {dtype}")
+                 f"{n_q} 4-bit linears, compute dtype {dtype}, weights in VRAM: {weights_in_vram}")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     enable_lora(patcher)
     return patcher
@@ -68,10 +77,10 @@ def read_4bit_file(path: str):
 
 
 def load_svdquant_model(path: str, expected_family: str = "auto", compute_dtype: str = "auto",
-                        device: str = "default"):
+                        device: str = "default", weights_in_vram: str = "fast"):
     sd, fmeta, layers = read_4bit_file(path)
     family = fmeta.get("family")
     if expected_family != "auto" and family != expected_family:
         raise CheckpointError(f"{path}: this is a {family} 4-bit model, but the loader was set to {expected_family}; "
                               f"use a {expected_family} file or set family to auto and use {family} text encoders/VAE")
-    return build_patcher(sd, fmeta, len(layers), path, DTYPES[compute_dtype], device), fmeta
+    return build_patcher(sd, fmeta, len(layers), path, DTYPES[compute_dtype], device, weights_in_vram), fmeta

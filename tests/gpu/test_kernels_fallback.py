@@ -64,3 +64,18 @@ def test_compiled_path_is_one_op_per_linear(monkeypatch):
     assert targets.count(torch.ops.svdquant.linear.default) == 1
     assert not any("quantize_act_lora_down" in str(t) or "w4a4_gemm" in str(t) for t in targets)
     assert calls == [(7, 256)] and y.shape == (7, 128)
+
+
+def test_packed_weights_need_hopper_and_kernel_2d(monkeypatch):
+    """weights_in_vram=compact (packed_weights) selects kernel 2d only on Hopper with a library that has it; there it
+    drops the N x K int8 copy from the bytes ComfyUI is told about. Without kernel 2d it falls back to the copy (2c),
+    and other paths never hold one. Decided without a GPU: the device path and the library's answer are stood in."""
+    n, k, r = 3072, 3072, 32
+    for path, has_2d, name, saved in [(90, True, "cuda-sm90a-int8-packed", n * k), (90, False, "cuda-sm90a-int8", 0),
+                                      (80, True, "cuda-mma-int4", 0)]:
+        monkeypatch.setattr(kernels, "_device_path", lambda d, p=path: p)
+        monkeypatch.setattr(_lib, "has_packed_gemm", lambda h=has_2d: h)
+        assert kernels.backend_name("cuda", "int_ratio", packed=True) == name
+        fast = kernels.prepared_extra_bytes(n, k, r, "cuda", ratio=True)
+        compact = kernels.prepared_extra_bytes(n, k, r, "cuda", ratio=True, packed=True)
+        assert fast - compact == saved, (path, has_2d)

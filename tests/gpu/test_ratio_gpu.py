@@ -284,8 +284,8 @@ PACKED_CASES = [(4608, 3072, 3072, 32), (256, 12288, 3072, 32), (256, 3072, 1228
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,n,k,r", PACKED_CASES)
-def test_packed_weight_gemm_equals_the_int8_copy(monkeypatch, m, n, k, r, dtype):
-    """Kernel 2d (SVDQ_HOPPER_WEIGHTS=packed) expands the packed codes x multipliers in shared memory into exactly the
+def test_packed_weight_gemm_equals_the_int8_copy(m, n, k, r, dtype):
+    """Kernel 2d (packed_weights: the loader's weights_in_vram=compact) expands the packed codes x multipliers in shared memory into exactly the
     operand kernel 2c reads from its resident int8 copy: with the same 128x128 tiles the outputs are bitwise equal.
     The packed layer keeps no N x K copy, and its whole linear is within the usual bound of the reference."""
     if _lib.device_path(torch.cuda.current_device()) != 90 or not _lib.has_packed_gemm():
@@ -294,12 +294,11 @@ def test_packed_weight_gemm_equals_the_int8_copy(monkeypatch, m, n, k, r, dtype)
     lay = make_ratio_layer(n, k, r, dtype, DEV, seed=m + n + k)
     dev = torch.device(DEV)
     p91 = kernels.prepare_weights(lay, dev)
-    extra91 = kernels.prepared_extra_bytes(n, k, r, dev, ratio=True)
-    monkeypatch.setenv("SVDQ_HOPPER_WEIGHTS", "packed")
-    p92 = kernels.prepare_weights(lay, dev)
+    p92 = kernels.prepare_weights({**lay, "packed_weights": True}, dev)
     assert p91["_path"] == 91 and p92["_path"] == 92 and p92["_qw"].numel() == n * k // 2
-    assert kernels.backend_name(dev, "int_ratio") == "cuda-sm90a-int8-packed"
-    assert extra91 - kernels.prepared_extra_bytes(n, k, r, dev, ratio=True) == n * k  # no int8 copy counted
+    assert kernels.backend_name(dev, "int_ratio", packed=True) == "cuda-sm90a-int8-packed"
+    assert (kernels.prepared_extra_bytes(n, k, r, dev, ratio=True)
+            - kernels.prepared_extra_bytes(n, k, r, dev, ratio=True, packed=True)) == n * k  # no int8 copy counted
     x = make_x(m, k, dtype, DEV, seed=m + 1)
     qa, sa, la = ops.quantize_act_lora_down(x, p91["_smooth_rcp"], p91["_proj_down"], p91["_rp"], _lib.FMT_I8_RATIO)
     y91 = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
