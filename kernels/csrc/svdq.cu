@@ -1151,6 +1151,9 @@ struct I8Smem {  // TOTAL must stay within the 227 KB an sm_90 CTA may use
   static_assert(TOTAL <= 227 * 1024, "int_ratio GEMM tile does not fit in shared memory");
 };
 constexpr int I8P_CONVERTERS = 96;  // kernel 2d: warps 1-3 of the producer warpgroup expand the packed weights
+#ifndef I8P_INFLIGHT
+#define I8P_INFLIGHT 2  // units each converter thread loads before expanding (latency hiding)
+#endif
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void fence_operand(int32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
@@ -1183,14 +1186,30 @@ __device__ __forceinline__ void produce_stages_packed(const WsMaps& maps, const 
 // lowest. Two codes per 16-bit lane, offset to c + 8 >= 0; one IMAD per pair multiplies and adds bias = 256 - 8f per
 // lane, so each lane holds c*f + 256 in [112, 382] (no borrow into the next lane) and its low byte is the int8 c*f.
 __device__ __forceinline__ void expand8(uint32_t w, uint32_t f, uint32_t bias, uint32_t& lo, uint32_t& hi) {
-  const uint32_t a = ((w & 0x000F000Fu) ^ 0x00080008u) * f + bias;          // codes 0, 4
-  const uint32_t b = (((w >> 4) & 0x000F000Fu) ^ 0x00080008u) * f + bias;   // codes 1, 5
-  const uint32_t c = (((w >> 8) & 0x000F000Fu) ^ 0x00080008u) * f + bias;   // codes 2, 6
-  const uint32_t d = (((w >> 12) & 0x000F000Fu) ^ 0x00080008u) * f + bias;  // codes 3, 7
+  w ^= 0x88888888u;  // all 8 nibbles to c + 8 at once (a mask and an XOR per pair would take two LOP3s)
+  const uint32_t a = (w & 0x000F000Fu) * f + bias;          // codes 0, 4
+  const uint32_t b = ((w >> 4) & 0x000F000Fu) * f + bias;   // codes 1, 5
+  const uint32_t c = ((w >> 8) & 0x000F000Fu) * f + bias;   // codes 2, 6
+  const uint32_t d = ((w >> 12) & 0x000F000Fu) * f + bias;  // codes 3, 7
   const uint32_t ab = __byte_perm(a, b, 0x6240);                            // codes 0, 1, 4, 5
   const uint32_t cd = __byte_perm(c, d, 0x6240);                            // codes 2, 3, 6, 7
   lo = __byte_perm(ab, cd, 0x5410);
   hi = __byte_perm(ab, cd, 0x7632);
+}
+
+// One unit of kernel 2d's expansion: 32 codes w of row n = u / 4 at K offset 32 (u % 4), times f, into the two swizzled
+// 16-byte units of the int8 operand row at b (a warp's 8 rows hit distinct banks).
+__device__ __forceinline__ void expand_unit(uint8_t* b, int u, const uint4& w, uint32_t f) {
+  const int n = u >> 2, j = u & 3;
+  const uint32_t bias = (256u - 8u * f) * 0x00010001u;
+  uint4 o0, o1;
+  expand8(w.x, f, bias, o0.x, o0.y);
+  expand8(w.y, f, bias, o0.z, o0.w);
+  expand8(w.z, f, bias, o1.x, o1.y);
+  expand8(w.w, f, bias, o1.z, o1.w);
+  uint8_t* row = b + n * 128;
+  *reinterpret_cast<uint4*>(row + (((2 * j) ^ (n & 7)) << 4)) = o0;
+  *reinterpret_cast<uint4*>(row + (((2 * j + 1) ^ (n & 7)) << 4)) = o1;
 }
 
 // Kernel 2d's converter warps (I8P_CONVERTERS threads, t = 0..95): each K stage's packed tile becomes the int8
@@ -1207,18 +1226,21 @@ __device__ __forceinline__ void expand_stages(const C& c, int t) {
     if (s < c.nstages) {
       mbar_wait(c.raw_bar(slot), (s / STAGES) & 1);
       const uint8_t* mult = st + S::PKM_OFF;  // the stage's two groups' multipliers, BN each (TMA, 0 past N or K)
-      for (int u = t; u < BN * 4; u += I8P_CONVERTERS) {  // 32 codes (16 bytes) of row n, K offset 32 j: group j / 2
-        const int n = u >> 2, j = u & 3;
-        const uint32_t f = mult[(j >> 1) * BN + n], bias = (256u - 8u * f) * 0x00010001u;
-        const uint4 w = *reinterpret_cast<const uint4*>(st + S::PK_OFF + n * 64 + j * 16);
-        uint4 o0, o1;
-        expand8(w.x, f, bias, o0.x, o0.y);
-        expand8(w.y, f, bias, o0.z, o0.w);
-        expand8(w.z, f, bias, o1.x, o1.y);
-        expand8(w.w, f, bias, o1.z, o1.w);
-        uint8_t* row = st + S::A_BYTES + n * 128;  // two swizzled 16-byte units; a warp's 8 rows hit distinct banks
-        *reinterpret_cast<uint4*>(row + (((2 * j) ^ (n & 7)) << 4)) = o0;
-        *reinterpret_cast<uint4*>(row + (((2 * j + 1) ^ (n & 7)) << 4)) = o1;
+      // 32 codes (16 bytes) of row n at K offset 32 j (group j / 2) per unit; I8P_INFLIGHT units in flight per
+      // thread (one converter warp per scheduler is latency-bound: ncu, 2026-12-04). Past the 512th unit a slot
+      // repeats the round's first unit (rewriting the same bytes).
+      for (int u0 = t; u0 < BN * 4; u0 += I8P_INFLIGHT * I8P_CONVERTERS) {
+        uint4 w[I8P_INFLIGHT];
+        uint32_t f[I8P_INFLIGHT];
+        int u[I8P_INFLIGHT];
+#pragma unroll
+        for (int i = 0; i < I8P_INFLIGHT; ++i) {
+          u[i] = u0 + i * I8P_CONVERTERS < BN * 4 ? u0 + i * I8P_CONVERTERS : u0;
+          w[i] = *reinterpret_cast<const uint4*>(st + S::PK_OFF + (u[i] >> 2) * 64 + (u[i] & 3) * 16);
+          f[i] = mult[((u[i] & 3) >> 1) * BN + (u[i] >> 2)];
+        }
+#pragma unroll
+        for (int i = 0; i < I8P_INFLIGHT; ++i) expand_unit(st + S::A_BYTES, u[i], w[i], f[i]);
       }
       fence_proxy_async();
     } else if (s >= STAGES) {
