@@ -2,7 +2,7 @@
 
 Mirrors comfy.sd.load_diffusion_model_state_dict, except that the model class and its config
 come from the declaration (packed shapes would defeat ComfyUI's shape-based detection) and linears
-are built by SVDQuantOps. Calibrate & Quantize builds its result the same way, so a model made in
+are built by SVDQuantOps / SVDQuantOpsDirect (wrappers/ops.py). Calibrate & Quantize builds its result the same way, so a model made in
 memory and the same model loaded from its file are built by one path.
 """
 import logging
@@ -16,7 +16,7 @@ from ..core.checkpoint import CheckpointError, check_layers, load_checkpoint, pa
 from ..core.nunchaku_import import convert_nunchaku_flux, looks_like_nunchaku
 from .families import model_class_by_name
 from .lora import enable_lora
-from .ops import SVDQuantOps
+from .ops import svdquant_ops
 
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Load SVDQuant Model's "weights_in_vram": fast = Hopper's int8 copy of each 4-bit weight (kernel 2c), compact = the
@@ -42,7 +42,7 @@ def build_patcher(sd: dict, fmeta: dict, n_declared: int, source: str, dtype=Non
         dtype = mm.unet_dtype(supported_dtypes=list(model_config.supported_inference_dtypes))
     manual_cast_dtype = mm.unet_manual_cast(dtype, load_device, model_config.supported_inference_dtypes)
     model_config.set_inference_dtype(dtype, manual_cast_dtype)
-    model_config.custom_operations = SVDQuantOps
+    model_config.custom_operations = svdquant_ops(manual_cast_dtype)
 
     model = model_config.get_model(sd, "")
     model.load_model_weights(sd, "")
