@@ -138,22 +138,22 @@ def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: i
     """Kernel 2 into a given output buffer (M, N). Path 91 (int_ratio on Hopper): qact/qweight int8 codes x
     multipliers, ascales the activation bases, wscales the weight bases (N,). Path 92 (kernel 2d): qweight the
     packed codes, wmult their multipliers (K/64, N)."""
-    lib = _lib.load()
     m, n = out.shape
-    k = _k_of(path, qweight, wscales)
     rp = lora.shape[1] if lora is not None else 0
+    index = out.device.index
+    _launch_gemm(_lib.load(), _ptr(qact), _ptr(ascales), _ptr(qweight), _ptr(wscales), _ptr(lora) if rp else None,
+                 _ptr(proj_up) if rp else None, _ptr(bias), _ptr(out), m, n, _k_of(path, qweight, wscales),
+                 ascales.shape[1], rp, _dt(out.dtype), path, variant, _ptr(wmult), index, _raw_stream(index))
+
+
+def _launch_gemm(lib, qa, sa, qw, ws, lora, pu, bias, out, m, n, k, mp, rp, dt, path, variant, wmult, index, stream):
+    """Kernel 2 with raw pointers: svdq_w4a4_gemm, or for path 92 (packed weights) svdq_w4a4_gemm_packed."""
     if path == 92:
-        code = lib.svdq_w4a4_gemm_packed(
-            _ptr(qact), _ptr(ascales), _ptr(qweight), _ptr(wmult), _ptr(wscales), _ptr(lora) if rp else None,
-            _ptr(proj_up) if rp else None, _ptr(bias), _ptr(out), m, n, k, ascales.shape[1], rp, _dt(out.dtype),
-            out.device.index, _raw_stream(out.device.index))
+        code = lib.svdq_w4a4_gemm_packed(qa, sa, qw, wmult, ws, lora, pu, bias, out, m, n, k, mp, rp, dt, index, stream)
         _lib.check(code, "svdq_w4a4_gemm_packed")
-        return
-    code = lib.svdq_w4a4_gemm(
-        _ptr(qact), _ptr(ascales), _ptr(qweight), _ptr(wscales), _ptr(lora) if rp else None,
-        _ptr(proj_up) if rp else None, _ptr(bias), _ptr(out), m, n, k, ascales.shape[1], rp,
-        _dt(out.dtype), path, variant, out.device.index, _raw_stream(out.device.index))
-    _lib.check(code, "svdq_w4a4_gemm")
+    else:
+        code = lib.svdq_w4a4_gemm(qa, sa, qw, ws, lora, pu, bias, out, m, n, k, mp, rp, dt, path, variant, index, stream)
+        _lib.check(code, "svdq_w4a4_gemm")
 
 
 @torch.library.custom_op("svdquant::quantize_act_lora_down", mutates_args=(), device_types="cuda")
@@ -272,13 +272,8 @@ def _run_linear(x2, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path, wmult
     _launch_quantize(lib, x2.data_ptr(), smooth, pd, base, base + off_s, lora, m, k, mp, rp, dt, fmt, index, stream,
                      keep_scratch)
     out = torch.empty((m, n), dtype=x2.dtype, device=dev)
-    if path == 92:
-        code = lib.svdq_w4a4_gemm_packed(base, base + off_s, qw, wmult, ws, lora, pu if rp else None, bias,
-                                         out.data_ptr(), m, n, k, mp, rp, dt, index, stream)
-    else:
-        code = lib.svdq_w4a4_gemm(base, base + off_s, qw, ws, lora, pu if rp else None, bias, out.data_ptr(),
-                                  m, n, k, mp, rp, dt, path, 0, index, stream)
-    _lib.check(code, "svdq_w4a4_gemm")
+    _launch_gemm(lib, base, base + off_s, qw, ws, lora, pu if rp else None, bias, out.data_ptr(), m, n, k, mp, rp, dt,
+                 path, 0, wmult, index, stream)
     return out
 
 

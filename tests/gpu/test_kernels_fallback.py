@@ -79,3 +79,52 @@ def test_packed_weights_need_hopper_and_kernel_2d(monkeypatch):
         fast = kernels.prepared_extra_bytes(n, k, r, "cuda", ratio=True)
         compact = kernels.prepared_extra_bytes(n, k, r, "cuda", ratio=True, packed=True)
         assert fast - compact == saved, (path, has_2d)
+
+
+class _RecordingLib:
+    """Stands in for the CUDA library: records each entry point's arguments, returns success."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        if not name.startswith("svdq_"):
+            raise AttributeError(name)
+        return lambda *args: self.calls.append((name, args)) or 0
+
+
+def test_eager_and_compiled_paths_pass_the_packed_layers_pointers(monkeypatch):
+    """The eager path (linear_direct), the compiled path's op body and gemm_into hand kernel 2d (path 92) the same
+    arguments in its ABI order (docs/KERNELS.md): the packed codes, their multipliers, K = 2 x the packed columns;
+    path 91 goes to svdq_w4a4_gemm with its path and variant. The library is a recorder, so this runs on the CPU."""
+    from _layers import make_ratio_layer
+    ops = kernels._get_ops()
+    lib = _RecordingLib()
+    monkeypatch.setattr(_lib, "load", lambda: lib)
+    monkeypatch.setattr(_lib, "has_packed_gemm", lambda: True)
+    monkeypatch.setattr(_lib, "quant_workspace", lambda *a: (0, 0))
+    monkeypatch.setattr(ops, "_raw_stream", lambda index: 77)
+    monkeypatch.setattr(kernels, "_device_path", lambda device: 90)
+    n, k, m = 128, 256, 5
+    lay = make_ratio_layer(n, k, 16, torch.bfloat16, "cpu")
+    x = make_x(m, k, torch.bfloat16, "cpu")
+    p92 = kernels.prepare_weights({**lay, "packed_weights": True}, torch.device("cpu"))
+    p91 = kernels.prepare_weights(lay, torch.device("cpu"))
+    assert (p92["_path"], p91["_path"]) == (92, 91)
+    y92 = ops.linear_direct(x, p92)
+    y_op = ops._linear_op(x, p92["_smooth_rcp"], ops.cast_cached(p92, "_proj_down", x.dtype), p92["_qw"],
+                          p92["_wscales"], p92["_proj_up"], p92["_bias"], p92["_rp"], p92["_afmt"], 92, p92["_wmult"])
+    ops.linear_direct(x, p91)
+    gemms = [(name, args) for name, args in lib.calls if "gemm" in name]
+    assert [g[0] for g in gemms] == ["svdq_w4a4_gemm_packed"] * 2 + ["svdq_w4a4_gemm"]
+    for _, a in gemms[:2]:
+        assert a[2] == p92["_qw"].data_ptr() and a[3] == p92["_wmult"].data_ptr() and a[4] == p92["_wscales"].data_ptr()
+        assert a[9:14] == (m, n, k, a[12], p92["_rp"]) and a[-1] == 77 and len(a) == 17
+    assert gemms[0][1][8] == y92.data_ptr() and gemms[1][1][8] == y_op.data_ptr()
+    a91 = gemms[2][1]
+    assert a91[2] == p91["_qw"].data_ptr() and a91[8:11] == (m, n, k) and a91[14:16] == (91, 0) and len(a91) == 18
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    qa, sa, la = (torch.empty(1, dtype=torch.uint8), torch.empty(1, 8), torch.empty(m, p92["_rp"]))
+    ops.gemm_into(qa, sa, p92["_qw"], p92["_wscales"], la, p92["_proj_up"], p92["_bias"], out, 92, wmult=p92["_wmult"])
+    name, a = lib.calls[-1]
+    assert name == "svdq_w4a4_gemm_packed" and a[3] == p92["_wmult"].data_ptr() and a[9:12] == (m, n, k)
