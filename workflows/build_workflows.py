@@ -210,7 +210,7 @@ def spec_ckpt_generate(fam, title):
                           size=(440, 280))}
     nodes["q4"] = node("SVDQuantLoadModel", widgets={"model_name": q4_name(prefix_of(fam["ckpt"])),
                                                      "family": fam["family"], "compute_dtype": "auto",
-                                                     "device": "default"}, size=(400, 130))
+                                                     "device": "default"}, size=(400, 154))
     nodes.update(_ckpt_text(fam))
     nodes.update(_tail(dict(fam, vae_link=("ckpt", 2)), ("q4", 0), ("positive", 0), ("negative", 0),
                        "EmptyLatentImage", fam["cfg"], f"svdquant/{fam['family']}_4bit_loaded"))
@@ -239,7 +239,7 @@ def spec_flux_generate():
     nodes = {"note": note(NOTE_GEN.format(title="FLUX.1 dev", family="flux", files=FLUX_FILES), size=(440, 280))}
     nodes["q4"] = node("SVDQuantLoadModel", widgets={"model_name": q4_name(prefix_of(FLUX["unet"])),
                                                      "family": "flux", "compute_dtype": "auto",
-                                                     "device": "default"}, size=(400, 130))
+                                                     "device": "default"}, size=(400, 154))
     nodes.update(_flux_text())
     nodes.update(_tail(fam, ("q4", 0), ("guidance", 0), ("negative", 0), "EmptySD3LatentImage", 1.0,
                        "svdquant/flux_4bit_loaded"))
