@@ -156,14 +156,14 @@ def prepare_weights(tensors: dict, device) -> dict:
         mult = tensors["wscale_mult"].to(dev)
         base = tensors["wscale_base"].to(dev, torch.float32)
         path = _hopper_path(path, True, bool(tensors.get("packed_weights")))
-        if path == 92:  # kernel 2d: the packed codes and multipliers as they are
+        if path in (91, 92):  # the weight bases (N,); the codes as kernel 2c's int8 copy or, 2d, packed as they are
+            out["_wscales"] = base.contiguous()
+        if path == 92:
             align = (_ops or _get_ops()).aligned16  # TMA reads both from 16-byte-aligned addresses
             out["_qw"] = align(qweight).view(torch.uint8)
             out["_wmult"] = align(mult)
-            out["_wscales"] = base.contiguous()
         elif path == 91:
             out["_qw"] = _int8_from_ratio(qweight, mult).view(torch.uint8)
-            out["_wscales"] = base.contiguous()
         else:
             out["_qw"] = qweight.contiguous().view(torch.uint8)
             out["_wscales"] = (base.unsqueeze(0) * mult.float()).contiguous()  # per-group steps (K/G, N)

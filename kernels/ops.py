@@ -247,13 +247,17 @@ def _act_layout(m: int, k: int, fmt: int, rp: int):
     return lay
 
 
+def _layer_args(dtype, smooth_rcp, proj_down, qweight, wscales, proj_up, bias, rank_padded, fmt, path, wmult) -> tuple:
+    """The raw arguments `_run_linear` takes after x2, from a prepared layer's tensors."""
+    return (_dt(dtype), _ptr(smooth_rcp), _ptr(proj_down), _ptr(qweight), _ptr(wscales), _ptr(proj_up), _ptr(bias),
+            qweight.shape[0], _k_of(path, qweight, wscales), rank_padded, fmt, path, _ptr(wmult))
+
+
 def _direct_args(p: dict, dtype) -> tuple:
-    """The pointers and sizes of a prepared layer that every eager call passes (its tensors stay alive in `p`)."""
-    pd = cast_cached(p, "_proj_down", dtype)  # the cast copy stays alive in p
-    qw, path = p["_qw"], p["_path"]
-    k = _k_of(path, qw, p["_wscales"])
-    return (dtype, _dt(dtype), _ptr(p["_smooth_rcp"]), _ptr(pd), _ptr(qw), _ptr(p["_wscales"]), _ptr(p["_proj_up"]),
-            _ptr(p["_bias"]), qw.shape[0], k, p["_rp"], p["_afmt"], path, _ptr(p.get("_wmult")))
+    """The pointers and sizes of a prepared layer that every eager call passes (its tensors stay alive in `p`;
+    the cast proj_down too, in cast_cached's entry)."""
+    return (dtype,) + _layer_args(dtype, p["_smooth_rcp"], cast_cached(p, "_proj_down", dtype), p["_qw"], p["_wscales"],
+                                  p["_proj_up"], p["_bias"], p["_rp"], p["_afmt"], p["_path"], p.get("_wmult"))
 
 
 def _run_linear(x2, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path, wmult, keep_scratch=True) -> torch.Tensor:
@@ -288,9 +292,8 @@ def linear_direct(x2: torch.Tensor, p: dict) -> torch.Tensor:
 
 def _linear_op(x2, smooth_rcp, proj_down, qweight, wscales, proj_up, bias, rank_padded, fmt, path, wmult):
     """svdquant::linear, what a compiled model calls per 4-bit layer: one op (not two) for the whole linear."""
-    return _run_linear(x2, _dt(x2.dtype), _ptr(smooth_rcp), _ptr(proj_down), _ptr(qweight), _ptr(wscales),
-                       _ptr(proj_up), _ptr(bias), qweight.shape[0], _k_of(path, qweight, wscales), rank_padded, fmt,
-                       path, _ptr(wmult), keep_scratch=False)
+    return _run_linear(x2, *_layer_args(x2.dtype, smooth_rcp, proj_down, qweight, wscales, proj_up, bias, rank_padded,
+                                        fmt, path, wmult), keep_scratch=False)
 
 
 _DEF.impl("linear", _linear_op, "CUDA")

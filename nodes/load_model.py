@@ -23,7 +23,7 @@ class LoadSVDQuantModel:
                 "Hopper GPUs (H100/H200) only. fast: an int8 copy of each 4-bit weight for the tensor cores "
                 "(twice the file's weight bytes in VRAM). compact: the 4-bit weights only, expanded on the fly: "
                 "about half the VRAM (FLUX.1-dev peak 7.1 instead of 15.2 GiB on an H200) and slower steps "
-                "(1.55x the 16-bit step time there). Other GPUs always keep the 4-bit weights only.")}),
+                "(about 1.5x the 16-bit step time there). Other GPUs always keep the 4-bit weights only.")}),
         }}
 
     def load(self, model_name, family, compute_dtype, device, weights_in_vram="fast"):

@@ -24,11 +24,16 @@ DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "f
 WEIGHTS_IN_VRAM = {"fast": False, "compact": True}
 
 
+def _packed_weights(weights_in_vram: str) -> bool:
+    if weights_in_vram not in WEIGHTS_IN_VRAM:
+        raise ValueError(f"weights_in_vram must be one of {sorted(WEIGHTS_IN_VRAM)}, not {weights_in_vram!r}")
+    return WEIGHTS_IN_VRAM[weights_in_vram]
+
+
 def build_patcher(sd: dict, fmeta: dict, n_declared: int, source: str, dtype=None, device: str = "default",
                   weights_in_vram: str = "fast"):
     """Model + ModelPatcher from a 4-bit state dict (consumed) and its file declaration."""
-    if weights_in_vram not in WEIGHTS_IN_VRAM:
-        raise ValueError(f"weights_in_vram must be one of {sorted(WEIGHTS_IN_VRAM)}, not {weights_in_vram!r}")
+    packed = _packed_weights(weights_in_vram)
     if not fmeta.get("model_class"):
         raise CheckpointError(f"{source}: the declaration names no model_class, so the model cannot be built")
     try:
@@ -52,7 +57,7 @@ def build_patcher(sd: dict, fmeta: dict, n_declared: int, source: str, dtype=Non
     model = model.to(offload_device)
     quantized = [m for m in model.diffusion_model.modules() if getattr(m, "quantized", False)]
     for m in quantized:  # before ComfyUI sizes the model (kernel_cache entries) and moves it to the GPU
-        m.set_packed_weights(WEIGHTS_IN_VRAM[weights_in_vram])
+        m.set_packed_weights(packed)
     n_q = len(quantized)
     if n_q != n_declared:
         raise CheckpointError(f"{source}: {n_declared} layers are declared 4-bit but {n_q} were found in the model; "
@@ -78,6 +83,7 @@ def read_4bit_file(path: str):
 
 def load_svdquant_model(path: str, expected_family: str = "auto", compute_dtype: str = "auto",
                         device: str = "default", weights_in_vram: str = "fast"):
+    _packed_weights(weights_in_vram)  # a bad setting fails before a large file is read
     sd, fmeta, layers = read_4bit_file(path)
     family = fmeta.get("family")
     if expected_family != "auto" and family != expected_family:

@@ -1702,6 +1702,16 @@ static int dispatch_sm90_i8(const Sm90Params& p, int variant, int dev, cudaStrea
   }
 }
 
+// The checks both GEMM entry points make: sizes, padded rank, the LoRA operands present with a rank, and the
+// operands read as 16-byte vectors (or by TMA) 16-byte aligned.
+static bool gemm_args_ok(const void* qact, const float* ascales, const void* qweight, const float* wscales,
+                         const float* lora, const float* proj_up, const void* out, int M, int N, int K, int Mp, int rp) {
+  if (M <= 0 || N <= 0 || K <= 0 || K % G || N % 64 || Mp < M || Mp % 4 || rp % 32 || rp > 128) return false;
+  if (rp > 0 && (!lora || !proj_up)) return false;
+  return !(((uintptr_t)qact | (uintptr_t)qweight | (uintptr_t)ascales | (uintptr_t)wscales | (uintptr_t)lora |
+            (uintptr_t)proj_up | (uintptr_t)out) & 15);
+}
+
 // Kernel 2d: the int_ratio Hopper GEMM on the file's packed weights (no int8 copy in VRAM): qweight packed int4
 // (N, K/2), wmult uint8 (K/64, N), wbase fp32 (N); the rest as svdq_w4a4_gemm's path 91.
 SVDQ_API int svdq_w4a4_gemm_packed(const void* qact, const float* abase, const void* qweight, const void* wmult,
@@ -1709,11 +1719,8 @@ SVDQ_API int svdq_w4a4_gemm_packed(const void* qact, const float* abase, const v
                                    void* out, int M, int N, int K, int Mp, int rp, int out_dtype, int device,
                                    void* stream) {
   if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
-  if (M <= 0 || N <= 0 || K <= 0 || K % G || N % 64 || Mp < M || Mp % 4 || rp % 32 || rp > 128 || !wmult || !wbase)
-    return ERR_BAD_ARG;
-  if (rp > 0 && (!lora || !proj_up)) return ERR_BAD_ARG;
-  if (((uintptr_t)qact | (uintptr_t)qweight | (uintptr_t)wmult | (uintptr_t)abase | (uintptr_t)wbase |
-       (uintptr_t)lora | (uintptr_t)proj_up | (uintptr_t)out) & 15)
+  if (!wmult || !wbase || ((uintptr_t)wmult & 15) || !gemm_args_ok(qact, abase, qweight, wbase, lora, proj_up, out, M, N,
+                                                                      K, Mp, rp))
     return ERR_BAD_ARG;
   Sm90Params p{(const uint8_t*)qact, abase, (const uint8_t*)qweight, wbase, lora, proj_up, bias, out, M, N, K, Mp, rp};
   const auto* mu = static_cast<const uint8_t*>(wmult);
@@ -1727,12 +1734,7 @@ SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* 
                             const float* lora, const float* proj_up, const float* bias, void* out, int M, int N, int K,
                             int Mp, int rp, int out_dtype, int path, int variant, int device, void* stream) {
   if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
-  if (M <= 0 || N <= 0 || K <= 0 || K % G || N % 64 || Mp < M || rp % 32 || rp > 128) return ERR_BAD_ARG;
-  if (rp > 0 && (!lora || !proj_up)) return ERR_BAD_ARG;
-  if (((uintptr_t)qact | (uintptr_t)qweight | (uintptr_t)ascales | (uintptr_t)wscales | (uintptr_t)lora |
-       (uintptr_t)proj_up | (uintptr_t)out) & 15)
-    return ERR_BAD_ARG;
-  if (Mp % 4) return ERR_BAD_ARG;
+  if (!gemm_args_ok(qact, ascales, qweight, wscales, lora, proj_up, out, M, N, K, Mp, rp)) return ERR_BAD_ARG;
   cudaStream_t st = (cudaStream_t)stream;
   if (path == 90) {
     Sm90Params p{(const uint8_t*)qact, ascales, (const uint8_t*)qweight, wscales, lora, proj_up, bias, out, M, N, K, Mp, rp};
