@@ -1151,9 +1151,6 @@ struct I8Smem {  // TOTAL must stay within the 227 KB an sm_90 CTA may use
   static_assert(TOTAL <= 227 * 1024, "int_ratio GEMM tile does not fit in shared memory");
 };
 constexpr int I8P_CONVERTERS = 96;  // kernel 2d: warps 1-3 of the producer warpgroup expand the packed weights
-#ifndef I8P_INFLIGHT
-#define I8P_INFLIGHT 2  // units each converter thread loads before expanding (latency hiding)
-#endif
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ void fence_operand(int32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
@@ -1197,19 +1194,17 @@ __device__ __forceinline__ void expand8(uint32_t w, uint32_t f, uint32_t bias, u
   hi = __byte_perm(ab, cd, 0x7632);
 }
 
-// One unit of kernel 2d's expansion: 32 codes w of row n = u / 4 at K offset 32 (u % 4), times f, into the two swizzled
-// 16-byte units of the int8 operand row at b (a warp's 8 rows hit distinct banks).
-__device__ __forceinline__ void expand_unit(uint8_t* b, int u, const uint4& w, uint32_t f) {
-  const int n = u >> 2, j = u & 3;
+// One unit of kernel 2d's expansion: 32 codes w (one row, K offset 32 j) times f into the row's two swizzled
+// 16-byte units lo and hi of the int8 operand.
+__device__ __forceinline__ void expand_unit(const uint4& w, uint32_t f, uint8_t* lo, uint8_t* hi) {
   const uint32_t bias = (256u - 8u * f) * 0x00010001u;
   uint4 o0, o1;
   expand8(w.x, f, bias, o0.x, o0.y);
   expand8(w.y, f, bias, o0.z, o0.w);
   expand8(w.z, f, bias, o1.x, o1.y);
   expand8(w.w, f, bias, o1.z, o1.w);
-  uint8_t* row = b + n * 128;
-  *reinterpret_cast<uint4*>(row + (((2 * j) ^ (n & 7)) << 4)) = o0;
-  *reinterpret_cast<uint4*>(row + (((2 * j + 1) ^ (n & 7)) << 4)) = o1;
+  *reinterpret_cast<uint4*>(lo) = o0;
+  *reinterpret_cast<uint4*>(hi) = o1;
 }
 
 // Kernel 2d's converter warps (I8P_CONVERTERS threads, t = 0..95): each K stage's packed tile becomes the int8
@@ -1220,27 +1215,25 @@ __device__ __forceinline__ void expand_unit(uint8_t* b, int u, const uint4& w, u
 // zero-filled by the TMA, codes and multipliers alike (f = 0 expands to 0).
 template <int BN, int STAGES, class S, class C>
 __device__ __forceinline__ void expand_stages(const C& c, int t) {
+  // Thread t expands units u = t + 96 i (512 units of 32 codes per stage): row n = t / 4 + 24 i, quarter j = t % 4 of
+  // the row's 64 packed bytes (group j / 2). 24 i is a multiple of 8, so j and the row's swizzle (n mod 8) are the
+  // thread's own constants and every address is a base plus i times a stride, computed once (the per-unit index
+  // arithmetic was a quarter of the converter's instructions, and its instructions are kernel 2d's time: ncu).
+  constexpr int ROWS = I8P_CONVERTERS / 4;  // rows per round
+  static_assert(I8P_CONVERTERS % 4 == 0 && ROWS % 8 == 0 && BN * 4 >= I8P_CONVERTERS, "converter mapping");
+  const int j = t & 3, n0 = t >> 2, sw = n0 & 7;
+  const int src = S::PK_OFF + n0 * 64 + j * 16, mul = S::PKM_OFF + (j >> 1) * BN + n0;
+  const int lo = S::A_BYTES + n0 * 128 + (((2 * j) ^ sw) << 4), hi = S::A_BYTES + n0 * 128 + (((2 * j + 1) ^ sw) << 4);
+  const int rounds = (BN * 4 - t + I8P_CONVERTERS - 1) / I8P_CONVERTERS;
   for (int s = 0; s < c.total; ++s) {
     const int slot = s % STAGES;
     uint8_t* st = c.smem + slot * S::STAGE_BYTES;
     if (s < c.nstages) {
       mbar_wait(c.raw_bar(slot), (s / STAGES) & 1);
-      const uint8_t* mult = st + S::PKM_OFF;  // the stage's two groups' multipliers, BN each (TMA, 0 past N or K)
-      // 32 codes (16 bytes) of row n at K offset 32 j (group j / 2) per unit; I8P_INFLIGHT units in flight per
-      // thread (one converter warp per scheduler is latency-bound: ncu, 2026-12-04). Past the 512th unit a slot
-      // repeats the round's first unit (rewriting the same bytes).
-      for (int u0 = t; u0 < BN * 4; u0 += I8P_INFLIGHT * I8P_CONVERTERS) {
-        uint4 w[I8P_INFLIGHT];
-        uint32_t f[I8P_INFLIGHT];
-        int u[I8P_INFLIGHT];
-#pragma unroll
-        for (int i = 0; i < I8P_INFLIGHT; ++i) {
-          u[i] = u0 + i * I8P_CONVERTERS < BN * 4 ? u0 + i * I8P_CONVERTERS : u0;
-          w[i] = *reinterpret_cast<const uint4*>(st + S::PK_OFF + (u[i] >> 2) * 64 + (u[i] & 3) * 16);
-          f[i] = mult[((u[i] & 3) >> 1) * BN + (u[i] >> 2)];
-        }
-#pragma unroll
-        for (int i = 0; i < I8P_INFLIGHT; ++i) expand_unit(st + S::A_BYTES, u[i], w[i], f[i]);
+#pragma unroll 2
+      for (int i = 0; i < rounds; ++i) {
+        const uint4 w = *reinterpret_cast<const uint4*>(st + src + i * ROWS * 64);
+        expand_unit(w, st[mul + i * ROWS], st + lo + i * ROWS * 128, st + hi + i * ROWS * 128);
       }
       fence_proxy_async();
     } else if (s >= STAGES) {
