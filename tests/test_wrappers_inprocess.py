@@ -327,8 +327,10 @@ def test_torch_compile_model_adds_no_graph_break(comfy, quantized_sd15):
     kernels._BACKEND_LOGGED.clear()  # the first call ever is the traced one, as for a user
     mm.load_models_gpu([qm])
     dm = qm.model.diffusion_model
-    explained = torch._dynamo.explain(dm)(x.to(qm.load_device), s.to(qm.load_device),
-                                          context=pos[0][0].to(qm.load_device))
+    # the dtypes BaseModel._apply_model hands the diffusion model: x and context in the compute dtype
+    dt = qm.model.manual_cast_dtype or qm.model.get_dtype()
+    explained = torch._dynamo.explain(dm)(x.to(qm.load_device, dt), s.to(qm.load_device),
+                                          context=pos[0][0].to(qm.load_device, dt))
     ours = [str(b.reason).splitlines()[0] + " at " + f"{f.filename}:{f.lineno}"
             for b in explained.break_reasons for f in (b.user_stack or []) if f.filename.startswith(pack_dirs)]
     assert explained.graph_count > 0 and not ours, ours
