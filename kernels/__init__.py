@@ -189,8 +189,10 @@ def _fp32_rcp_and_bias(tensors: dict, dev) -> dict:
     import torch
 
     b = tensors.get("bias")
-    return {"_smooth_rcp": (1.0 / tensors["smooth_factor"].to(dev, torch.float32)).contiguous(),
-            "_bias": None if b is None else b.to(dev, torch.float32).contiguous()}
+    if b is not None:
+        b = b.to(dev, torch.float32).contiguous()
+        b = b if b.data_ptr() % 16 == 0 else b.clone()  # the Hopper epilogue reads it as float2, the C side checks 16
+    return {"_smooth_rcp": (1.0 / tensors["smooth_factor"].to(dev, torch.float32)).contiguous(), "_bias": b}
 
 
 def _act16_gemv(device) -> bool:

@@ -973,13 +973,21 @@ __device__ __forceinline__ void consumer_tail(float (&acc)[BN / 2], uint32_t sba
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
   }
+  // All bias loads in flight before the first store (ncu, int_ratio GEMM at FLUX qkv: loaded inside the guarded
+  // store loop they were 16 serial L2 round trips per tile, a quarter of the kernel's stall samples). Not earlier:
+  // held across the LoRA-up the 32-48 registers spill at BN = 192 and with 3 consumer warpgroups.
+  float2 bv[BN / 8];
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int col = n0 + 8 * j + 2 * tig;
+    bv[j] = bias && col < N ? __ldg(reinterpret_cast<const float2*>(bias + col)) : make_float2(0.f, 0.f);
+  }
   const int gm0 = m0 + r0, gm1 = gm0 + 8;
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) {
     const int col = n0 + 8 * j + 2 * tig;
     if (col >= N) continue;
-    float b0 = 0.f, b1 = 0.f;
-    if (bias) { b0 = bias[col]; b1 = bias[col + 1]; }
+    const float b0 = bv[j].x, b1 = bv[j].y;
     if (gm0 < M)
       *reinterpret_cast<uint32_t*>(out + (size_t)gm0 * N + col) = Pack2<OutT>::from_f2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b1);
     if (gm1 < M)
@@ -1667,12 +1675,13 @@ static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st, const uint8_t* w
 }
 
 // Tile shape for the int_ratio GEMM by a wave-quantisation cost model: waves = ceil(tiles / SMs), cost = waves x
-// tile MACs x the shape's relative per-MAC time (192x128: 0.85, its 3 consumer warpgroups hide the per-chunk
-// promotion better; 128x192: 0.95). It picks the fastest measured shape on all 12 benchmark shapes (H200,
-// docs/KERNELS.md) or one within 2% of it.
+// tile MACs x the shape's relative per-MAC time against 128x128, fitted on the H200 after the epilogue's bias loads
+// were batched (2026-12-04, docs/KERNELS.md §4d; 128x192 had paid 24 serial bias round trips per tile before): 128x192
+// 0.87 (0.82-0.90 at K >= 3072), 192x128 0.92. It picks the fastest measured shape on the 12 benchmark shapes or one
+// within 3% of it.
 static int pick_i8_variant(int M, int N, int dev) {
   struct Shape { int variant, bm, bn; double eff; };
-  const Shape shapes[3] = {{3, 128, 128, 1.0}, {1, 192, 128, 0.85}, {2, 128, 192, 0.95}};
+  const Shape shapes[3] = {{3, 128, 128, 1.0}, {1, 192, 128, 0.92}, {2, 128, 192, 0.87}};
   const int sms = sm_count(dev);
   int best = 3;
   double best_cost = 0;
@@ -1696,13 +1705,14 @@ static int dispatch_sm90_i8(const Sm90Params& p, int variant, int dev, cudaStrea
 }
 
 // The checks both GEMM entry points make: sizes, padded rank, the LoRA operands present with a rank, and the
-// operands read as 16-byte vectors (or by TMA) 16-byte aligned.
+// operands read as vectors (or by TMA) 16-byte aligned.
 static bool gemm_args_ok(const void* qact, const float* ascales, const void* qweight, const float* wscales,
-                         const float* lora, const float* proj_up, const void* out, int M, int N, int K, int Mp, int rp) {
+                         const float* lora, const float* proj_up, const float* bias, const void* out, int M, int N, int K,
+                         int Mp, int rp) {
   if (M <= 0 || N <= 0 || K <= 0 || K % G || N % 64 || Mp < M || Mp % 4 || rp % 32 || rp > 128) return false;
   if (rp > 0 && (!lora || !proj_up)) return false;
   return !(((uintptr_t)qact | (uintptr_t)qweight | (uintptr_t)ascales | (uintptr_t)wscales | (uintptr_t)lora |
-            (uintptr_t)proj_up | (uintptr_t)out) & 15);
+            (uintptr_t)proj_up | (uintptr_t)bias | (uintptr_t)out) & 15);
 }
 
 // Kernel 2d: the int_ratio Hopper GEMM on the file's packed weights (no int8 copy in VRAM): qweight packed int4
@@ -1712,8 +1722,8 @@ SVDQ_API int svdq_w4a4_gemm_packed(const void* qact, const float* abase, const v
                                    void* out, int M, int N, int K, int Mp, int rp, int out_dtype, int device,
                                    void* stream) {
   if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
-  if (!wmult || !wbase || ((uintptr_t)wmult & 15) || !gemm_args_ok(qact, abase, qweight, wbase, lora, proj_up, out, M, N,
-                                                                      K, Mp, rp))
+  if (!wmult || !wbase || ((uintptr_t)wmult & 15) || !gemm_args_ok(qact, abase, qweight, wbase, lora, proj_up, bias, out,
+                                                                      M, N, K, Mp, rp))
     return ERR_BAD_ARG;
   Sm90Params p{(const uint8_t*)qact, abase, (const uint8_t*)qweight, wbase, lora, proj_up, bias, out, M, N, K, Mp, rp};
   const auto* mu = static_cast<const uint8_t*>(wmult);
@@ -1727,7 +1737,7 @@ SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* 
                             const float* lora, const float* proj_up, const float* bias, void* out, int M, int N, int K,
                             int Mp, int rp, int out_dtype, int path, int variant, int device, void* stream) {
   if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
-  if (!gemm_args_ok(qact, ascales, qweight, wscales, lora, proj_up, out, M, N, K, Mp, rp)) return ERR_BAD_ARG;
+  if (!gemm_args_ok(qact, ascales, qweight, wscales, lora, proj_up, bias, out, M, N, K, Mp, rp)) return ERR_BAD_ARG;
   cudaStream_t st = (cudaStream_t)stream;
   if (path == 90) {
     Sm90Params p{(const uint8_t*)qact, ascales, (const uint8_t*)qweight, wscales, lora, proj_up, bias, out, M, N, K, Mp, rp};
