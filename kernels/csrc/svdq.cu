@@ -49,6 +49,22 @@ static constexpr int RATIO_CHUNK = 4;  // groups sharing one int_ratio activatio
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_shared_v4(uint32_t addr, float4 v) {
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+}
+__device__ __forceinline__ float2 ld_shared_f2(uint32_t addr) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];\n" : "=f"(v.x), "=f"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+  return v;
+}
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   int n = valid ? 16 : 0;  // src-size 0 -> zero fill
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n) : "memory");
@@ -948,14 +964,32 @@ __device__ __forceinline__ void produce_stages(const WsMaps& maps, const StageLa
   }
 }
 
+// All NC consumer warpgroups of the CTA at named barrier 5 (the producer warpgroup does not take part).
+template <int NC>
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync 5, %0;\n" ::"n"(128 * NC) : "memory");
+}
+
 // The consumer warpgroup's tail, shared by every Hopper GEMM: the LoRA-up tiles (extra pipeline stages after the K
 // loop, A = lora_act rows, B = proj_up rows, fp32) as tf32 wgmma into the fp32 accumulators, then + bias, cast and
 // store of this warpgroup's 64 x BN outputs. Barrier layout: full[STAGES] then empty[STAGES] at bar_base.
-template <int BN, int STAGES, typename OutT>
+// The outputs go through shared memory (the pipeline ring, free once every consumer warpgroup has waited for its last
+// wgmma: the producer has issued its last stage and all of them have landed): the accumulator fragments hold 4 bytes
+// per row and 8-column block, as 48 scattered 4-byte stores per thread (ncu at FLUX qkv: 13 % of the stall samples,
+// LSU-queue throttled); staged, a quarter warp stores 128 contiguous bytes of a row with 16-byte stores.
+template <int BN, int STAGES, int NC, typename OutT>
 __device__ __forceinline__ void consumer_tail(float (&acc)[BN / 2], uint32_t sbase, uint32_t bar_base, int stage_bytes,
                                               int a_bytes, int nstages, int nkb, int cw, int r0, int tig, int m0,
                                               int n0, int M, int N, const float* __restrict__ bias,
                                               OutT* __restrict__ out) {
+  constexpr int RS = BN * 2 + 16;  // staging row stride, bytes: +16 puts the 8 rows of a fragment store on 8 bank quads
+  constexpr int BIAS_OFF = NC * 64 * RS;  // then each warpgroup's copy of the tile's bias row (BN floats)
+  static_assert(BIAS_OFF + NC * BN * 4 <= STAGES * (NC * 64 * 128 + BN * 128), "output staging exceeds the ring");
+  // The tile's bias row, one float4 per thread, loaded now so that the LoRA-up hides its latency (loaded inside the
+  // guarded store loop, 16-24 serial L2 round trips per tile were a quarter of the stall samples at FLUX qkv, ncu)
+  const int t = threadIdx.x & 127;
+  float4 bq = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (bias && t < BN / 4 && n0 + 4 * t < N) bq = __ldg(reinterpret_cast<const float4*>(bias + n0 + 4 * t));
   if (nkb > 0) {
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
@@ -973,25 +1007,26 @@ __device__ __forceinline__ void consumer_tail(float (&acc)[BN / 2], uint32_t sba
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) fence_operand(acc[i]);
   }
-  // All bias loads in flight before the first store (ncu, int_ratio GEMM at FLUX qkv: loaded inside the guarded
-  // store loop they were 16 serial L2 round trips per tile, a quarter of the kernel's stall samples). Not earlier:
-  // held across the LoRA-up the 32-48 registers spill at BN = 192 and with 3 consumer warpgroups.
-  float2 bv[BN / 8];
+  consumers_sync<NC>();  // every warpgroup's last wgmma has read the ring
+  const uint32_t stg = sbase + cw * 64 * RS, bs = sbase + BIAS_OFF + cw * BN * 4;
+  if (t < BN / 4) st_shared_v4(bs + 16 * t, bq);
+  consumers_sync<NC>();
+  const int lr = r0 - cw * 64;  // this thread's first row within the warpgroup's 64
 #pragma unroll
   for (int j = 0; j < BN / 8; ++j) {
-    const int col = n0 + 8 * j + 2 * tig;
-    bv[j] = bias && col < N ? __ldg(reinterpret_cast<const float2*>(bias + col)) : make_float2(0.f, 0.f);
+    const float2 b = ld_shared_f2(bs + (8 * j + 2 * tig) * 4);
+    const uint32_t at = stg + lr * RS + (8 * j + 2 * tig) * 2;
+    st_shared_u32(at, Pack2<OutT>::from_f2(acc[4 * j + 0] + b.x, acc[4 * j + 1] + b.y));
+    st_shared_u32(at + 8 * RS, Pack2<OutT>::from_f2(acc[4 * j + 2] + b.x, acc[4 * j + 3] + b.y));
   }
-  const int gm0 = m0 + r0, gm1 = gm0 + 8;
-#pragma unroll
-  for (int j = 0; j < BN / 8; ++j) {
-    const int col = n0 + 8 * j + 2 * tig;
-    if (col >= N) continue;
-    const float b0 = bv[j].x, b1 = bv[j].y;
-    if (gm0 < M)
-      *reinterpret_cast<uint32_t*>(out + (size_t)gm0 * N + col) = Pack2<OutT>::from_f2(acc[4 * j + 0] + b0, acc[4 * j + 1] + b1);
-    if (gm1 < M)
-      *reinterpret_cast<uint32_t*>(out + (size_t)gm1 * N + col) = Pack2<OutT>::from_f2(acc[4 * j + 2] + b0, acc[4 * j + 3] + b1);
+  consumers_sync<NC>();
+  constexpr int PPR = BN / 8;  // 16-byte pieces per row
+#pragma unroll 4
+  for (int i = 0; i < 64 * PPR / 128; ++i) {
+    const int c = t + 128 * i, row = c / PPR, piece = c % PPR;
+    const int gm = m0 + cw * 64 + row, col = n0 + piece * 8;
+    if (gm < M && col < N)
+      *reinterpret_cast<uint4*>(out + (size_t)gm * N + col) = ld_shared_v4(stg + row * RS + piece * 16);
   }
 }
 #endif
@@ -1056,7 +1091,7 @@ __global__ void __launch_bounds__(384, 1)
       promote_group<BN>(acc, P1, sa_s[128 + r0], sa_s[128 + r0 + 8], sw_s + BN, tig);
       c.release_stage(s);
     }
-    consumer_tail<BN, STAGES, OutT>(acc, c.sbase, c.bar_base, S::STAGE_BYTES, S::A_BYTES, c.nstages, c.nkb, cw, r0, tig,
+    consumer_tail<BN, STAGES, 2, OutT>(acc, c.sbase, c.bar_base, S::STAGE_BYTES, S::A_BYTES, c.nstages, c.nkb, cw, r0, tig,
                                     c.m0, c.n0, M, N, bias, out);
   }
 #endif
@@ -1123,7 +1158,7 @@ __global__ void __launch_bounds__(512, 1)
       }
       c.release_stage(s);
     }
-    consumer_tail<BN, STAGES, OutT>(acc, c.sbase, c.bar_base, S::STAGE_BYTES, S::A_BYTES, c.nstages, c.nkb, cw, r0, tig,
+    consumer_tail<BN, STAGES, 3, OutT>(acc, c.sbase, c.bar_base, S::STAGE_BYTES, S::A_BYTES, c.nstages, c.nkb, cw, r0, tig,
                                     c.m0, c.n0, M, N, bias, out);
   }
 #endif
@@ -1326,7 +1361,7 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
       const float2 wb = col < N ? *reinterpret_cast<const float2*>(wbase + col) : make_float2(0.f, 0.f);
       acc[4 * j + 0] *= wb.x; acc[4 * j + 1] *= wb.y; acc[4 * j + 2] *= wb.x; acc[4 * j + 3] *= wb.y;
     }
-    consumer_tail<BN, STAGES, OutT>(acc, c.sbase, c.bar_base, S::STAGE_BYTES, S::A_BYTES, c.nstages, c.nkb, cw, r0, tig,
+    consumer_tail<BN, STAGES, NC, OutT>(acc, c.sbase, c.bar_base, S::STAGE_BYTES, S::A_BYTES, c.nstages, c.nkb, cw, r0, tig,
                                     c.m0, c.n0, M, N, bias, out);
   }
 #endif
@@ -1675,13 +1710,12 @@ static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st, const uint8_t* w
 }
 
 // Tile shape for the int_ratio GEMM by a wave-quantisation cost model: waves = ceil(tiles / SMs), cost = waves x
-// tile MACs x the shape's relative per-MAC time against 128x128, fitted on the H200 after the epilogue's bias loads
-// were batched (2026-12-04, docs/KERNELS.md §4d; 128x192 had paid 24 serial bias round trips per tile before): 128x192
-// 0.87 (0.82-0.90 at K >= 3072), 192x128 0.92. It picks the fastest measured shape on the 12 benchmark shapes or one
-// within 3% of it.
+// tile MACs x the shape's relative per-MAC time against 128x128, fitted on the H200 after the epilogue went through
+// shared memory (2026-12-04, docs/KERNELS.md §4d): 192x128 0.90 (0.78-0.93 over the 12 shapes), 128x192 0.96. It
+// picks the fastest measured shape on all 12 benchmark shapes.
 static int pick_i8_variant(int M, int N, int dev) {
   struct Shape { int variant, bm, bn; double eff; };
-  const Shape shapes[3] = {{3, 128, 128, 1.0}, {1, 192, 128, 0.92}, {2, 128, 192, 0.87}};
+  const Shape shapes[3] = {{3, 128, 128, 1.0}, {1, 192, 128, 0.90}, {2, 128, 192, 0.96}};
   const int sms = sm_count(dev);
   int best = 3;
   double best_cost = 0;
