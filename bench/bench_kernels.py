@@ -4,8 +4,8 @@ Each timing: a CUDA graph of REPS back-to-back calls on the same buffers, replay
 of (graph time / REPS). "ours" = the whole 4-bit linear (quantize + LoRA-down, GEMM + LoRA-up + bias),
 rank 32, bias, through kernels.linear (the path ComfyUI uses), for both scale modes: "int" = int_ratio
 scales (Hopper: s8 wgmma, the default of new files), "flt" = float scales (Hopper: e4m3 wgmma with
-per-group promotion); "quant" and "gemm" are the two kernels alone. gemm_v7_1/2/3/4 = the int_ratio tile
-shapes 192x128 / 128x192 / 128x128 / 128x128 with two chunk accumulators on the same inputs (the default picks one by a cost model). Ratios are bf16 time / method time (>1 = faster than bf16), from the same run.
+per-group promotion); "quant" and "gemm" are the two kernels alone. gemm_v7_1/2/3 = the int_ratio tile
+shapes 192x128 / 128x192 / 128x128 on the same inputs (the default picks one by a cost model). Ratios are bf16 time / method time (>1 = faster than bf16), from the same run.
 Usage: python3 bench/bench_kernels.py [--json out.json] [--quick]
 """
 import argparse
@@ -112,7 +112,7 @@ def main():
                 row["int_eager_us"] = time_eager(lambda: kernels.linear(x, p))
                 if p["_path"] == 91:
                     outb = torch.empty((m, n), dtype=dtype, device=dev)
-                    for v in (1, 2, 3, 4):
+                    for v in (1, 2, 3):
                         row[f"gemm_v7_{v}_us"] = time_graph(lambda: ops.gemm_into(
                             qa, sa, p["_qw"], p["_wscales"], la, p["_proj_up"], p["_bias"], outb, 91, variant=v))
             del p, qa, sa, la
@@ -124,7 +124,7 @@ def main():
     cols = [("bf16", "bf16_us"), ("fp8", "fp8_us"), ("int", "int_us"), ("i.quant", "int_quant_us"),
             ("i.gemm", "int_gemm_us"), ("i.eager", "int_eager_us"), ("flt", "flt_us"), ("f.gemm", "flt_gemm_us"),
             ("fp8x", "ratio_fp8"), ("intx", "int_ratio"), ("i.gemmx", "int_ratio_gemm"), ("fltx", "flt_ratio"),
-            ("i.TF", "int_gemm_tflops"), ("v7_1", "gemm_v7_1_us"), ("v7_2", "gemm_v7_2_us"), ("v7_3", "gemm_v7_3_us"), ("v7_4", "gemm_v7_4_us")]
+            ("i.TF", "int_gemm_tflops"), ("v7_1", "gemm_v7_1_us"), ("v7_2", "gemm_v7_2_us"), ("v7_3", "gemm_v7_3_us")]
     print(f"{'shape':14s} {'M':>5s} {'K':>6s} {'N':>6s} | " + " ".join(f"{c:>7s}" for c, _ in cols))
     for r in rows:
         vals = []

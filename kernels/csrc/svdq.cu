@@ -889,7 +889,6 @@ struct WsCta {
     mbar_wait(full_bar(s % STAGES), (s / STAGES) & 1);
     return smem + (s % STAGES) * STAGE_BYTES;
   }
-  __device__ __forceinline__ uint8_t* slot(int s) const { return smem + (s % STAGES) * STAGE_BYTES; }
   // A consumer thread is done with stage s's slot (the producer refills it once all consumers are).
   __device__ __forceinline__ void release_stage(int s) const { mbar_arrive(empty_bar(s % STAGES)); }
 };
@@ -1288,80 +1287,9 @@ __device__ __forceinline__ void expand_stages(const C& c, int t) {
 }
 #endif
 
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// int_ratio chunk promotion: the chunk's exact int32 sums P times the rows' activation bases into acc (int -> float
-// exact for |v| < 2^22: the bits of 1.5*2^23 + v, minus 1.5*2^23).
-template <int BN>
-__device__ __forceinline__ void promote_chunk_i8(float (&acc)[BN / 2], int32_t (&P)[BN / 2], float a0, float a1) {
-  constexpr int MAGIC_I = 0x4B400000;
-  constexpr float MAGIC_F = 12582912.0f;
-#pragma unroll
-  for (int j = 0; j < BN / 8; ++j) {
-    acc[4 * j + 0] = fmaf(__int_as_float(P[4 * j + 0] + MAGIC_I) - MAGIC_F, a0, acc[4 * j + 0]);
-    acc[4 * j + 1] = fmaf(__int_as_float(P[4 * j + 1] + MAGIC_I) - MAGIC_F, a0, acc[4 * j + 1]);
-    acc[4 * j + 2] = fmaf(__int_as_float(P[4 * j + 2] + MAGIC_I) - MAGIC_F, a1, acc[4 * j + 2]);
-    acc[4 * j + 3] = fmaf(__int_as_float(P[4 * j + 3] + MAGIC_I) - MAGIC_F, a1, acc[4 * j + 3]);
-  }
-}
-
-// The wgmmas of one 256-K chunk (stages 2ch and 2ch + 1, the last chunk may have one) into P, one commit group.
-template <int BN, class S, class C>
-__device__ __forceinline__ void issue_chunk_i8(const C& c, int ch, int32_t (&P)[BN / 2], int cw) {
-  wg_arrive();
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int s = 2 * ch + h;
-    if (s >= c.nstages) break;
-    const ConsumerStage<S> st(c.wait_stage(s), cw);
-    wgmma_s8<BN>(P, make_desc(st.a_base + 0), make_desc(st.b_base + 0), h);  // scale-d 0 starts the chunk's sum
-    wgmma_s8<BN>(P, make_desc(st.a_base + 32), make_desc(st.b_base + 32), 1);
-    wgmma_s8<BN>(P, make_desc(st.a_base + 64), make_desc(st.b_base + 64), 1);
-    wgmma_s8<BN>(P, make_desc(st.a_base + 96), make_desc(st.b_base + 96), 1);
-  }
-  wg_commit();
-}
-
-// The chunk's activation bases (on each of its stages) and the release of its stages.
-template <int BN, class S, class C>
-__device__ __forceinline__ void finish_chunk_i8(const C& c, int ch, float (&acc)[BN / 2], int32_t (&P)[BN / 2], int cw,
-                                                int r0) {
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) fence_operand(P[i]);
-  const ConsumerStage<S> st(c.slot(2 * ch), cw);
-  promote_chunk_i8<BN>(acc, P, st.sa[r0], st.sa[r0 + 8]);
-  c.release_stage(2 * ch);
-  if (2 * ch + 1 < c.nstages) c.release_stage(2 * ch + 1);
-}
-
-// The 2c main loop with two chunk accumulators (variant 4): chunks ch and ch + 1 are issued back to back, and ch's
-// promotion runs while ch + 1's wgmmas do (the single-accumulator loop waits for its own wgmmas before every
-// promotion: 28 % of the stall samples at FLUX qkv, ncu). Nothing is in flight across the loop's back edge (ptxas
-// serialises wgmmas carried across it).
-template <int BN, class S, class C>
-__device__ __forceinline__ void i8_mainloop_dual(const C& c, float (&acc)[BN / 2], int cw, int r0) {
-  int32_t P0[BN / 2], P1[BN / 2];
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) { P0[i] = 0; P1[i] = 0; }
-  const int nch = (c.nstages + 1) / 2;
-  for (int ch = 0; ch < nch; ch += 2) {
-    issue_chunk_i8<BN, S>(c, ch, P0, cw);
-    if (ch + 1 < nch) {
-      issue_chunk_i8<BN, S>(c, ch + 1, P1, cw);
-      wg_wait<1>();
-      finish_chunk_i8<BN, S>(c, ch, acc, P0, cw, r0);
-      wg_wait<0>();
-      finish_chunk_i8<BN, S>(c, ch + 1, acc, P1, cw, r0);
-    } else {
-      wg_wait<0>();
-      finish_chunk_i8<BN, S>(c, ch, acc, P0, cw, r0);
-    }
-  }
-}
-#endif
-
 // PACKED (kernel 2d): the weights stay packed int4 in VRAM (half the bytes of 2c's int8 copy, none beside the
 // file's tensors); warps 1-3 of the producer warpgroup expand each stage's tile in shared memory (expand_stages).
-template <int BN, int STAGES, int NC, typename OutT, bool PACKED = false, bool DUAL = false>
+template <int BN, int STAGES, int NC, typename OutT, bool PACKED = false>
 __global__ void __launch_bounds__(128 * (NC + 1), 1)
     gemm_sm90_i8_kernel(const __grid_constant__ WsMaps maps, const float* __restrict__ wbase,
                         const float* __restrict__ bias, OutT* __restrict__ out, int M, int N, int K, int rp) {
@@ -1394,15 +1322,10 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
     const ConsumerLane ln(tid);
     const int cw = ln.cw, tig = ln.tig, r0 = ln.r0;
     float acc[BN / 2];
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-    if constexpr (DUAL) {
-      static_assert(NC == 2 && BN == 128, "two chunk accumulators fit 232 registers at 128 x 128 tiles only");
-      i8_mainloop_dual<BN, S>(c, acc, cw, r0);
-    } else {
     int32_t P[BN / 2];
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i) P[i] = 0;
+    for (int i = 0; i < BN / 2; ++i) { acc[i] = 0.f; P[i] = 0; }
+
     for (int s = 0; s < c.nstages; ++s) {
       const ConsumerStage<S> st(c.wait_stage(s), cw);
       const uint32_t a_base = st.a_base, b_base = st.b_base;
@@ -1430,7 +1353,6 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
       }
       c.release_stage(s);
       if (s & 1) c.release_stage(s - 1);  // the chunk's first stage is free too
-    }
     }
     // weight base per output column, then LoRA-up into the same accumulators
 #pragma unroll
@@ -1762,7 +1684,7 @@ static int launch_sm90_ws6(const Sm90Params& p, cudaStream_t st) {
 // 11 = v6, 12 = v2; 2/3/4/6/7 = timing-only diagnostics (wrong results, see gemm_sm90_ws_kernel).
 // int_ratio Hopper GEMM (kernel 2c): qa int8 (M, K), abase fp32 (ceil(K/256), Mp), qw int8 (N, K), wbase fp32 (N).
 // Kernel 2d (PACKED): qw is the packed int4 (N, K/2) of the file and wmult its multipliers (K/64, N) uint8.
-template <int BN, int STAGES, int NC, typename OutT, bool PACKED = false, bool DUAL = false>
+template <int BN, int STAGES, int NC, typename OutT, bool PACKED = false>
 static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st, const uint8_t* wmult = nullptr) {
   using S = I8Smem<BN, STAGES, NC, PACKED>;
   constexpr int BM = S::BM;
@@ -1779,7 +1701,7 @@ static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st, const uint8_t* w
                    make_map(&maps.wm, wmult, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.N, p.K / G, p.N, BN, 2,
                             CU_TENSOR_MAP_SWIZZLE_NONE)))
     return ERR_NO_PATH;
-  auto kern = gemm_sm90_i8_kernel<BN, STAGES, NC, OutT, PACKED, DUAL>;
+  auto kern = gemm_sm90_i8_kernel<BN, STAGES, NC, OutT, PACKED>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
   if (e != cudaSuccess) return (int)e;
   int tiles = ((p.N + BN - 1) / BN) * ((p.M + BM - 1) / BM);
@@ -1812,7 +1734,6 @@ static int dispatch_sm90_i8(const Sm90Params& p, int variant, int dev, cudaStrea
     case 1: return launch_sm90_i8<128, 5, 3, OutT>(p, st);  // 192 x 128 tiles, 3 consumer warpgroups
     case 2: return launch_sm90_i8<192, 5, 2, OutT>(p, st);  // 128 x 192 tiles
     case 3: return launch_sm90_i8<128, 6, 2, OutT>(p, st);  // 128 x 128 tiles
-    case 4: return launch_sm90_i8<128, 6, 2, OutT, false, true>(p, st);  // 128 x 128, two chunk accumulators
     default: return ERR_BAD_ARG;
   }
 }
