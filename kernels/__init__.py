@@ -189,9 +189,8 @@ def _fp32_rcp_and_bias(tensors: dict, dev) -> dict:
     import torch
 
     b = tensors.get("bias")
-    if b is not None:
-        b = b.to(dev, torch.float32).contiguous()
-        b = b if b.data_ptr() % 16 == 0 else b.clone()  # the Hopper epilogue reads it as float2, the C side checks 16
+    if b is not None:  # the Hopper epilogue reads it as float4 (the C side checks the alignment)
+        b = (_ops or _get_ops()).aligned16(b.to(dev, torch.float32))
     return {"_smooth_rcp": (1.0 / tensors["smooth_factor"].to(dev, torch.float32)).contiguous(), "_bias": b}
 
 
