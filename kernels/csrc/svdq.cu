@@ -41,6 +41,9 @@ enum { FMT_INT4 = 0, FMT_E4M3 = 1, FMT_I8 = 2 };
 enum { AF_INT4 = 0, AF_E4M3 = 1, AF_INT4_RATIO = 2, AF_I8_RATIO = 3 };
 static constexpr int G = 64;  // group size (the only one the kernels implement)
 static constexpr int QF = 4;
+// Steps below the smallest normal float get step 1: rcp.approx.ftz would flush them to 0 and return inf (their
+// chunk's values are below ~1e-36, so their codes are 0 either way; the old `sc > 0` test let such a step through).
+static constexpr float FLT_MIN_NORMAL = 1.17549435e-38f;
 static constexpr int RATIO_CHUNK = 4;  // groups sharing one int_ratio activation base (kernels/reference.py ACT_CHUNK_GROUPS)  // fan-in of kernel 1's fixed LoRA-down reduction tree over K-splits
 
 // ------------------------------------------------------------------------------------------------
@@ -386,7 +389,7 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
         smooth8<T>(raw[j][i], lam, v);
         const float sc = RATIO ? base[i] * mult[j][i] : mult[j][i];
         float inv;
-        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv) : "f"(sc > 0.f ? sc : 1.0f));
+        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv) : "f"(sc >= FLT_MIN_NORMAL ? sc : 1.0f));
         if (ch == 0) {
           if (FMT == FMT_I8) {
             if (j == 0) ascales[(size_t)(c0 / CH) * Mp + m] = base[i];
@@ -636,13 +639,15 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
         smooth8<T>(raw, lam, v);
         const float sc = base[i] * mult[j][i];
         float inv;
-        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv) : "f"(sc > 0.f ? sc : 1.0f));
-        const float f = mult[j][i];
+        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv) : "f"(sc >= FLT_MIN_NORMAL ? sc : 1.0f));
+        const uint32_t f = static_cast<uint32_t>(mult[j][i]);
         uint32_t w[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-          const float q = (fminf(fmaxf(v[e] * inv, -7.f), 7.f) + MAGIC) - MAGIC;  // rounded code
-          w[e] = __float_as_uint(fmaf(q, f, MAGIC));  // low byte = code x f as int8
+          // The bits of round(v / sc) + 1.5*2^23 times f hold code x f in their low byte (the constant's is 0): one
+          // IMAD where a clamp, an FADD and an FFMA were. No clamp: the multiplier makes |v / sc| <= 7 up to a few
+          // ulps for finite inputs (ceil(amax / 7 base), and at its cap 18 amax <= 126 base), so round() <= 7.
+          w[e] = __float_as_uint(__fadd_rn(__fmul_rn(v[e], inv), MAGIC)) * f;
         }
         // low bytes of w[0..3] / w[4..7] -> one word each (3 PRMT per 4 codes)
         const uint32_t lo = __byte_perm(__byte_perm(w[0], w[1], 0x0040), __byte_perm(w[2], w[3], 0x0040), 0x5410);
