@@ -151,6 +151,7 @@ def sample_row(row, tag, patcher, family, b, res, steps, cfg_scale, device, comp
 KERNEL_CATEGORIES = (  # (category, substrings of the kernel name), first match wins
     ("4-bit quantize + LoRA-down", ("quant_lora_down", "quant_i8_ratio")),
     ("4-bit GEMM + LoRA-up", ("gemm_sm90", "gemm_mma_s4")),
+    ("fused FLUX block ops", ("qk_norm_rope", "concat_rows")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("16-bit GEMM (cuBLAS)", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_")),
     ("copies", ("memcpy", "memset", "copy", "cat", "index")),
@@ -292,6 +293,13 @@ def run_family(family, args, dtype, device, checkpoint=lambda row: None):
     if args.profile:
         row["profile4"] = profile_step(q, family, 1, res, cfg_scale, device)
     checkpoint(row)
+    if args.unfused_too and family == "flux":  # the same 4-bit model through ComfyUI's own block forward
+        from comfyui_svdquant.wrappers.flux_blocks import remove_fused_flux_blocks
+        row["fused_blocks_removed"] = remove_fused_flux_blocks(q)
+        sample_row(row, "4u", q, family, 1, res, steps, cfg_scale, device, None)
+        if args.profile:
+            row["profile4u"] = profile_step(q, family, 1, res, cfg_scale, device)
+        checkpoint(row)
     if args.vram_cap:
         sample_capped(row, q, family, res, steps, cfg_scale, device, args.vram_cap)
     row["bytes_ratio"] = row["bytes_4"] / row["bytes_16"]
@@ -322,6 +330,8 @@ def main():
     ap.add_argument("--verbose", action="store_true", help="show the pack's INFO log (calibration progress per layer)")
     ap.add_argument("--weights-in-vram", default="fast", choices=["fast", "compact"],
                     help="Load SVDQuant Model's weights_in_vram for the 4-bit model (Hopper: int8 copy or packed)")
+    ap.add_argument("--unfused-too", action="store_true",
+                    help="FLUX: also time the 4-bit model without the fused block forward (wrappers/flux_blocks.py)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.vram_cap and args.alloc_conf and os.environ.get("PYTORCH_CUDA_ALLOC_CONF") != args.alloc_conf:
@@ -372,7 +382,10 @@ def main():
         if args.vram_cap and "b1_step4cap_s" in r:
             print(f"   batch 1 with {r['vram_cap_gib']:g} GiB free (low-VRAM load): step {r['b1_step4cap_s'] * 1e3:8.1f} ms, "
                   f"peak allocated {r['b1_peak4cap_gib']:.2f} GiB, reserved {r['b1_reserved4cap_gib']:.2f} GiB", flush=True)
-        for tag in ("16", "4"):
+        if "b1_step4u_s" in r:
+            print(f"   batch 1, 4-bit without the fused blocks: step {r['b1_step4u_s'] * 1e3:8.1f} ms "
+                  f"({r['b1_step4u_s'] / r['b1_step16_s'] if 'b1_step16_s' in r else float('nan'):.2f}x)", flush=True)
+        for tag in ("16", "4", "4u"):
             if f"profile{tag}" in r:
                 pr = r[f"profile{tag}"]
                 print(f"   one step, {tag}-bit, GPU {pr['gpu_ms']:.1f} ms: " + ", ".join(

@@ -61,7 +61,25 @@ def _bind(lib):
     if hasattr(lib, "svdq_w4a16_gemv"):  # optional as well (kernels/csrc/w4a16.cu)
         lib.svdq_w4a16_gemv.restype = c_int
         lib.svdq_w4a16_gemv.argtypes = [c_void_p] * 10 + [c_int] * 5 + [c_void_p]
+    if hasattr(lib, "svdq_qk_norm_rope"):  # optional as well (kernels/csrc/flux_ops.cu)
+        c_ll = ctypes.c_longlong
+        lib.svdq_qk_norm_rope.restype = c_int
+        lib.svdq_qk_norm_rope.argtypes = ([c_void_p, c_ll, c_ll, c_int, c_void_p, c_void_p] * 2
+                                          + [c_void_p, c_ll] + [c_void_p] * 3 + [c_int, c_int, ctypes.c_float]
+                                          + [c_int, c_int, c_void_p])
+        lib.svdq_ln_modulate.restype = c_int
+        lib.svdq_ln_modulate.argtypes = [c_void_p, c_ll, c_void_p, c_void_p, c_ll, c_void_p, c_int, c_int, c_int,
+                                         ctypes.c_float, c_int, c_int, c_void_p]
+        lib.svdq_concat_rows.restype = c_int
+        lib.svdq_concat_rows.argtypes = [c_void_p, c_ll, c_int, c_void_p, c_ll, c_int, c_int, c_void_p, c_int, c_int,
+                                         c_void_p]
     return lib
+
+
+def has_flux_ops() -> bool:
+    """Whether the loaded library has the FLUX blocks' kernels (kernels/csrc/flux_ops.cu)."""
+    lib = load()
+    return lib is not None and hasattr(lib, "svdq_qk_norm_rope")
 
 
 def has_gptq() -> bool:

@@ -15,6 +15,6 @@ else
          -gencode=arch=compute_120,code=sm_120 -gencode=arch=compute_120,code=compute_120)
 fi
 "$NVCC" -std=c++17 -O3 -shared -Xcompiler -fPIC,-fvisibility=hidden -cudart static \
-  -Xptxas -v "${ARCHS[@]}" -o "$OUT/libsvdq_kernels.so" "$HERE/csrc/svdq.cu" "$HERE/csrc/gptq.cu" "$HERE/csrc/w4a16.cu" 2> "$OUT/ptxas.log" || { cat "$OUT/ptxas.log"; exit 1; }
+  -Xptxas -v "${ARCHS[@]}" -o "$OUT/libsvdq_kernels.so" "$HERE/csrc/svdq.cu" "$HERE/csrc/gptq.cu" "$HERE/csrc/w4a16.cu" "$HERE/csrc/flux_ops.cu" 2> "$OUT/ptxas.log" || { cat "$OUT/ptxas.log"; exit 1; }
 grep -E "C75|error|spill stores" "$OUT/ptxas.log" | grep -v " 0 bytes spill stores" | sort | uniq -c || true
 echo "built $OUT/libsvdq_kernels.so"

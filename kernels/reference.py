@@ -234,3 +234,40 @@ def svdquant_linear(x, qweight, wscales, smooth_factor, proj_down, proj_up, bias
     y = w4a4_gemm(qact, ascales, qweight, wscales, lora_act, proj_up, bias, x.dtype, group_size,
                   unsigned_act=act_shift is not None)
     return y.reshape(*lead, qweight.shape[0])
+
+
+def qk_norm_rope(sources, pe, heads: int, eps: float = 1e-6):
+    """The attention's q, k, v (B, H, L, D) from qkv rows, as ComfyUI's FLUX blocks make them (comfy/ldm/flux:
+    QKNorm, then math.apply_rope, the double block's concatenation along L): kernels/csrc/flux_ops.cu's reference.
+    sources: [(qkv (B, L_i, >= 3·H·D) with rows [3, H, D], q_scale (D,), k_scale (D,))], concatenated in order;
+    pe: fp32 (1 or B, 1, L, D/2, 2, 2). Same torch ops as ComfyUI, so on the CPU the output is bitwise its own."""
+    qs, ks, vs = [], [], []
+    for qkv, q_scale, k_scale in sources:
+        b, l, _ = qkv.shape
+        d = q_scale.shape[0]
+        q, k, v = qkv[..., :3 * heads * d].view(b, l, 3, heads, d).permute(2, 0, 3, 1, 4)
+        qs.append(torch.nn.functional.rms_norm(q, (d,), weight=q_scale.to(q.dtype), eps=eps))
+        ks.append(torch.nn.functional.rms_norm(k, (d,), weight=k_scale.to(k.dtype), eps=eps))
+        vs.append(v)
+    q, k, v = (torch.cat(t, dim=2) if len(t) > 1 else t[0] for t in (qs, ks, vs))
+    return _rope(q, pe), _rope(k, pe), v.contiguous()
+
+
+def _rope(x, freqs_cis):
+    x_ = x.to(dtype=freqs_cis.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    x_out = freqs_cis[..., 0] * x_[..., 0]
+    x_out.addcmul_(freqs_cis[..., 1], x_[..., 1])
+    return x_out.reshape(*x.shape).type_as(x)
+
+
+def concat_rows(a, b, gelu_b: bool = False):
+    """[a | b] along the last dimension, b through GELU (tanh form) when gelu_b, as the FLUX single block makes the
+    input of its linear2 (mlp_act, then torch.cat): kernels/csrc/flux_ops.cu's reference."""
+    return torch.cat((a, torch.nn.functional.gelu(b, approximate="tanh") if gelu_b else b), dim=-1)
+
+
+def ln_modulate(x, shift, scale, eps: float = 1e-6):
+    """LayerNorm(x) (no affine) · (1 + scale) + shift, as ComfyUI's FLUX blocks compute a linear's modulated input
+    (an affine-free nn.LayerNorm, then flux/layers.py apply_mod's addcmul): flux_ops.cu ln_modulate's reference.
+    x (B, L, C); shift, scale (B, 1, C)."""
+    return torch.addcmul(shift, torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps), 1 + scale)

@@ -108,9 +108,10 @@ def denoise_once_flux(patcher, x, sigma, cond):
     import comfy.model_management as mm
     mm.load_models_gpu([patcher])
     dev = patcher.load_device
+    opts = dict(patcher.model_options.get("transformer_options", {}))  # its block patches, as the samplers pass them
     with torch.no_grad():
         return patcher.model.apply_model(x.to(dev), sigma.to(dev), c_crossattn=cond[0][0].to(dev),
-                                         y=cond[0][1]["pooled_output"].to(dev),
+                                         y=cond[0][1]["pooled_output"].to(dev), transformer_options=opts,
                                          guidance=torch.tensor([3.5], device=dev)).float().cpu()
 
 

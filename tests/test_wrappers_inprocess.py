@@ -11,17 +11,28 @@ pytestmark = inprocess_marks()
 
 
 
-@pytest.fixture(scope="module")
-def quantized_sd15(comfy, tmp_path_factory):
+def _quantize_tiny(patcher, conds, path, alphas, cfg, scheduler):
+    """Calibrate & Quantize's code on a tiny model: rank 16, 2 steps of one (pos, neg) pair, saved to `path`."""
     from comfyui_svdquant.core.config import QuantConfig, RankPolicy
     from comfyui_svdquant.wrappers.quantize import calibrate_and_quantize
+    return calibrate_and_quantize(patcher, [conds], QuantConfig(rank=RankPolicy("fixed", 16), alpha_grid=alphas), 2,
+                                  cfg, "euler", scheduler, 0, 64, 64, save_path=path)
+
+
+@pytest.fixture(scope="module")
+def quantized_sd15(comfy, tmp_path_factory):
     mp = comfy.tiny_sd15_patcher()
-    pos, neg = comfy.sd15_conds()
     path = str(tmp_path_factory.mktemp("q") / "tiny_sd15_00001.safetensors")
-    qcfg = QuantConfig(rank=RankPolicy("fixed", 16), alpha_grid=(0.3, 0.5))
-    qm, text, report = calibrate_and_quantize(mp, [(pos, neg)], qcfg, 2, 2.0, "euler", "normal", 0, 64, 64,
-                                              save_path=path)
+    qm, text, report = _quantize_tiny(mp, comfy.sd15_conds(), path, (0.3, 0.5), 2.0, "normal")
     return mp, qm, text, report, path
+
+
+@pytest.fixture(scope="module")
+def quantized_flux(comfy, tmp_path_factory):
+    mp = comfy.tiny_flux_patcher()
+    path = str(tmp_path_factory.mktemp("f") / "tiny_flux.safetensors")
+    qm, _, report = _quantize_tiny(mp, comfy.flux_conds(), path, (0.5,), 1.0, "simple")
+    return mp, qm, report, path
 
 
 def _probe_inputs(seed=5):
@@ -125,15 +136,10 @@ def test_zero_samples_and_too_large_rank_are_refused(comfy):
                                "euler", "normal", 0, 64, 64)
 
 
-def test_flux_quantize_save_load(comfy, tmp_path):
-    from comfyui_svdquant.core.config import QuantConfig, RankPolicy
+def test_flux_quantize_save_load(comfy, quantized_flux):
     from comfyui_svdquant.wrappers.loader import load_svdquant_model
-    from comfyui_svdquant.wrappers.quantize import calibrate_and_quantize
-    mp = comfy.tiny_flux_patcher()
-    pos, neg = comfy.flux_conds()
-    path = str(tmp_path / "tiny_flux.safetensors")
-    qm, text, report = calibrate_and_quantize(mp, [(pos, neg)], QuantConfig(rank=RankPolicy("fixed", 16), alpha_grid=(0.5,)),
-                                              2, 1.0, "euler", "simple", 0, 64, 64, save_path=path)
+    mp, qm, report, path = quantized_flux
+    pos, _ = comfy.flux_conds()
     assert report["family"] == "flux"
     names = set(report["layers"])
     # embedders and the final layer stay 16-bit; attention, MLP and modulation linears are 4-bit
@@ -424,3 +430,80 @@ def test_flux_unsigned_gelu_layers(comfy, tmp_path):
     y_mem = comfy.denoise_once_flux(qm, x, s, pos)
     y_file = comfy.denoise_once_flux(lm, x, s, pos)
     assert torch.allclose(y_mem, y_file, rtol=0, atol=1e-5)
+
+
+def test_flux_attention_prep_reference_is_comfyui_own(comfy):
+    """kernels/reference.py qk_norm_rope (the CUDA kernel's oracle and the CPU path) against ComfyUI's QKNorm,
+    txt ‖ img concatenation and apply_rope on the same tensors: bitwise, two sources with strided rows, B = 2."""
+    from comfy.ldm.flux.layers import QKNorm
+    from comfy.ldm.flux.math import apply_rope
+    from comfyui_svdquant.kernels import reference
+    g = torch.Generator().manual_seed(3)
+    b, h, d, lt, li = 2, 3, 16, 5, 7
+    norms = []
+    for _ in range(2):
+        n = QKNorm(d, dtype=comfy.DTYPE)
+        with torch.no_grad():
+            n.query_norm.scale.copy_(1 + 0.3 * torch.randn(d, generator=g))
+            n.key_norm.scale.copy_(1 + 0.3 * torch.randn(d, generator=g))
+        norms.append(n)
+    wide = torch.randn(b, lt + li, 3 * h * d + 32, generator=g).to(comfy.DTYPE)  # rows wider than qkv: strided views
+    txt, img = wide[:, :lt, : 3 * h * d], wide[:, lt:, 32:]
+    pe = torch.randn(b, 1, lt + li, d // 2, 2, 2, generator=g)
+
+    def comfy_qkv(x, norm):
+        q, k, v = x.reshape(b, x.shape[1], 3, h, d).permute(2, 0, 3, 1, 4)
+        return (*norm(q, k, v), v)
+
+    tq, tk, tv = comfy_qkv(txt, norms[0])
+    iq, ik, iv = comfy_qkv(img, norms[1])
+    want_q, want_k = apply_rope(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), pe)
+    want_v = torch.cat((tv, iv), 2)
+    got = reference.qk_norm_rope([(txt, norms[0].query_norm.scale, norms[0].key_norm.scale),
+                                  (img, norms[1].query_norm.scale, norms[1].key_norm.scale)], pe, h)
+    for g_, w in zip(got, (want_q, want_k, want_v)):
+        assert g_.shape == (b, h, lt + li, d) and g_.dtype == comfy.DTYPE
+        assert torch.equal(g_, w)
+
+
+def test_flux_fused_blocks_replace_every_block_with_comfyui_output(comfy, quantized_flux, monkeypatch):
+    """wrappers/flux_blocks.py: a loaded 4-bit FLUX model gets a block-replace patch per block; the patched forward
+    runs the fused modulated LayerNorms and attention preparation in every block and gives ComfyUI's forward's output (bitwise on the CPU,
+    where the references are ComfyUI's ops; within the kernels' rounding on a GPU). A clone keeps the patches
+    without copying the blocks, and an attention mask falls back to ComfyUI's block."""
+    from comfyui_svdquant.kernels import flux_ops
+    from comfyui_svdquant.wrappers import flux_blocks, loader
+    path = quantized_flux[3]
+    dtype = str(comfy.DTYPE).removeprefix("torch.")
+    fused, _ = loader.load_svdquant_model(path, expected_family="flux", compute_dtype=dtype)
+    dm = fused.model.diffusion_model
+    dit = fused.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert set(dit) == {("double_block", 0), ("single_block", 0)}
+    clone = fused.clone()
+    assert clone.model_options["transformer_options"]["patches_replace"]["dit"][("single_block", 0)].block \
+        is dm.single_blocks[0]
+
+    calls, lns = [], []
+    real, real_ln = flux_blocks.qk_norm_rope, flux_blocks.ln_modulate
+    monkeypatch.setattr(flux_blocks, "qk_norm_rope", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    monkeypatch.setattr(flux_blocks, "ln_modulate", lambda *a, **k: lns.append(a[0].shape) or real_ln(*a, **k))
+    pos, _ = comfy.flux_conds()
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    s = torch.tensor([0.7])
+    y_fused = comfy.denoise_once_flux(fused, x, s, pos)
+    assert calls == [2, 1]  # the double block's two sources (txt, img), the single block's one
+    assert len(lns) == 5  # the double block's four modulated LayerNorms (img, txt x attention, MLP), the single's one
+    assert flux_blocks.remove_fused_flux_blocks(fused) == 2
+    y_plain = comfy.denoise_once_flux(fused, x, s, pos)
+    assert calls == [2, 1] and torch.isfinite(y_plain).all()
+    if comfy.ON_GPU:
+        assert flux_ops._kernel_ok(fused.load_device)  # the CUDA kernels ran, not the references
+        assert float((y_fused - y_plain).norm() / y_plain.norm()) < 1e-2
+    else:
+        assert torch.equal(y_fused, y_plain)
+
+    seen = []
+    patch = flux_blocks.FusedSingleBlock(dm.single_blocks[0])
+    out = patch({"img": torch.zeros(1), "vec": None, "pe": None, "attn_mask": torch.ones(1)},
+                {"original_block": lambda args: seen.append(args) or {"img": "original"}})
+    assert out == {"img": "original"} and len(seen) == 1

@@ -15,6 +15,7 @@ import comfy.model_patcher
 from ..core.checkpoint import CheckpointError, check_layers, load_checkpoint, parse_declaration, read_header
 from ..core.nunchaku_import import convert_nunchaku_flux, looks_like_nunchaku
 from .families import model_class_by_name
+from .flux_blocks import install_fused_flux_blocks
 from .lora import enable_lora
 from .ops import svdquant_ops
 
@@ -65,6 +66,7 @@ def build_patcher(sd: dict, fmeta: dict, n_declared: int, source: str, dtype=Non
     logging.info(f"[svdquant] built {fmeta.get('family')} ({fmeta['model_class']}) from {source}: "
                  f"{n_q} 4-bit linears, compute dtype {dtype}, weights in VRAM: {weights_in_vram}")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    install_fused_flux_blocks(patcher)
     enable_lora(patcher)
     return patcher
 

@@ -35,7 +35,6 @@
 #include "svdq_abi.h"
 #include "wgmma_gen.h"
 
-enum { DT_F16 = 0, DT_BF16 = 1 };
 enum { FMT_INT4 = 0, FMT_E4M3 = 1, FMT_I8 = 2 };
 // ABI activation formats of svdq_quantize_act_lora_down (kernel 1's FMT x float/int_ratio scales)
 enum { AF_INT4 = 0, AF_E4M3 = 1, AF_INT4_RATIO = 2, AF_I8_RATIO = 3 };

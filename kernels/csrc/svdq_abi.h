@@ -5,3 +5,4 @@
 #define SVDQ_API extern "C" __attribute__((visibility("default")))
 
 enum { ERR_BAD_ARG = 10001, ERR_NO_PATH = 10002 };
+enum { DT_F16 = 0, DT_BF16 = 1 };  // the dtype argument (kernels/_lib.py DT_*)
