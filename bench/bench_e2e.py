@@ -17,6 +17,9 @@ allocator is capped at G GiB (set_per_process_memory_fraction), so going over fa
 backend is ComfyUI's default (cudaMallocAsync, as its main.py sets) unless --alloc-conf says otherwise.
 --profile records one denoising step of each model with torch.profiler and sums GPU time per category
 (4-bit GEMM, quantize, 16-bit GEMM, attention, norms/elementwise, copies).
+FLUX 4-bit models run the fused block forward (wrappers/flux_blocks.py, as the loader installs it);
+--unfused-too also times the 4-bit model through ComfyUI's own block forward, --fused-16bit the 16-bit model
+through the fused one, so the quantization's share and the fusion's share of the speed-up are both on record.
 
   python3 bench/bench_e2e.py --family sd15 sdxl --json out.json          # on the GPU machine
   python3 bench/bench_e2e.py --family sd15 --tiny --steps 2              # plumbing check (CPU ok)
@@ -258,6 +261,14 @@ def run_family(family, args, dtype, device, checkpoint=lambda row: None):
         sample_row(row, "16", p16, family, b, res, steps, cfg_scale, device, args.compile)
     if args.profile and not args.skip_16bit:
         row["profile16"] = profile_step(p16, family, 1, res, cfg_scale, device)
+    if args.fused_16bit and family == "flux":  # the 16-bit model with the same fused block forward (a clone: the
+        from comfyui_svdquant.wrappers.flux_blocks import install_fused_flux_blocks  # calibration sees ComfyUI's)
+        p16f = p16.clone()
+        install_fused_flux_blocks(p16f)
+        sample_row(row, "16f", p16f, family, 1, res, steps, cfg_scale, device, None)
+        if args.profile:
+            row["profile16f"] = profile_step(p16f, family, 1, res, cfg_scale, device)
+        del p16f
     checkpoint(row)
     qcfg = QuantConfig(alpha_grid=(0.5,)) if args.fast_quant else QuantConfig()
     pos, neg = conds(family, 1, device)
@@ -332,6 +343,8 @@ def main():
                     help="Load SVDQuant Model's weights_in_vram for the 4-bit model (Hopper: int8 copy or packed)")
     ap.add_argument("--unfused-too", action="store_true",
                     help="FLUX: also time the 4-bit model without the fused block forward (wrappers/flux_blocks.py)")
+    ap.add_argument("--fused-16bit", action="store_true",
+                    help="FLUX: also time the 16-bit model with the fused block forward (wrappers/flux_blocks.py)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.vram_cap and args.alloc_conf and os.environ.get("PYTORCH_CUDA_ALLOC_CONF") != args.alloc_conf:
@@ -382,10 +395,13 @@ def main():
         if args.vram_cap and "b1_step4cap_s" in r:
             print(f"   batch 1 with {r['vram_cap_gib']:g} GiB free (low-VRAM load): step {r['b1_step4cap_s'] * 1e3:8.1f} ms, "
                   f"peak allocated {r['b1_peak4cap_gib']:.2f} GiB, reserved {r['b1_reserved4cap_gib']:.2f} GiB", flush=True)
+        if "b1_step16f_s" in r:
+            print(f"   batch 1, 16-bit with the fused blocks: step {r['b1_step16f_s'] * 1e3:8.1f} ms; 4-bit / 16-bit, both "
+                  f"fused: {r['b1_step4_s'] / r['b1_step16f_s']:.2f}x", flush=True)
         if "b1_step4u_s" in r:
             print(f"   batch 1, 4-bit without the fused blocks: step {r['b1_step4u_s'] * 1e3:8.1f} ms "
                   f"({r['b1_step4u_s'] / r['b1_step16_s'] if 'b1_step16_s' in r else float('nan'):.2f}x)", flush=True)
-        for tag in ("16", "4", "4u"):
+        for tag in ("16", "16f", "4", "4u"):
             if f"profile{tag}" in r:
                 pr = r[f"profile{tag}"]
                 print(f"   one step, {tag}-bit, GPU {pr['gpu_ms']:.1f} ms: " + ", ".join(
