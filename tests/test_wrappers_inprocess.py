@@ -507,3 +507,23 @@ def test_flux_fused_blocks_replace_every_block_with_comfyui_output(comfy, quanti
     out = patch({"img": torch.zeros(1), "vec": None, "pe": None, "attn_mask": torch.ones(1)},
                 {"original_block": lambda args: seen.append(args) or {"img": "original"}})
     assert out == {"img": "original"} and len(seen) == 1
+
+
+def test_fused_flux_blocks_on_a_16bit_model(comfy):
+    """The fused block forward on a 16-bit FLUX (bench_e2e --fused-16bit compares with it): installed on a clone (the
+    source patcher keeps no patch, the weights are shared), ComfyUI's forward's output (bitwise on the CPU; within
+    the kernels' rounding on a GPU). A non-FLUX model gets no patch."""
+    from comfyui_svdquant.wrappers.flux_blocks import install_fused_flux_blocks
+    mp = comfy.tiny_flux_patcher()
+    fused = mp.clone()
+    assert install_fused_flux_blocks(fused) == 2 and fused.model is mp.model
+    assert "patches_replace" not in mp.model_options["transformer_options"]
+    pos, _ = comfy.flux_conds()
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+    s = torch.tensor([0.6])
+    y_fused, y_plain = comfy.denoise_once_flux(fused, x, s, pos), comfy.denoise_once_flux(mp, x, s, pos)
+    if comfy.ON_GPU:
+        assert float((y_fused - y_plain).norm() / y_plain.norm()) < 1e-2
+    else:
+        assert torch.equal(y_fused, y_plain)
+    assert install_fused_flux_blocks(comfy.tiny_sd15_patcher()) == 0
