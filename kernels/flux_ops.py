@@ -1,11 +1,13 @@
-"""The FLUX block's attention preparation and row concatenation (kernels/csrc/flux_ops.cu), with their references.
+"""The FLUX blocks' kernels (kernels/csrc/flux_ops.cu) with their references: what wrappers/flux_blocks.py runs
+between a block's linears.
 
-`ln_modulate` is a block's modulated LayerNorm (a linear's input); `qk_norm_rope` turns qkv projection rows into the attention's q, k, v (B, H, L, D) as ComfyUI's FLUX blocks do
-(QKNorm, RoPE, the double block's txt ‖ img concatenation) in one pass; `concat_rows` is the single block's
-[attention | GELU(MLP)] concatenation for its second linear. Both run the CUDA kernels where the library has them and the
-inputs fit (CUDA, bf16/fp16, head dim 128, unit last stride, aligned), else the torch references (kernels/reference.py),
-which are ComfyUI's own ops. Registered as custom ops (`svdquant::ln_modulate`, `svdquant::qk_norm_rope`, `svdquant::concat_rows`) with fake
-implementations, so a compiled FLUX model keeps them in its graph; eager calls skip the op dispatch.
+`ln_modulate`: a linear's modulated input, LayerNorm · (1 + scale) + shift; `qk_norm_rope`: the attention's q, k, v
+(B, H, L, D) from qkv projection rows (QKNorm, RoPE, the double block's txt ‖ img concatenation); `concat_rows`: the
+single block's [attention | GELU(MLP)] input of linear2. Each is one pass; each runs its CUDA kernel where the library
+has it and the inputs fit (CUDA, bf16/fp16, strides and alignment; head dim 128 for qk_norm_rope), else its reference
+(kernels/reference.py), which is ComfyUI's own ops. Registered as custom ops (`svdquant::ln_modulate`,
+`svdquant::qk_norm_rope`, `svdquant::concat_rows`) with fake implementations, so a compiled FLUX model keeps them in
+its graph; eager calls skip the op dispatch.
 """
 from typing import Optional
 
@@ -111,7 +113,7 @@ def _concat_any(a: torch.Tensor, b: torch.Tensor, gelu_b: bool = False, out: Opt
 def concat_rows(a: torch.Tensor, b: torch.Tensor, gelu_b: bool = False) -> torch.Tensor:
     """torch.cat((a, b), -1) for (..., Ka) and (..., Kb) with equal leading shapes and any row strides, b through
     GELU (tanh form) first when gelu_b: the FLUX single block's linear2 input. Its MLP part is a column slice of
-    linear1's output, on which torch's GELU and cat take slow non-vectorised paths (~150 + 60 µs per block at 1024²)."""
+    linear1's output, on which torch's GELU takes a slow non-vectorised path (~150 µs per block at 1024², H200)."""
     if torch.compiler.is_compiling():
         return torch.ops.svdquant.concat_rows.default(a, b, gelu_b)
     return _concat_any(a, b, gelu_b)

@@ -1,4 +1,4 @@
-"""FLUX blocks with their attention preparation fused, through ComfyUI's block-replace hook.
+"""FLUX blocks with the passes between their linears fused, through ComfyUI's block-replace hook.
 
 ComfyUI's FLUX forward looks up `patches_replace["dit"][("double_block" | "single_block", i)]` before each block
 (comfy/ldm/flux/model.py) and calls the patch with the block's inputs and the original block. A 4-bit FLUX model
@@ -9,9 +9,9 @@ SingleStreamBlock forward, with the block's own modules (the 4-bit linears, LoRA
   concatenation in one pass (ComfyUI: ~10 torch passes per block, ~20 ms of a FLUX step on an H200, docs/E2E.md);
 - the single block's [attention | GELU(MLP)] input of linear2 comes from `concat_rows`, the GELU inside the copy
   (torch's GELU and cat take slow non-vectorised paths on the MLP part, a column slice of linear1's output).
-Anything the fused forward does not cover (an attention mask, the blocks of FLUX variants without per-block
-modulation, img-before-txt order, a fp16 model's overflow guards are kept) runs the original block. On the CPU
-the references are ComfyUI's own ops, so the patched model's output is bitwise the original's there.
+A call the fused forward does not cover (an attention mask, FLUX variants without per-block modulation, img-before-txt
+order) runs the original block; fp16 models keep ComfyUI's overflow guards. On the CPU the references are ComfyUI's
+own ops, so the patched model's output is bitwise the original's there.
 A user patch set later for the same block (e.g. PuLID's) replaces ours and gets the original block: still correct.
 """
 import logging
@@ -57,7 +57,7 @@ class _BlockPatch:
 
 
 class FusedDoubleBlock(_BlockPatch):
-    """patches_replace entry for FLUX double block i (ComfyUI's DoubleStreamBlock.forward, attention prep fused)."""
+    """patches_replace entry for a FLUX double block (ComfyUI's DoubleStreamBlock.forward with the fused passes)."""
 
     def __call__(self, args, extra):
         blk = self.block
@@ -85,8 +85,7 @@ class FusedDoubleBlock(_BlockPatch):
 
 
 class FusedSingleBlock(_BlockPatch):
-    """patches_replace entry for FLUX single block i (ComfyUI's SingleStreamBlock.forward, attention prep and the
-    [attention | GELU(MLP)] concatenation fused)."""
+    """patches_replace entry for a FLUX single block (ComfyUI's SingleStreamBlock.forward with the fused passes)."""
 
     def __call__(self, args, extra):
         blk = self.block
@@ -141,7 +140,7 @@ def install_fused_flux_blocks(patcher) -> int:
         patcher.set_model_patch_replace(FusedDoubleBlock(b), "dit", "double_block", i)
     for i, b in enumerate(single):
         patcher.set_model_patch_replace(FusedSingleBlock(b), "dit", "single_block", i)
-    logging.info(f"[svdquant] FLUX attention preparation fused in {len(double)} double and {len(single)} single blocks")
+    logging.info(f"[svdquant] FLUX: fused block forward for {len(double)} double and {len(single)} single blocks")
     return len(double) + len(single)
 
 
