@@ -76,28 +76,29 @@ def _bind(lib):
     return lib
 
 
+def _has(symbol: str) -> bool:
+    lib = load()
+    return lib is not None and hasattr(lib, symbol)
+
+
 def has_flux_ops() -> bool:
     """Whether the loaded library has the FLUX blocks' kernels (kernels/csrc/flux_ops.cu)."""
-    lib = load()
-    return lib is not None and hasattr(lib, "svdq_qk_norm_rope")
+    return _has("svdq_qk_norm_rope")
 
 
 def has_gptq() -> bool:
     """Whether the loaded library has the GPTQ block kernel (kernels/csrc/gptq.cu)."""
-    lib = load()
-    return lib is not None and hasattr(lib, "svdq_gptq_block")
+    return _has("svdq_gptq_block")
 
 
 def has_packed_gemm() -> bool:
     """Whether the loaded library has the Hopper GEMM on packed weights (kernel 2d, svdq_w4a4_gemm_packed)."""
-    lib = load()
-    return lib is not None and hasattr(lib, "svdq_w4a4_gemm_packed")
+    return _has("svdq_w4a4_gemm_packed")
 
 
 def has_gemv() -> bool:
     """Whether the loaded library has the W4A16 GEMV of the 16-bit-activation layers (kernels/csrc/w4a16.cu)."""
-    lib = load()
-    return lib is not None and hasattr(lib, "svdq_w4a16_gemv")
+    return _has("svdq_w4a16_gemv")
 
 
 def load():
