@@ -527,3 +527,44 @@ def test_fused_flux_blocks_on_a_16bit_model(comfy):
     else:
         assert torch.equal(y_fused, y_plain)
     assert install_fused_flux_blocks(comfy.tiny_sd15_patcher()) == 0
+
+
+def test_fused_flux_forward_compiles_as_one_graph(comfy, quantized_flux, monkeypatch):
+    """torch.compile of the 4-bit FLUX with the fused block forward: dynamo traces the whole apply_model as one graph
+    (the flux_ops and the 4-bit linears are custom ops with fake implementations) and the traced graph (aot_eager)
+    gives the eager output. The attention is ComfyUI's pytorch one, as on a GPU: on the CPU ComfyUI picks a split
+    attention that asks psutil for free memory, a graph break of its own in either forward."""
+    import torch._dynamo
+    import comfy.ldm.flux.math as flux_math
+    from comfy.ldm.modules import attention
+    from comfyui_svdquant.wrappers import flux_blocks, loader
+    monkeypatch.setattr(flux_math, "optimized_attention", attention.attention_pytorch)
+    monkeypatch.setattr(flux_blocks, "optimized_attention", attention.attention_pytorch)
+    dtype = str(comfy.DTYPE).removeprefix("torch.")
+    fused, _ = loader.load_svdquant_model(quantized_flux[3], expected_family="flux", compute_dtype=dtype)
+    import comfy.model_management as mm
+    mm.load_models_gpu([fused])
+    dev = fused.load_device
+    pos, _ = comfy.flux_conds()
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3)).to(dev)
+    model = fused.model
+
+    def step(x):
+        opts = dict(fused.model_options["transformer_options"])
+        return model.apply_model(x, torch.tensor([0.7], device=dev), c_crossattn=pos[0][0].to(dev),
+                                 y=pos[0][1]["pooled_output"].to(dev), transformer_options=opts,
+                                 guidance=torch.tensor([3.5], device=dev))
+
+    torch._dynamo.reset()
+    calls = []
+    real = flux_blocks.qk_norm_rope
+    monkeypatch.setattr(flux_blocks, "qk_norm_rope", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        explain = torch._dynamo.explain(step)(x)
+        assert calls, "the fused blocks were not traced"
+        assert explain.graph_break_count == 0, explain.break_reasons
+        torch._dynamo.reset()
+        eager = step(x)
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
