@@ -470,7 +470,8 @@ def test_flux_fused_blocks_replace_every_block_with_comfyui_output(comfy, quanti
     """wrappers/flux_blocks.py: a loaded 4-bit FLUX model gets a block-replace patch per block; the patched forward
     runs the fused modulated LayerNorms and attention preparation in every block and gives ComfyUI's forward's output (bitwise on the CPU,
     where the references are ComfyUI's ops; within the kernels' rounding on a GPU). A clone keeps the patches
-    without copying the blocks, and an attention mask falls back to ComfyUI's block."""
+    without copying the blocks; an attention mask, a missing pe or inputs newer ComfyUIs pass fall back to ComfyUI's
+    block."""
     from comfyui_svdquant.kernels import flux_ops
     from comfyui_svdquant.wrappers import flux_blocks, loader
     path = quantized_flux[3]
@@ -503,10 +504,15 @@ def test_flux_fused_blocks_replace_every_block_with_comfyui_output(comfy, quanti
         assert torch.equal(y_fused, y_plain)
 
     seen = []
+    original = {"original_block": lambda args: seen.append(args) or {"img": "original"}}
     patch = flux_blocks.FusedSingleBlock(dm.single_blocks[0])
-    out = patch({"img": torch.zeros(1), "vec": None, "pe": None, "attn_mask": torch.ones(1)},
-                {"original_block": lambda args: seen.append(args) or {"img": "original"}})
-    assert out == {"img": "original"} and len(seen) == 1
+    assert patch({"img": torch.zeros(1), "vec": None, "pe": torch.zeros(1), "attn_mask": torch.ones(1)},
+                 original) == {"img": "original"}  # a mask
+    assert patch({"img": torch.zeros(1), "vec": None, "pe": torch.zeros(1), "modulation_dims": [(0, 1, 0)]},
+                 original) == {"img": "original"}  # an input ComfyUI 0.3.75 does not pass
+    double = flux_blocks.FusedDoubleBlock(dm.double_blocks[0])
+    assert double({"img": None, "txt": None, "vec": None, "pe": None}, original) == {"img": "original"}  # no pe
+    assert len(seen) == 3
 
 
 def test_fused_flux_blocks_on_a_16bit_model(comfy):

@@ -10,7 +10,7 @@ SingleStreamBlock forward, with the block's own modules (the 4-bit linears, LoRA
 - the single block's [attention | GELU(MLP)] input of linear2 comes from `concat_rows`, the GELU inside the copy
   (torch's GELU and cat take slow non-vectorised paths on the MLP part, a column slice of linear1's output).
 A call the fused forward does not cover (an attention mask, FLUX variants without per-block modulation, img-before-txt
-order) runs the original block; fp16 models keep ComfyUI's overflow guards. On the CPU the references are ComfyUI's
+order, inputs a newer ComfyUI passes that 0.3.75 did not) runs the original block; fp16 models keep ComfyUI's overflow guards. On the CPU the references are ComfyUI's
 own ops, so the patched model's output is bitwise the original's there.
 A user patch set later for the same block (e.g. PuLID's) replaces ours and gets the original block: still correct.
 """
@@ -49,21 +49,30 @@ class _BlockPatch:
     """A patches_replace entry bound to its block module. ModelPatcher.clone() deep-copies model_options: the
     patch is shared instead (a copy would duplicate the block's weights; clones share the model anyway)."""
 
+    KNOWN_ARGS = frozenset()  # what ComfyUI 0.3.75's FLUX forward passes; anything more is a newer ComfyUI's input
+
     def __init__(self, block):
         self.block = block
 
     def __deepcopy__(self, memo):
         return self
 
+    def covered(self, args) -> bool:
+        """Whether the fused forward computes what the block would for these inputs (else the original block runs)."""
+        return (args.keys() <= self.KNOWN_ARGS and args.get("attn_mask") is None and args.get("pe") is not None
+                and bool(self.block.modulation))
+
 
 class FusedDoubleBlock(_BlockPatch):
     """patches_replace entry for a FLUX double block (ComfyUI's DoubleStreamBlock.forward with the fused passes)."""
 
+    KNOWN_ARGS = frozenset(("img", "txt", "vec", "pe", "attn_mask", "transformer_options"))
+
     def __call__(self, args, extra):
         blk = self.block
-        img, txt, vec, pe = args["img"], args["txt"], args["vec"], args["pe"]
-        if args.get("attn_mask") is not None or not blk.modulation or blk.flipped_img_txt or pe is None:
+        if not self.covered(args) or blk.flipped_img_txt:
             return extra["original_block"](args)
+        img, txt, vec, pe = args["img"], args["txt"], args["vec"], args["pe"]
         opts = args.get("transformer_options") or {}
         img_mod1, img_mod2 = blk.img_mod(vec)
         txt_mod1, txt_mod2 = blk.txt_mod(vec)
@@ -87,11 +96,13 @@ class FusedDoubleBlock(_BlockPatch):
 class FusedSingleBlock(_BlockPatch):
     """patches_replace entry for a FLUX single block (ComfyUI's SingleStreamBlock.forward with the fused passes)."""
 
+    KNOWN_ARGS = frozenset(("img", "vec", "pe", "attn_mask", "transformer_options"))
+
     def __call__(self, args, extra):
         blk = self.block
-        x, vec, pe = args["img"], args["vec"], args["pe"]
-        if args.get("attn_mask") is not None or not blk.modulation or pe is None:
+        if not self.covered(args):
             return extra["original_block"](args)
+        x, vec, pe = args["img"], args["vec"], args["pe"]
         opts = args.get("transformer_options") or {}
         mod, _ = blk.modulation(vec)
         h = blk.linear1(_modulated(blk.pre_norm, x, mod))
