@@ -154,7 +154,7 @@ def sample_row(row, tag, patcher, family, b, res, steps, cfg_scale, device, comp
 KERNEL_CATEGORIES = (  # (category, substrings of the kernel name), first match wins
     ("4-bit quantize + LoRA-down", ("quant_lora_down", "quant_i8_ratio")),
     ("4-bit GEMM + LoRA-up", ("gemm_sm90", "gemm_mma_s4")),
-    ("fused FLUX block ops", ("qk_norm_rope", "concat_rows")),
+    ("fused FLUX block ops", ("qk_norm_rope", "concat_rows", "ln_modulate")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
     ("16-bit GEMM (cuBLAS)", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "sm80_")),
     ("copies", ("memcpy", "memset", "copy", "cat", "index")),

@@ -13,24 +13,23 @@ from typing import Optional
 
 import torch
 
-from . import _lib, reference
+from . import _device_path, _lib, reference  # _device_path: the package's backend choice
 from .ops import _dt, _raw_stream
 
 HEAD_DIM = 128  # the kernel's warp layout (4 elements per lane)
 
 
 def _kernel_ok(device: torch.device) -> bool:
-    from . import _device_path  # the package's backend choice (library loaded, device served, not forced off)
-
+    """The library is loaded, has these kernels and serves the device (not forced to the reference)."""
     return device.type == "cuda" and _device_path(device) != 0 and _lib.has_flux_ops()
 
 
-def _rows_ok(x: Optional[torch.Tensor], align: int) -> bool:
-    """x (B, L, C) with unit last stride, element strides and address the kernel can take."""
+def _rows_ok(x: Optional[torch.Tensor]) -> bool:
+    """x (B, L, C) with unit last stride, element strides and address (8-byte aligned) the kernel can take."""
     if x is None:
         return True
     return (x.dim() == 3 and x.stride(2) == 1 and x.stride(1) % 4 == 0 and x.stride(0) % 4 == 0
-            and x.data_ptr() % align == 0)
+            and x.data_ptr() % 8 == 0)
 
 
 def _qk_fits(x0, qs0, ks0, x1, qs1, ks1, pe, heads) -> bool:
@@ -40,7 +39,7 @@ def _qk_fits(x0, qs0, ks0, x1, qs1, ks1, pe, heads) -> bool:
     scales = [qs0, ks0] + ([] if x1 is None else [qs1, ks1])
     return (dt in (torch.bfloat16, torch.float16) and qs0.shape[0] == HEAD_DIM and _kernel_ok(dev)
             and all(s.dtype == dt and s.device == dev and s.is_contiguous() and s.data_ptr() % 8 == 0 for s in scales)
-            and _rows_ok(x0, 8) and _rows_ok(x1, 8) and (x1 is None or (x1.dtype == dt and x1.shape[0] == b))
+            and _rows_ok(x0) and _rows_ok(x1) and (x1 is None or (x1.dtype == dt and x1.shape[0] == b))
             and x0.shape[2] >= 3 * heads * HEAD_DIM and (x1 is None or x1.shape[2] >= 3 * heads * HEAD_DIM)
             and pe.dtype == torch.float32 and pe.device == dev and pe.is_contiguous() and pe.data_ptr() % 16 == 0
             and pe.dim() == 6 and pe.shape[0] in (1, b) and tuple(pe.shape[1:]) == (1, l0 + l1, HEAD_DIM // 2, 2, 2)
