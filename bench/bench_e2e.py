@@ -16,7 +16,9 @@ query answers G minus what torch holds, so it plans a partial (low-VRAM) load as
 allocator is capped at G GiB (set_per_process_memory_fraction), so going over fails for real; the allocator
 backend is ComfyUI's default (cudaMallocAsync, as its main.py sets) unless --alloc-conf says otherwise.
 --profile records one denoising step of each model with torch.profiler and sums GPU time per category
-(4-bit GEMM, quantize, 16-bit GEMM, attention, norms/elementwise, copies).
+(4-bit GEMM, quantize, 16-bit GEMM, attention, norms/elementwise, copies); --host-profile the host (Python) time
+of a step by function and by package (cProfile: for the host-bound SD models, where a step's wall time is 2-4x its
+GPU time).
 FLUX 4-bit models run the fused block forward (wrappers/flux_blocks.py, as the loader installs it);
 --unfused-too also times the 4-bit model through ComfyUI's own block forward, --fused-16bit the 16-bit model
 through the fused one, so the quantization's share and the fusion's share of the speed-up are both on record.
@@ -195,6 +197,44 @@ def profile_step(patcher, family, batch, res, cfg, device):
             "top_kernels": [{"ms": t, "calls": n, "name": k} for t, n, k in kernels[:15]]}
 
 
+def host_profile(patcher, family, res, cfg, device, steps=5, top=25):
+    """Where the host (Python) time of a step goes: cProfile over `steps` denoising steps at batch 1 (after a
+    one-step warm-up), per step: the profiled wall time, the functions with most own time, and own time summed by
+    where the code lives (this pack, ComfyUI, torch's Python, built-ins: C functions incl. kernel launches). cProfile
+    slows every Python call, so compare the 4-bit and 16-bit tables of one run, not these times with the step's.
+    Also the pack's functions with most cumulative time (the 4-bit layers' whole host time per step)."""
+    import cProfile
+    import pstats
+    import comfy.sample
+    ch, down = FAMILIES[family][2], FAMILIES[family][3]
+    latent = torch.zeros(1, ch, res // down, res // down)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+    pos, neg = conds(family, 1, device)
+    comfy.sample.sample(patcher, noise, 1, cfg, "euler", "normal", pos, neg, latent, seed=1)
+    sync()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    comfy.sample.sample(patcher, noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=1)
+    sync()
+    prof.disable()
+    wall = time.perf_counter() - t0
+    rows, by_place = [], {}
+    for (path, line, name), (_, ncalls, own, cum, _) in pstats.Stats(prof).stats.items():
+        place = ("built-in (C)" if path == "~" else "ComfyUI" if "/ComfyUI/" in path else "torch (Python)"
+                 if "/torch/" in path else "other Python" if "-packages/" in path or not path.startswith(str(ROOT))
+                 else "svdquant pack")
+        by_place[place] = by_place.get(place, 0.0) + own / steps * 1e3
+        where = name if path == "~" else f"{pathlib.Path(path).name}:{line}({name})"
+        rows.append((own / steps * 1e3, cum / steps * 1e3, ncalls / steps, where, place))
+    rows.sort(reverse=True)
+    pack = sorted((r for r in rows if r[4] == "svdquant pack"), key=lambda r: -r[1])
+    return {"steps": steps, "wall_ms_per_step": wall / steps * 1e3,
+            "own_ms_per_step_by_place": dict(sorted(by_place.items(), key=lambda kv: -kv[1])),
+            "top_own": [{"own_ms": o, "cum_ms": c, "calls": n, "function": w} for o, c, n, w, _ in rows[:top]],
+            "pack_top_cum": [{"own_ms": o, "cum_ms": c, "calls": n, "function": w} for o, c, n, w, _ in pack[:10]]}
+
+
 def sample_capped(row, patcher, family, res, steps, cfg_scale, device, cap_gib):
     """Batch-1 sampling as on a GPU with `cap_gib` GiB for this process (see the module docstring):
     ComfyUI's free-memory query answers cap − what torch holds, and the allocator refuses more than cap."""
@@ -261,6 +301,8 @@ def run_family(family, args, dtype, device, checkpoint=lambda row: None):
         sample_row(row, "16", p16, family, b, res, steps, cfg_scale, device, args.compile)
     if args.profile and not args.skip_16bit:
         row["profile16"] = profile_step(p16, family, 1, res, cfg_scale, device)
+    if args.host_profile and not args.skip_16bit:
+        row["host16"] = host_profile(p16, family, res, cfg_scale, device)
     if args.fused_16bit and family == "flux":  # the 16-bit model with the same fused block forward (a clone: the
         from comfyui_svdquant.wrappers.flux_blocks import install_fused_flux_blocks  # calibration sees ComfyUI's)
         p16f = p16.clone()
@@ -303,6 +345,8 @@ def run_family(family, args, dtype, device, checkpoint=lambda row: None):
             row[f"b{b}_step_ratio_compiled"] = row[f"b{b}_step4c_s"] / row[f"b{b}_step16c_s"]
     if args.profile:
         row["profile4"] = profile_step(q, family, 1, res, cfg_scale, device)
+    if args.host_profile:
+        row["host4"] = host_profile(q, family, res, cfg_scale, device)
     checkpoint(row)
     if args.unfused_too and family == "flux":  # the same 4-bit model through ComfyUI's own block forward
         from comfyui_svdquant.wrappers.flux_blocks import remove_fused_flux_blocks
@@ -337,6 +381,8 @@ def main():
     ap.add_argument("--alloc-conf", default="backend:cudaMallocAsync",
                     help="PYTORCH_CUDA_ALLOC_CONF for a --vram-cap run (default: what ComfyUI's main.py sets)")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel category of one step (torch.profiler)")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="host (Python) time of a step by function and by package (cProfile), both models")
     ap.add_argument("--skip-16bit", action="store_true", help="do not time the 16-bit model (quantize it only)")
     ap.add_argument("--verbose", action="store_true", help="show the pack's INFO log (calibration progress per layer)")
     ap.add_argument("--weights-in-vram", default="fast", choices=["fast", "compact"],
@@ -401,6 +447,14 @@ def main():
         if "b1_step4u_s" in r:
             print(f"   batch 1, 4-bit without the fused blocks: step {r['b1_step4u_s'] * 1e3:8.1f} ms "
                   f"({r['b1_step4u_s'] / r['b1_step16_s'] if 'b1_step16_s' in r else float('nan'):.2f}x)", flush=True)
+        for tag in ("16", "4"):
+            if f"host{tag}" in r:
+                h = r[f"host{tag}"]
+                print(f"   host time, {tag}-bit (cProfile, {h['wall_ms_per_step']:.1f} ms per profiled step): " + ", ".join(
+                    f"{k} {v:.1f}" for k, v in h["own_ms_per_step_by_place"].items()), flush=True)
+                for e in h["top_own"][:8] + h["pack_top_cum"][:3]:
+                    print(f"      {e['own_ms']:7.2f} ms own {e['cum_ms']:8.2f} cum {e['calls']:7.0f} calls  {e['function']}",
+                          flush=True)
         for tag in ("16", "16f", "4", "4u"):
             if f"profile{tag}" in r:
                 pr = r[f"profile{tag}"]
