@@ -109,6 +109,14 @@ def sync():
         torch.cuda.synchronize()
 
 
+def sampling_inputs(family, batch, res, device):
+    """noise, empty latent and the positive / negative conditioning of one sampling run (fixed seeds)."""
+    ch, down = FAMILIES[family][2], FAMILIES[family][3]
+    latent = torch.zeros(batch, ch, res // down, res // down)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
+    return (noise, latent, *conds(family, batch, device))
+
+
 def sample(patcher, family, batch, res, steps, cfg, device, warm_steps=2):
     """Seconds for `steps` denoising steps, the peak VRAM (GiB) of that run, the warm-up's seconds and the
     output latent, through comfy.sample.sample. A compiled model warms up with the timed run's step count:
@@ -116,10 +124,7 @@ def sample(patcher, family, batch, res, steps, cfg, device, warm_steps=2):
     H200) inside the timed run (seen in the first GPU run of --compile, whose step times were 10x eager)."""
     import comfy.model_management as mm
     import comfy.sample
-    ch, down = FAMILIES[family][2], FAMILIES[family][3]
-    latent = torch.zeros(batch, ch, res // down, res // down)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
-    pos, neg = conds(family, batch, device)
+    noise, latent, pos, neg = sampling_inputs(family, batch, res, device)
     mm.load_models_gpu([patcher])
     sync()
     t0 = time.perf_counter()
@@ -176,10 +181,7 @@ def profile_step(patcher, family, batch, res, cfg, device):
     """GPU time (ms) per kernel category of one denoising step (torch.profiler), and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
     import comfy.sample
-    ch, down = FAMILIES[family][2], FAMILIES[family][3]
-    latent = torch.zeros(batch, ch, res // down, res // down)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
-    pos, neg = conds(family, batch, device)
+    noise, latent, pos, neg = sampling_inputs(family, batch, res, device)
     sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         comfy.sample.sample(patcher, noise, 1, cfg, "euler", "normal", pos, neg, latent, seed=1)
@@ -197,6 +199,19 @@ def profile_step(patcher, family, batch, res, cfg, device):
             "top_kernels": [{"ms": t, "calls": n, "name": k} for t, n, k in kernels[:15]]}
 
 
+def _code_place(path: str) -> str:
+    """Where a profiled function's code lives (cProfile names C functions' file "~")."""
+    if path == "~":
+        return "built-in (C)"
+    if "/ComfyUI/" in path:
+        return "ComfyUI"
+    if "/torch/" in path:
+        return "torch (Python)"
+    if "-packages/" in path or not path.startswith(str(ROOT)):  # the venv lives inside the repository
+        return "other Python"
+    return "svdquant pack"
+
+
 def host_profile(patcher, family, res, cfg, device, steps=5, top=25):
     """Where the host (Python) time of a step goes: cProfile over `steps` denoising steps at batch 1 (after a
     one-step warm-up), per step: the profiled wall time, the functions with most own time, and own time summed by
@@ -206,10 +221,7 @@ def host_profile(patcher, family, res, cfg, device, steps=5, top=25):
     import cProfile
     import pstats
     import comfy.sample
-    ch, down = FAMILIES[family][2], FAMILIES[family][3]
-    latent = torch.zeros(1, ch, res // down, res // down)
-    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(1))
-    pos, neg = conds(family, 1, device)
+    noise, latent, pos, neg = sampling_inputs(family, 1, res, device)
     comfy.sample.sample(patcher, noise, 1, cfg, "euler", "normal", pos, neg, latent, seed=1)
     sync()
     prof = cProfile.Profile()
@@ -221,9 +233,7 @@ def host_profile(patcher, family, res, cfg, device, steps=5, top=25):
     wall = time.perf_counter() - t0
     rows, by_place = [], {}
     for (path, line, name), (_, ncalls, own, cum, _) in pstats.Stats(prof).stats.items():
-        place = ("built-in (C)" if path == "~" else "ComfyUI" if "/ComfyUI/" in path else "torch (Python)"
-                 if "/torch/" in path else "other Python" if "-packages/" in path or not path.startswith(str(ROOT))
-                 else "svdquant pack")
+        place = _code_place(path)
         by_place[place] = by_place.get(place, 0.0) + own / steps * 1e3
         where = name if path == "~" else f"{pathlib.Path(path).name}:{line}({name})"
         rows.append((own / steps * 1e3, cum / steps * 1e3, ncalls / steps, where, place))

@@ -23,6 +23,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "half_pair.h"
 #include "svdq_abi.h"
 
 namespace {
@@ -30,41 +31,17 @@ namespace {
 constexpr int HEAD_DIM = 128;
 constexpr int WARPS = 8;
 
-// The 16-bit type's pair type and conversions (bf16 / fp16); Vec4 builds on them.
-template <typename T> struct Half;
-template <> struct Half<__nv_bfloat16> {
-  using Pair = __nv_bfloat162;
-  __device__ static float2 to_f2(Pair p) { return __bfloat1622float2(p); }
-  __device__ static Pair from_f2(float a, float b) { return __floats2bfloat162_rn(a, b); }
-  __device__ static float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static float round(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
-};
-template <> struct Half<__half> {
-  using Pair = __half2;
-  __device__ static float2 to_f2(Pair p) { return __half22float2(p); }
-  __device__ static Pair from_f2(float a, float b) { return __floats2half2_rn(a, b); }
-  __device__ static float to_f(__half v) { return __half2float(v); }
-  __device__ static float round(float v) { return __half2float(__float2half_rn(v)); }
-};
-
 template <typename T> struct Vec4 {  // four 16-bit values as one 8-byte load/store, fp32 in registers
-  using H = Half<T>;
-  using P = typename H::Pair;
   __device__ static void load(const T* p, float (&v)[4]) {
     const uint2 u = *reinterpret_cast<const uint2*>(p);
-    const float2 a = H::to_f2(*reinterpret_cast<const P*>(&u.x));
-    const float2 b = H::to_f2(*reinterpret_cast<const P*>(&u.y));
+    const float2 a = Pack2<T>::to_f2(u.x), b = Pack2<T>::to_f2(u.y);
     v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
   }
   __device__ static void store(T* p, const float (&v)[4]) {
-    const P a = H::from_f2(v[0], v[1]), b = H::from_f2(v[2], v[3]);
-    uint2 u;
-    u.x = *reinterpret_cast<const uint32_t*>(&a);
-    u.y = *reinterpret_cast<const uint32_t*>(&b);
-    *reinterpret_cast<uint2*>(p) = u;
+    *reinterpret_cast<uint2*>(p) = make_uint2(Pack2<T>::from_f2(v[0], v[1]), Pack2<T>::from_f2(v[2], v[3]));
   }
-  __device__ static float round(float v) { return H::round(v); }  // to T and back
-  __device__ static float to_f(T v) { return H::to_f(v); }
+  __device__ static float round(float v) { return static_cast<float>(T(v)); }  // to T (nearest even) and back
+  __device__ static float to_f(T v) { return static_cast<float>(v); }
 };
 
 struct Source {  // one of the (up to two) token sources; element strides
