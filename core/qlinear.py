@@ -68,6 +68,7 @@ class QuantizedLinearMixin:
         self.quantized = True
         self._prepared = None
         self._lora = None
+        self._input_group = None  # set by core/input_group.attach_input_groups
         if not getattr(self, "_weight_key_hook", None):
             self._weight_key_hook = self._register_state_dict_hook(_weight_placeholder)
 
@@ -129,7 +130,13 @@ class QuantizedLinearMixin:
         return prepared
 
     def forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.linear(x, self.kernel_tensors(x.dtype, x.device), self.group_size)
+        prepared = self.kernel_tensors(x.dtype, x.device)
+        group = getattr(self, "_input_group", None)  # layers sharing this input's quantization (core/input_group.py)
+        y = None
+        if group is not None and not torch.compiler.is_compiling():
+            y = group.forward(self, x, prepared)
+        if y is None:
+            y = kernels.linear(x, prepared, self.group_size)
         lora = getattr(self, "_lora", None)
         if lora is not None:
             d, u = lora

@@ -184,6 +184,52 @@ def prepare_weights(tensors: dict, device) -> dict:
     return out
 
 
+class SharedInput:
+    """Kernel 1's output for an input tensor (..., K), made with one layer's smoothing and proj_down, which every
+    layer sharing those reads (an input group, core/input_group.py): `quantize_input`, then `linear_from_input` per
+    layer. `path` is the CUDA path it was made for (0: the reference's (qact, ascales, lora_act))."""
+    __slots__ = ("lead", "dtype", "path", "afmt", "payload")
+
+    def __init__(self, lead, dtype, path, afmt, payload):
+        self.lead, self.dtype, self.path, self.afmt, self.payload = lead, dtype, path, afmt, payload
+
+
+def quantize_input(x, prepared: dict, group_size: int = 64):
+    """Kernel 1 alone on x (..., K) with this layer's smoothing and proj_down: a SharedInput, or None for a layer
+    whose input is not quantized by a kernel-1 pass of its own (16-bit or unsigned activations, no rows); callers
+    then run `linear`."""
+    if prepared.get("act16") or prepared.get("act_shift") is not None or x.numel() == 0:
+        return None
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if group_size == 64 and _use_cuda(x, prepared):
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        return SharedInput(lead, x.dtype, prepared["_path"], prepared["_afmt"],
+                           (_ops or _get_ops()).quantize_direct(x2, prepared))
+    mode = "int_ratio" if "wscale_mult" in prepared else "float"
+    payload = reference.quantize_act_lora_down(x2, prepared["smooth_factor"], prepared.get("proj_down"), group_size,
+                                               mode)
+    return SharedInput(lead, x.dtype, 0, mode, payload)
+
+
+def linear_from_input(shared: SharedInput, prepared: dict, group_size: int = 64):
+    """This layer's output from a SharedInput made by a layer with the same smoothing and proj_down, or None when
+    this layer runs another path than the one the input was made for (then `linear` on the tensor)."""
+    if shared.path:
+        if prepared.get("_path") != shared.path or prepared.get("_afmt") != shared.afmt or \
+                prepared["_qw"].device != shared.payload[0].device:
+            return None
+        y = (_ops or _get_ops()).gemm_direct(shared.payload, shared.dtype, prepared)
+    else:
+        if prepared.get("_path") or ("wscale_mult" in prepared) != (shared.afmt == "int_ratio"):
+            return None
+        qact, ascales, lora_act = shared.payload
+        y = reference.w4a4_gemm(qact, ascales, prepared["qweight"], reference.weight_scales_for_gemm(prepared),
+                                lora_act, prepared.get("proj_up"), prepared.get("bias"), shared.dtype, group_size)
+    return y.view(*shared.lead, y.shape[-1])
+
+
 def _fp32_rcp_and_bias(tensors: dict, dev) -> dict:
     """What every kernel reads in fp32 beside the weights: 1/λ (`_smooth_rcp`) and the bias (`_bias`, or None)."""
     import torch

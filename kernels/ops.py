@@ -260,34 +260,68 @@ def _direct_args(p: dict, dtype) -> tuple:
                                   p["_proj_up"], p["_bias"], p["_rp"], p["_afmt"], p["_path"], p.get("_wmult"))
 
 
-def _run_linear(x2, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path, wmult, keep_scratch=True) -> torch.Tensor:
-    """Both kernels on x2 (M, K) with a layer's raw pointers (wmult: path 92's multipliers); one buffer for kernel
-    1's three outputs."""
+def _quantize_act(x2, dt, smooth, pd, k, rp, fmt, keep_scratch=True, stream=None) -> tuple:
+    """Kernel 1 on x2 (M, K) into one new buffer holding its three outputs: (buffer, qact address, ascales address,
+    lora address or None, M, ascales' padded rows). What `_gemm_act` reads, for one layer or several (an input
+    group: layers that share the smoothing and proj_down, core/input_group.py)."""
     x2 = aligned16(x2)
     m = x2.shape[0]
     off_s, off_l, size, mp = _act_layout(m, k, fmt, rp)
     dev = x2.device
     index = dev.index
-    stream = _raw_stream(index)
-    lib = _lib.load()
+    if stream is None:
+        stream = _raw_stream(index)
     buf = torch.empty(size, dtype=torch.uint8, device=dev)
     base = buf.data_ptr()
     lora = base + off_l if rp else None
-    _launch_quantize(lib, x2.data_ptr(), smooth, pd, base, base + off_s, lora, m, k, mp, rp, dt, fmt, index, stream,
-                     keep_scratch)
-    out = torch.empty((m, n), dtype=x2.dtype, device=dev)
-    _launch_gemm(lib, base, base + off_s, qw, ws, lora, pu if rp else None, bias, out.data_ptr(), m, n, k, mp, rp, dt,
+    _launch_quantize(_lib.load(), x2.data_ptr(), smooth, pd, base, base + off_s, lora, m, k, mp, rp, dt, fmt, index,
+                     stream, keep_scratch)
+    return buf, base, base + off_s, lora, m, mp
+
+
+def _gemm_act(act, dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult, stream=None) -> torch.Tensor:
+    """Kernel 2 (with the LoRA-up and bias) of one layer on kernel 1's output `act` (from `_quantize_act`)."""
+    buf, qa, sa, lora, m, mp = act
+    index = buf.device.index
+    if stream is None:
+        stream = _raw_stream(index)
+    out = torch.empty((m, n), dtype=dtype, device=buf.device)
+    _launch_gemm(_lib.load(), qa, sa, qw, ws, lora, pu if rp else None, bias, out.data_ptr(), m, n, k, mp, rp, dt,
                  path, 0, wmult, index, stream)
     return out
+
+
+def _run_linear(x2, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path, wmult, keep_scratch=True) -> torch.Tensor:
+    """Both kernels on x2 (M, K) with a layer's raw pointers (wmult: path 92's multipliers); one buffer for kernel
+    1's three outputs."""
+    stream = _raw_stream(x2.device.index)
+    act = _quantize_act(x2, dt, smooth, pd, k, rp, fmt, keep_scratch, stream)
+    return _gemm_act(act, x2.dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult, stream)
+
+
+def _direct(p: dict, dtype) -> tuple:
+    d = p.get("_direct")
+    if d is None or d[0] != dtype:
+        d = p["_direct"] = _direct_args(p, dtype)
+    return d
 
 
 def linear_direct(x2: torch.Tensor, p: dict) -> torch.Tensor:
     """Eager fast path: the same two kernels without the custom-op dispatch, with the layer's pointers computed
     once (host time per call is what an eager step pays 300 times; bench/bench_host.py). Capturable in CUDA graphs."""
-    d = p.get("_direct")
-    if d is None or d[0] != x2.dtype:
-        d = p["_direct"] = _direct_args(p, x2.dtype)
-    return _run_linear(x2, *d[1:])
+    return _run_linear(x2, *_direct(p, x2.dtype)[1:])
+
+
+def quantize_direct(x2: torch.Tensor, p: dict) -> tuple:
+    """Eager kernel 1 alone with layer p's smoothing and proj_down (an input group's shared pass)."""
+    _, dt, smooth, pd, _, _, _, _, _, k, rp, fmt, _, _ = _direct(p, x2.dtype)
+    return _quantize_act(x2, dt, smooth, pd, k, rp, fmt)
+
+
+def gemm_direct(act: tuple, dtype, p: dict) -> torch.Tensor:
+    """Eager kernel 2 of layer p on `quantize_direct`'s output (made with the same smoothing and proj_down)."""
+    _, dt, _, _, qw, ws, pu, bias, n, k, rp, _, path, wmult = _direct(p, dtype)
+    return _gemm_act(act, dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult)
 
 
 def _linear_op(x2, smooth_rcp, proj_down, qweight, wscales, proj_up, bias, rank_padded, fmt, path, wmult):

@@ -408,6 +408,40 @@ def test_shared_inputs_gptq_and_an_interrupted_run_resumed(comfy, tmp_path):
     assert set(cut) == set(full) and all(torch.equal(cut[k], full[k]) for k in full)
 
 
+def test_input_groups_quantize_their_input_once_in_the_loaded_model(comfy, tmp_path, monkeypatch):
+    """A file with q/k/v groups loads with one InputGroup per declared group; a denoising step then runs kernel 1
+    once per group and gives bitwise the output of the same model with its layers run alone."""
+    from comfyui_svdquant import kernels
+    from comfyui_svdquant.core.config import QuantConfig, RankPolicy
+    from comfyui_svdquant.wrappers.loader import load_svdquant_model
+    from comfyui_svdquant.wrappers.quantize import calibrate_and_quantize
+    mp = comfy.tiny_sd15_patcher()
+    pos, neg = comfy.sd15_conds()
+    path = str(tmp_path / "grouped.safetensors")
+    qcfg = QuantConfig(rank=RankPolicy("fixed", 16), alpha_grid=(0.5,), share_inputs=True, gptq=False)
+    qm, _, report = calibrate_and_quantize(mp, [(pos, neg)], qcfg, 1, 2.0, "euler", "normal", 0, 64, 64,
+                                           save_path=path)
+    groups = report["input_groups"]
+    lm, _ = load_svdquant_model(path, compute_dtype=str(comfy.DTYPE).removeprefix("torch."))
+    for model in (qm, lm):  # built in memory by Calibrate & Quantize, and from the file
+        dm = model.model.diffusion_model
+        members = {n: m for n, m in dm.named_modules() if getattr(m, "_input_group", None) is not None}
+        assert sorted(members) == sorted(n for g in groups for n in g)
+    calls = []
+    real = kernels.reference.quantize_act_lora_down
+    monkeypatch.setattr(kernels.reference, "quantize_act_lora_down", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, s = _probe_inputs()
+    grouped = comfy.denoise_once(lm, x, s, pos)
+    n_grouped = len(calls)
+    for m in members.values():
+        m._input_group = None
+    calls.clear()
+    alone = comfy.denoise_once(lm, x, s, pos)
+    assert torch.equal(grouped, alone)
+    n_layers = report["summary"]["layers"]  # each 4-bit layer runs once per step
+    assert len(calls) == n_layers and n_grouped == n_layers - sum(len(g) - 1 for g in groups)
+
+
 def test_flux_unsigned_gelu_layers(comfy, tmp_path):
     """FLUX with unsigned activations: the double blocks' MLP output linears (after GELU) get an
     act_shift, nothing else does; the file (version 3) loads to the same model."""

@@ -13,6 +13,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 
 from ..core.checkpoint import CheckpointError, check_layers, load_checkpoint, parse_declaration, read_header
+from ..core.input_group import attach_input_groups
 from ..core.nunchaku_import import convert_nunchaku_flux, looks_like_nunchaku
 from .families import model_class_by_name
 from .flux_blocks import install_fused_flux_blocks
@@ -63,8 +64,10 @@ def build_patcher(sd: dict, fmeta: dict, n_declared: int, source: str, dtype=Non
     if n_q != n_declared:
         raise CheckpointError(f"{source}: {n_declared} layers are declared 4-bit but {n_q} were found in the model; "
                               f"the file does not match {fmeta['model_class']}")
+    n_groups = attach_input_groups(model.diffusion_model, fmeta.get("input_groups"), source)
     logging.info(f"[svdquant] built {fmeta.get('family')} ({fmeta['model_class']}) from {source}: "
-                 f"{n_q} 4-bit linears, compute dtype {dtype}, weights in VRAM: {weights_in_vram}")
+                 f"{n_q} 4-bit linears ({n_groups} input groups quantized once per call), compute dtype {dtype}, "
+                 f"weights in VRAM: {weights_in_vram}")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     install_fused_flux_blocks(patcher)
     enable_lora(patcher)

@@ -1,0 +1,50 @@
+"""Input groups on the CUDA path (core/input_group.py): one kernel-1 pass for layers sharing smoothing and proj_down,
+outputs bitwise those of the layers run alone (the same kernel-1 output read by each layer's GEMM)."""
+import pytest
+import torch
+
+from comfyui_svdquant.core.input_group import attach_input_groups
+from comfyui_svdquant.core.qlinear import SVDQuantLinear
+from comfyui_svdquant.kernels import ops
+
+from _layers import make_layer, make_ratio_layer, make_x
+
+pytestmark = pytest.mark.gpu
+
+
+def _group(ns, k, rank, dtype, ratio, packed):
+    """Layers of widths `ns` on one input of width k, with the first one's smoothing and proj_down."""
+    make = make_ratio_layer if ratio else make_layer
+    mods = torch.nn.ModuleDict()
+    first = None
+    for i, n in enumerate(ns):
+        t = make(n, k, rank, dtype, "cuda", bias=i != 1, seed=10 + i)
+        if first is None:
+            first = t
+        else:
+            t["smooth_factor"], t["proj_down"] = first["smooth_factor"].clone(), first["proj_down"].clone()
+        m = SVDQuantLinear.from_tensors(t)
+        m.set_packed_weights(packed)
+        mods[f"l{i}"] = m
+    return mods
+
+
+@pytest.mark.parametrize("ratio,packed", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 77, 333, 4096 + 13])
+def test_group_is_bitwise_the_layers_alone(cuda_lib, monkeypatch, ratio, packed, dtype, m):
+    k, ns = 640, (640, 640, 1280)
+    mods = _group(ns, k, 32, dtype, ratio, packed)
+    x = make_x(m, k, dtype, "cuda", seed=m)
+    with torch.no_grad():
+        alone = [mods[f"l{i}"](x) for i in range(len(ns))]
+        assert attach_input_groups(mods, [[f"l{i}" for i in range(len(ns))]]) == 1
+        launches = []
+        real = ops._launch_quantize
+        monkeypatch.setattr(ops, "_launch_quantize", lambda *a, **kw: launches.append(1) or real(*a, **kw))
+        grouped = [mods[f"l{i}"](x) for i in range(len(ns))]
+        torch.cuda.synchronize()
+    assert len(launches) == 1
+    for i, (a, g) in enumerate(zip(alone, grouped)):
+        assert torch.isfinite(a).all() and a.abs().max() > 0
+        assert torch.equal(a, g), (i, float((a.float() - g.float()).abs().max()))
