@@ -29,6 +29,7 @@ FLUX at full depth (19 + 38 blocks) needs ~24 GB for bf16 weights; --flux-depth 
 (reported as such, never extrapolated).
 """
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -323,6 +324,8 @@ def run_family(family, args, dtype, device, checkpoint=lambda row: None):
         del p16f
     checkpoint(row)
     qcfg = QuantConfig(alpha_grid=(0.5,)) if args.fast_quant else QuantConfig()
+    if args.share_qkv:
+        qcfg = dataclasses.replace(qcfg, share_inputs=True)
     pos, neg = conds(family, 1, device)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{family}_svdq.safetensors")
@@ -365,6 +368,13 @@ def run_family(family, args, dtype, device, checkpoint=lambda row: None):
         if args.profile:
             row["profile4u"] = profile_step(q, family, 1, res, cfg_scale, device)
         checkpoint(row)
+    if args.share_qkv and args.ungrouped_too:  # the same 4-bit model with each input quantized per layer
+        from comfyui_svdquant.core.input_group import detach_input_groups
+        row["input_groups_detached"] = detach_input_groups(q.model.diffusion_model)
+        sample_row(row, "4a", q, family, 1, res, steps, cfg_scale, device, None)
+        if args.profile:
+            row["profile4a"] = profile_step(q, family, 1, res, cfg_scale, device)
+        checkpoint(row)
     if args.vram_cap:
         sample_capped(row, q, family, res, steps, cfg_scale, device, args.vram_cap)
     row["bytes_ratio"] = row["bytes_4"] / row["bytes_16"]
@@ -382,6 +392,10 @@ def main():
     ap.add_argument("--calib-samples", type=int, default=1)
     ap.add_argument("--calib-steps", type=int, default=2)
     ap.add_argument("--fast-quant", action="store_true", help="one smoothing strength instead of the search")
+    ap.add_argument("--share-qkv", action="store_true",
+                    help="quantize q/k/v (and k/v on the text) as input groups: one activation pass per group")
+    ap.add_argument("--ungrouped-too", action="store_true",
+                    help="with --share-qkv: also time the same 4-bit model with its groups detached (row '4a')")
     ap.add_argument("--flux-depth", nargs=2, type=int, default=None, metavar=("DOUBLE", "SINGLE"))
     ap.add_argument("--tiny", action="store_true", help="the test suite's tiny configs (plumbing check)")
     ap.add_argument("--compile", nargs="?", const="inductor", default=None, choices=["inductor", "cudagraphs"],
@@ -457,6 +471,10 @@ def main():
         if "b1_step4u_s" in r:
             print(f"   batch 1, 4-bit without the fused blocks: step {r['b1_step4u_s'] * 1e3:8.1f} ms "
                   f"({r['b1_step4u_s'] / r['b1_step16_s'] if 'b1_step16_s' in r else float('nan'):.2f}x)", flush=True)
+        if "b1_step4a_s" in r:
+            print(f"   batch 1, 4-bit with its {r['input_groups_detached']} input groups detached: step "
+                  f"{r['b1_step4a_s'] * 1e3:8.1f} ms; grouped / detached {r['b1_step4_s'] / r['b1_step4a_s']:.2f}x",
+                  flush=True)
         for tag in ("16", "4"):
             if f"host{tag}" in r:
                 h = r[f"host{tag}"]
@@ -465,7 +483,7 @@ def main():
                 for e in h["top_own"][:8] + h["pack_top_cum"][:3]:
                     print(f"      {e['own_ms']:7.2f} ms own {e['cum_ms']:8.2f} cum {e['calls']:7.0f} calls  {e['function']}",
                           flush=True)
-        for tag in ("16", "16f", "4", "4u"):
+        for tag in ("16", "16f", "4", "4u", "4a"):
             if f"profile{tag}" in r:
                 pr = r[f"profile{tag}"]
                 print(f"   one step, {tag}-bit, GPU {pr['gpu_ms']:.1f} ms: " + ", ".join(

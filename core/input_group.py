@@ -76,3 +76,14 @@ def attach_input_groups(root: torch.nn.Module, groups, source: str = "") -> int:
             m._input_group, m._input_group_index = group, i
         attached += 1
     return attached
+
+
+def detach_input_groups(root: torch.nn.Module) -> int:
+    """Make every grouped layer under `root` run alone again (benchmarks compare both); returns how many groups."""
+    groups = set()
+    for m in root.modules():
+        g = getattr(m, "_input_group", None)
+        if g is not None:
+            groups.add(id(g))
+            m._input_group = None
+    return len(groups)

@@ -59,6 +59,12 @@ METHODS = {
     "svdq_r32_gptq_refit": _w4a4("rank 32 + GPTQ + activation-weighted branch refit", R32, gptq=True,
                                  lowrank_refit=True),
     "svdq_r64_gptq": _w4a4("SVDQuant rank 64 + GPTQ", {"mode": "fixed", "rank": 64}, gptq=True),
+    # input groups (q/k/v, k/v on the text) sharing one smoothing vector and proj_down: one activation pass per group
+    # at run time (core/input_group.py); no such groups in FLUX (its q/k/v is one linear already)
+    "svdq_r32_gptq_shared": _w4a4("rank 32 + GPTQ + shared q/k/v input", R32, families=["sd15", "sdxl"], gptq=True,
+                                  share_inputs=True),
+    "svdq_r64_gptq_shared": _w4a4("rank 64 + GPTQ + shared q/k/v input", {"mode": "fixed", "rank": 64},
+                                  families=["sd15", "sdxl"], gptq=True, share_inputs=True),
     "svdq_auto_error_gptq": _w4a4("SVDQuant, rank by error budget 0.05 + GPTQ",
                                   {"mode": "error", "rank": 32, "error_budget": 0.05}, gptq=True),
     "svdq_auto_size_gptq": _w4a4("SVDQuant, size budget avg rank 32 + GPTQ", {"mode": "size", "rank": 32}, gptq=True),
