@@ -65,7 +65,8 @@ LADDER_BASE = {"smooth_only": "naive_w4a4", "svdq_r32": "smooth_only", "svdq_r32
                "svdq_r32_unsigned": "svdq_r32", "svdq_r32_gptq_unsigned": "svdq_r32_gptq",
                "svdq_r32_refine4_gptq_unsigned": "svdq_r32_refine4_gptq", "svdq_r64_gptq": "svdq_r32_gptq",
                "svdq_auto_error_gptq": "svdq_r32_gptq", "svdq_auto_size_gptq": "svdq_r32_gptq",
-               "w4a16": "svdq_r32_gptq"}
+               "w4a16": "svdq_r32_gptq", "svdq_r32_gptq_shared": "svdq_r32_gptq",
+               "svdq_r64_gptq_shared": "svdq_r32_gptq"}
 
 
 def paired_delta(a, b, key):
