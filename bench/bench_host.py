@@ -53,6 +53,7 @@ def main():
     lib = _lib.load()
     qact, ascales, lora = ops._act_buffers(x, p["_afmt"], p["_rp"], lambda s, dtype: torch.empty(s, dtype=dtype, device=dev))
     out = torch.empty(a.m, a.n, dtype=dt, device=dev)
+    x3 = x.view(1, a.m, a.k)  # what a model's linears get
     n_part, n_cnt = _lib.quant_workspace(a.m, a.k, p["_rp"], 0)
     part = torch.empty(max(n_part, 1), dtype=torch.float32, device=dev)
     cnt = torch.zeros(max(n_cnt, 1), dtype=torch.int32, device=dev)
@@ -67,6 +68,8 @@ def main():
     rows = {
         "cuBLAS bf16 nn.Linear": lambda: lin(x),
         "4-bit module forward (SVDQuantLinear)": lambda: q(x),
+        "cuBLAS bf16 nn.Linear, 3-D input (1, M, K)": lambda: lin(x3),
+        "4-bit module forward, 3-D input (1, M, K)": lambda: q(x3),
         "kernels.linear (prepared dict)": lambda: kernels.linear(x, p),
         "ops.linear_direct": lambda: ops.linear_direct(x, p),
         "ops.quantize_into": lambda: ops.quantize_into(x, p["_smooth_rcp"], p["_proj_down"], qact, ascales, lora, p["_afmt"]),
@@ -80,7 +83,7 @@ def main():
     gpu = torch.cuda.get_device_name()
     print(f"GPU: {gpu}  torch {torch.__version__}  shape M={a.m} K={a.k} N={a.n}  (host µs per call)")
     for name, us in res.items():
-        print(f"  {name:45s} {us:8.1f}")
+        print(f"  {name:46s} {us:8.1f}")
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "m": a.m, "k": a.k, "n": a.n,
                                                     "host_us_per_call": res}, indent=1))

@@ -201,12 +201,10 @@ def quantize_input(x, prepared: dict, group_size: int = 64):
     if prepared.get("act16") or prepared.get("act_shift") is not None or x.numel() == 0:
         return None
     lead, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)
     if group_size == 64 and _use_cuda(x, prepared):
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
         return SharedInput(lead, x.dtype, prepared["_path"], prepared["_afmt"],
-                           (_ops or _get_ops()).quantize_direct(x2, prepared))
+                           (_ops or _get_ops()).quantize_direct(x if x.is_contiguous() else x.contiguous(), prepared))
+    x2 = x.reshape(-1, k)
     mode = "int_ratio" if "wscale_mult" in prepared else "float"
     payload = reference.quantize_act_lora_down(x2, prepared["smooth_factor"], prepared.get("proj_down"), group_size,
                                                mode)
@@ -220,13 +218,12 @@ def linear_from_input(shared: SharedInput, prepared: dict, group_size: int = 64)
         if prepared.get("_path") != shared.path or prepared.get("_afmt") != shared.afmt or \
                 prepared["_qw"].device != shared.payload[0].device:
             return None
-        y = (_ops or _get_ops()).gemm_direct(shared.payload, shared.dtype, prepared)
-    else:
-        if prepared.get("_path") or ("wscale_mult" in prepared) != (shared.afmt == "int_ratio"):
-            return None
-        qact, ascales, lora_act = shared.payload
-        y = reference.w4a4_gemm(qact, ascales, prepared["qweight"], reference.weight_scales_for_gemm(prepared),
-                                lora_act, prepared.get("proj_up"), prepared.get("bias"), shared.dtype, group_size)
+        return (_ops or _get_ops()).gemm_direct(shared.payload, shared.dtype, prepared)  # (..., N) already
+    if prepared.get("_path") or ("wscale_mult" in prepared) != (shared.afmt == "int_ratio"):
+        return None
+    qact, ascales, lora_act = shared.payload
+    y = reference.w4a4_gemm(qact, ascales, prepared["qweight"], reference.weight_scales_for_gemm(prepared),
+                            lora_act, prepared.get("proj_up"), prepared.get("bias"), shared.dtype, group_size)
     return y.view(*shared.lead, y.shape[-1])
 
 
@@ -332,6 +329,12 @@ def _use_cuda(x, prepared) -> bool:
     return prepared["_qw"].device == x.device
 
 
+def _compiling() -> bool:
+    import torch
+
+    return torch.compiler.is_compiling()
+
+
 def _log_backend_once(key, msg, *args):
     """One log line per backend and device. Skipped while torch.compile traces: a logger call there
     is a graph break in every 4-bit linear of the compiled model."""
@@ -374,16 +377,16 @@ def linear(x, prepared: dict, group_size: int = 64):
     if prepared.get("act16"):
         return _linear_act16(x, prepared, group_size)
     if group_size == 64 and _use_cuda(x, prepared):
-        _log_backend_once(("cuda", x.device, prepared["_path"]), "svdquant: %s kernels on %s",
-                          _NAMES[prepared["_path"]], x.device)
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] == 0:
-            return x.new_empty((*shape[:-1], prepared["_qw"].shape[0]))
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        y = (_ops or _get_ops()).linear(x2, prepared)
-        return y if len(shape) == 2 else y.view(*shape[:-1], y.shape[-1])
+        if "_logged" not in prepared:  # the log lookup costs as much as the rest of this branch
+            _log_backend_once(("cuda", x.device, prepared["_path"]), "svdquant: %s kernels on %s",
+                              _NAMES[prepared["_path"]], x.device)
+            if not _compiling():
+                prepared["_logged"] = True
+        if x.numel() == 0:
+            return x.new_empty((*x.shape[:-1], prepared["_qw"].shape[0]))
+        if not x.is_contiguous():
+            x = x.contiguous()
+        return (_ops or _get_ops()).linear(x, prepared)  # (..., K) as it is: no reshape or view per call
     _log_backend_once(("reference", x.device.type),
                       "svdquant: pure-torch reference path on %s (no CUDA kernel for this device/dtype)", x.device)
     return reference.svdquant_linear(

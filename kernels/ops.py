@@ -260,43 +260,46 @@ def _direct_args(p: dict, dtype) -> tuple:
                                   p["_proj_up"], p["_bias"], p["_rp"], p["_afmt"], p["_path"], p.get("_wmult"))
 
 
-def _quantize_act(x2, dt, smooth, pd, k, rp, fmt, keep_scratch=True, stream=None) -> tuple:
-    """Kernel 1 on x2 (M, K) into one new buffer holding its three outputs: (buffer, qact address, ascales address,
-    lora address or None, M, ascales' padded rows). What `_gemm_act` reads, for one layer or several (an input
-    group: layers that share the smoothing and proj_down, core/input_group.py)."""
-    x2 = aligned16(x2)
-    m = x2.shape[0]
+def _quantize_act(x, dt, smooth, pd, k, rp, fmt, keep_scratch=True, stream=None) -> tuple:
+    """Kernel 1 on x (..., K), contiguous, into one new buffer holding its three outputs: (buffer, qact address,
+    ascales address, lora address or None, M, ascales' padded rows, x's leading shape). What `_gemm_act` reads, for
+    one layer or several (an input group: layers that share the smoothing and proj_down, core/input_group.py).
+    x keeps its rank: a reshape and a view per call were a third of the eager path's Python time."""
+    x = aligned16(x)
+    lead = x.shape[:-1]
+    m = x.numel() // k
     off_s, off_l, size, mp = _act_layout(m, k, fmt, rp)
-    dev = x2.device
+    dev = x.device
     index = dev.index
     if stream is None:
         stream = _raw_stream(index)
     buf = torch.empty(size, dtype=torch.uint8, device=dev)
     base = buf.data_ptr()
     lora = base + off_l if rp else None
-    _launch_quantize(_lib.load(), x2.data_ptr(), smooth, pd, base, base + off_s, lora, m, k, mp, rp, dt, fmt, index,
+    _launch_quantize(_lib.load(), x.data_ptr(), smooth, pd, base, base + off_s, lora, m, k, mp, rp, dt, fmt, index,
                      stream, keep_scratch)
-    return buf, base, base + off_s, lora, m, mp
+    return buf, base, base + off_s, lora, m, mp, lead
 
 
 def _gemm_act(act, dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult, stream=None) -> torch.Tensor:
-    """Kernel 2 (with the LoRA-up and bias) of one layer on kernel 1's output `act` (from `_quantize_act`)."""
-    buf, qa, sa, lora, m, mp = act
+    """Kernel 2 (with the LoRA-up and bias) of one layer on kernel 1's output `act` (from `_quantize_act`): (..., N)
+    with the input's leading shape."""
+    buf, qa, sa, lora, m, mp, lead = act
     index = buf.device.index
     if stream is None:
         stream = _raw_stream(index)
-    out = torch.empty((m, n), dtype=dtype, device=buf.device)
+    out = torch.empty((*lead, n), dtype=dtype, device=buf.device)
     _launch_gemm(_lib.load(), qa, sa, qw, ws, lora, pu if rp else None, bias, out.data_ptr(), m, n, k, mp, rp, dt,
                  path, 0, wmult, index, stream)
     return out
 
 
-def _run_linear(x2, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path, wmult, keep_scratch=True) -> torch.Tensor:
-    """Both kernels on x2 (M, K) with a layer's raw pointers (wmult: path 92's multipliers); one buffer for kernel
-    1's three outputs."""
-    stream = _raw_stream(x2.device.index)
-    act = _quantize_act(x2, dt, smooth, pd, k, rp, fmt, keep_scratch, stream)
-    return _gemm_act(act, x2.dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult, stream)
+def _run_linear(x, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path, wmult, keep_scratch=True) -> torch.Tensor:
+    """Both kernels on x (..., K), contiguous, with a layer's raw pointers (wmult: path 92's multipliers); one buffer
+    for kernel 1's three outputs."""
+    stream = _raw_stream(x.device.index)
+    act = _quantize_act(x, dt, smooth, pd, k, rp, fmt, keep_scratch, stream)
+    return _gemm_act(act, x.dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult, stream)
 
 
 def _direct(p: dict, dtype) -> tuple:
@@ -306,16 +309,18 @@ def _direct(p: dict, dtype) -> tuple:
     return d
 
 
-def linear_direct(x2: torch.Tensor, p: dict) -> torch.Tensor:
-    """Eager fast path: the same two kernels without the custom-op dispatch, with the layer's pointers computed
-    once (host time per call is what an eager step pays 300 times; bench/bench_host.py). Capturable in CUDA graphs."""
-    return _run_linear(x2, *_direct(p, x2.dtype)[1:])
+def linear_direct(x: torch.Tensor, p: dict) -> torch.Tensor:
+    """Eager fast path for x (..., K), contiguous: the same two kernels without the custom-op dispatch, with the
+    layer's pointers computed once (host time per call is what an eager step pays 300 times; bench/bench_host.py).
+    Capturable in CUDA graphs."""
+    return _run_linear(x, *_direct(p, x.dtype)[1:])
 
 
-def quantize_direct(x2: torch.Tensor, p: dict) -> tuple:
-    """Eager kernel 1 alone with layer p's smoothing and proj_down (an input group's shared pass)."""
-    _, dt, smooth, pd, _, _, _, _, _, k, rp, fmt, _, _ = _direct(p, x2.dtype)
-    return _quantize_act(x2, dt, smooth, pd, k, rp, fmt)
+def quantize_direct(x: torch.Tensor, p: dict) -> tuple:
+    """Eager kernel 1 alone on x (..., K), contiguous, with layer p's smoothing and proj_down (an input group's
+    shared pass)."""
+    _, dt, smooth, pd, _, _, _, _, _, k, rp, fmt, _, _ = _direct(p, x.dtype)
+    return _quantize_act(x, dt, smooth, pd, k, rp, fmt)
 
 
 def gemm_direct(act: tuple, dtype, p: dict) -> torch.Tensor:
@@ -333,10 +338,11 @@ def _linear_op(x2, smooth_rcp, proj_down, qweight, wscales, proj_up, bias, rank_
 _DEF.impl("linear", _linear_op, "CUDA")
 
 
-def linear(x2: torch.Tensor, p: dict) -> torch.Tensor:
-    """The whole 4-bit linear on the CUDA path for x2 (M, K) with tensors from prepare_weights."""
+def linear(x: torch.Tensor, p: dict) -> torch.Tensor:
+    """The whole 4-bit linear on the CUDA path for x (..., K), contiguous, with tensors from prepare_weights."""
     if not torch.compiler.is_compiling():
-        return linear_direct(x2, p)
-    return torch.ops.svdquant.linear.default(x2, p["_smooth_rcp"], cast_cached(p, "_proj_down", x2.dtype), p["_qw"],
-                                             p["_wscales"], p["_proj_up"], p["_bias"], p["_rp"], p["_afmt"],
-                                             p["_path"], p.get("_wmult"))
+        return linear_direct(x, p)
+    y = torch.ops.svdquant.linear.default(x.reshape(-1, x.shape[-1]), p["_smooth_rcp"],
+                                          cast_cached(p, "_proj_down", x.dtype), p["_qw"], p["_wscales"], p["_proj_up"],
+                                          p["_bias"], p["_rp"], p["_afmt"], p["_path"], p.get("_wmult"))
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -192,6 +192,25 @@ def test_torch_compile_and_cuda_graph(make):
     assert torch.equal(static_y, kernels.linear(x2, prepared))
 
 
+@pytest.mark.parametrize("make", [make_layer, make_ratio_layer], ids=["float", "int_ratio"])
+def test_any_rank_and_strided_input_is_the_2d_result(make):
+    """The eager path takes x (..., K) as it is (no reshape/view per call): every leading shape, a non-contiguous
+    input and the compiled path give bitwise the 2-D call's rows."""
+    dtype = torch.bfloat16
+    prepared = kernels.prepare_weights(make(640, 1280, 32, dtype, DEV, seed=31), torch.device(DEV))
+    x2 = make_x(2 * 3 * 7, 1280, dtype, DEV, seed=32)
+    want = kernels.linear(x2, prepared)
+    for shape in [(42, 1280), (2, 21, 1280), (2, 3, 7, 1280)]:
+        y = kernels.linear(x2.view(shape), prepared)
+        assert y.shape == (*shape[:-1], 640) and torch.equal(y.reshape(-1, 640), want), shape
+    strided = x2.view(2, 21, 1280).transpose(0, 1)  # (21, 2, K), not contiguous
+    y = kernels.linear(strided, prepared)
+    assert torch.equal(y, want.view(2, 21, 640).transpose(0, 1))
+    compiled = torch.compile(lambda t: kernels.linear(t, prepared), fullgraph=True)
+    assert torch.equal(compiled(x2.view(2, 21, 1280)), want.view(2, 21, 640))
+    sync_check()
+
+
 @pytest.mark.parametrize("backend,mode", [("cudagraphs", None), ("inductor", "reduce-overhead")])
 def test_cuda_graph_backends_replay_a_model_of_4bit_layers(backend, mode):
     """The stock TorchCompileModel node's `cudagraphs` backend (and inductor's reduce-overhead mode) record the 4-bit
