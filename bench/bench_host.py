@@ -72,6 +72,7 @@ def main():
         "4-bit module forward, 3-D input (1, M, K)": lambda: q(x3),
         "kernels.linear (prepared dict)": lambda: kernels.linear(x, p),
         "ops.linear_direct": lambda: ops.linear_direct(x, p),
+        "ops._run_linear (two library calls)": lambda: ops._run_linear(x, *ops._direct(p, dt)[1:]),
         "ops.quantize_into": lambda: ops.quantize_into(x, p["_smooth_rcp"], p["_proj_down"], qact, ascales, lora, p["_afmt"]),
         "ops.gemm_into": lambda: ops.gemm_into(qact, ascales, p["_qw"], p["_wscales"], lora, p["_proj_up"], p["_bias"], out, p["_path"]),
         "raw ctypes quantize + counter zero_": raw_quant,
@@ -81,7 +82,8 @@ def main():
     }
     res = {name: per_call_us(fn) for name, fn in rows.items()}
     gpu = torch.cuda.get_device_name()
-    print(f"GPU: {gpu}  torch {torch.__version__}  shape M={a.m} K={a.k} N={a.n}  (host µs per call)")
+    print(f"GPU: {gpu}  torch {torch.__version__}  shape M={a.m} K={a.k} N={a.n}  (host µs per call; "
+          f"linear_direct makes {'one library call (svdq_linear)' if _lib.has_linear_call() else 'two library calls'})")
     for name, us in res.items():
         print(f"  {name:46s} {us:8.1f}")
     if a.json:

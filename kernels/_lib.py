@@ -38,6 +38,21 @@ def _candidates():
         pass
 
 
+class LinearArgs(ctypes.Structure):
+    """kernels/csrc/svdq_abi.h SvdqLinearArgs, field for field (svdq_linear: both kernels of a linear in one call)."""
+    _fields_ = [(n, ctypes.c_void_p) for n in ("x", "smooth", "pdown", "qact", "ascales", "lora", "part", "cnt",
+                                                "qweight", "wscales", "wmult", "proj_up", "bias", "out", "stream")] + \
+               [(n, ctypes.c_int) for n in ("M", "N", "K", "Mp", "rp", "dtype", "fmt", "path", "variant", "device")]
+
+
+def _linear_args_match(lib) -> bool:
+    """Whether the library's SvdqLinearArgs has LinearArgs' size and field offsets."""
+    out = (ctypes.c_longlong * 32)()
+    n = lib.svdq_linear_args_layout(out, 32)
+    want = [ctypes.sizeof(LinearArgs)] + [getattr(LinearArgs, f).offset for f, _ in LinearArgs._fields_]
+    return n == len(want) and list(out[:n]) == want
+
+
 def _bind(lib):
     c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
     lib.svdq_abi_version.restype = c_int
@@ -61,6 +76,12 @@ def _bind(lib):
     if hasattr(lib, "svdq_w4a16_gemv"):  # optional as well (kernels/csrc/w4a16.cu)
         lib.svdq_w4a16_gemv.restype = c_int
         lib.svdq_w4a16_gemv.argtypes = [c_void_p] * 10 + [c_int] * 5 + [c_void_p]
+    if hasattr(lib, "svdq_linear"):  # optional as well: both kernels in one call (used when its layout matches)
+        lib.svdq_linear_args_layout.restype = c_int
+        lib.svdq_linear_args_layout.argtypes = [ctypes.POINTER(ctypes.c_longlong), c_int]
+        lib.svdq_linear.restype = c_int
+        lib.svdq_linear.argtypes = [ctypes.POINTER(LinearArgs)]
+        lib.svdq_linear_ok = _linear_args_match(lib)
     if hasattr(lib, "svdq_qk_norm_rope"):  # optional as well (kernels/csrc/flux_ops.cu)
         c_ll = ctypes.c_longlong
         lib.svdq_qk_norm_rope.restype = c_int
@@ -94,6 +115,11 @@ def has_gptq() -> bool:
 def has_packed_gemm() -> bool:
     """Whether the loaded library has the Hopper GEMM on packed weights (kernel 2d, svdq_w4a4_gemm_packed)."""
     return _has("svdq_w4a4_gemm_packed")
+
+
+def has_linear_call() -> bool:
+    """Whether the loaded library runs a whole linear in one call (svdq_linear, with the layout Python expects)."""
+    return _has("svdq_linear") and getattr(load(), "svdq_linear_ok", False) is True
 
 
 def has_gemv() -> bool:

@@ -7,6 +7,7 @@ can be captured in CUDA graphs. `*_into` variants write into caller-given buffer
 calls skip the op dispatch (`linear_direct`, `gemv`).
 Layouts: see kernels/csrc/svdq.cu (header) and docs/KERNELS.md.
 """
+import ctypes
 from typing import Optional, Tuple
 
 import torch
@@ -98,21 +99,26 @@ def _quant_scratch(index: int, stream: int, n_part: int, n_cnt: int):
     return ws
 
 
-def _launch_quantize(lib, x_ptr, smooth_ptr, pd_ptr, q_ptr, s_ptr, lora_ptr, m, k, mp, rp, dt, fmt, index, stream,
-                     keep_scratch: bool = True):
-    """Kernel 1. keep_scratch=False (the compiled path's op bodies) takes a fresh workspace per call: a
+def _workspace(m, k, rp, index, stream, keep_scratch: bool = True):
+    """Addresses of kernel 1's K-split workspace for this call, (None, None) without one, and what holds them (keep
+    it alive past the launch). keep_scratch=False (the compiled path's op bodies) takes a fresh workspace per call: a
     CUDA-graph backend runs its warm-up inside the graph's memory pool, where a buffer kept between calls is an
     untracked allocation (cudagraph trees refuse it: "tensor(s) in the cudagraph pool not tracked as outputs")."""
     n_part, n_cnt = _lib.quant_workspace(m, k, rp, index) if rp else (0, 0)
-    part = cnt = None
-    if n_part:
-        if keep_scratch:
-            part_t, cnt_t = _quant_scratch(index, stream, n_part, n_cnt)
-        else:
-            dev = torch.device("cuda", index)
-            part_t = torch.empty(n_part, dtype=torch.float32, device=dev)
-            cnt_t = torch.zeros(n_cnt, dtype=torch.int32, device=dev)
-        part, cnt = part_t.data_ptr(), cnt_t.data_ptr()
+    if not n_part:
+        return None, None, None
+    if keep_scratch:
+        ws = _quant_scratch(index, stream, n_part, n_cnt)
+    else:
+        dev = torch.device("cuda", index)
+        ws = (torch.empty(n_part, dtype=torch.float32, device=dev), torch.zeros(n_cnt, dtype=torch.int32, device=dev))
+    return ws[0].data_ptr(), ws[1].data_ptr(), ws
+
+
+def _launch_quantize(lib, x_ptr, smooth_ptr, pd_ptr, q_ptr, s_ptr, lora_ptr, m, k, mp, rp, dt, fmt, index, stream,
+                     keep_scratch: bool = True):
+    """Kernel 1 (see _workspace for keep_scratch)."""
+    part, cnt, ws = _workspace(m, k, rp, index, stream, keep_scratch)
     code = lib.svdq_quantize_act_lora_down(x_ptr, smooth_ptr, pd_ptr if rp else None, q_ptr, s_ptr, lora_ptr,
                                            part, cnt, m, k, mp, rp, dt, fmt, index, stream)
     _lib.check(code, "svdq_quantize_act_lora_down")
@@ -309,11 +315,44 @@ def _direct(p: dict, dtype) -> tuple:
     return d
 
 
+def _linear_call(p: dict, dtype) -> tuple:
+    """The layer's svdq_linear arguments with its constant fields filled, and what `_run_linear_call` sets per call."""
+    _, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path, wmult = _direct(p, dtype)
+    a = _lib.LinearArgs(smooth=smooth, pdown=pd if rp else None, qweight=qw, wscales=ws, wmult=wmult,
+                        proj_up=pu if rp else None, bias=bias, N=n, K=k, rp=rp, dtype=dt, fmt=fmt, path=path, variant=0)
+    return dtype, a, ctypes.byref(a), n, k, rp, fmt
+
+
+def _run_linear_call(x: torch.Tensor, call: tuple) -> torch.Tensor:
+    """Both kernels through one library call (svdq_linear): the layer's arguments are a struct built once
+    (`_linear_call`), and a call sets the ten that change (ctypes converts 16-18 arguments per call otherwise, twice)."""
+    _, a, ref, n, k, rp, fmt = call
+    x = aligned16(x)
+    m = x.numel() // k
+    off_s, off_l, size, mp = _act_layout(m, k, fmt, rp)
+    dev = x.device
+    index = dev.index or 0  # None only off CUDA (tests/test_linear_call_abi.py runs this on the CPU)
+    stream = _raw_stream(index)
+    buf = torch.empty(size, dtype=torch.uint8, device=dev)  # kernel 1's outputs; alive past the call
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
+    a.part, a.cnt, ws = _workspace(m, k, rp, index, stream)
+    base = buf.data_ptr()
+    a.x, a.qact, a.ascales, a.lora, a.out = x.data_ptr(), base, base + off_s, base + off_l if rp else None, out.data_ptr()
+    a.stream, a.M, a.Mp, a.device = stream, m, mp, index
+    _lib.check(_lib.load().svdq_linear(ref), "svdq_linear")
+    return out
+
+
 def linear_direct(x: torch.Tensor, p: dict) -> torch.Tensor:
     """Eager fast path for x (..., K), contiguous: the same two kernels without the custom-op dispatch, with the
-    layer's pointers computed once (host time per call is what an eager step pays 300 times; bench/bench_host.py).
-    Capturable in CUDA graphs."""
-    return _run_linear(x, *_direct(p, x.dtype)[1:])
+    layer's pointers computed once (host time per call is what an eager step pays 300 times; bench/bench_host.py),
+    in one library call where the library has svdq_linear. Capturable in CUDA graphs."""
+    c = p.get("_call")
+    if c is None or c[0] != x.dtype:
+        c = p["_call"] = _linear_call(p, x.dtype) if _lib.has_linear_call() else (x.dtype, None)
+    if c[1] is None:
+        return _run_linear(x, *_direct(p, x.dtype)[1:])
+    return _run_linear_call(x, c)
 
 
 def quantize_direct(x: torch.Tensor, p: dict) -> tuple:

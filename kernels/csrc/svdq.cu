@@ -1791,3 +1791,23 @@ SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* 
   }
   return ERR_NO_PATH;
 }
+
+
+// Both kernels of one eager linear (kernels/ops.py linear_direct): the two entry points above, in order.
+SVDQ_API int svdq_linear(const SvdqLinearArgs* a) {
+  if (!a) return ERR_BAD_ARG;
+  int code = svdq_quantize_act_lora_down(a->x, a->smooth, a->rp ? a->pdown : nullptr, a->qact, a->ascales, a->lora,
+                                         a->part, a->cnt, a->M, a->K, a->Mp, a->rp, a->dtype, a->fmt, a->device,
+                                         a->stream);
+  if (code) return code;
+  const float* lora = a->rp ? a->lora : nullptr;
+  const float* pup = a->rp ? a->proj_up : nullptr;
+  if (a->path == 92)
+    return svdq_w4a4_gemm_packed(a->qact, a->ascales, a->qweight, a->wmult, a->wscales, lora, pup, a->bias, a->out,
+                                 a->M, a->N, a->K, a->Mp, a->rp, a->dtype, a->device, a->stream);
+  return svdq_w4a4_gemm(a->qact, a->ascales, a->qweight, a->wscales, lora, pup, a->bias, a->out, a->M, a->N, a->K,
+                        a->Mp, a->rp, a->dtype, a->path, a->variant, a->device, a->stream);
+}
+
+// SvdqLinearArgs as this library was compiled (svdq_abi.h): size, then each field's offset.
+SVDQ_API int svdq_linear_args_layout(long long* out, int n) { return svdq_linear_args_layout_of(out, n); }

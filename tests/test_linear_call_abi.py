@@ -1,0 +1,101 @@
+"""svdq_linear, the one-call eager linear (kernels/csrc/svdq_abi.h SvdqLinearArgs): the Python mirror
+(kernels/_lib.py LinearArgs) and what kernels/ops.py puts into it, checked without CUDA. A stand-in library compiled
+by the system C++ compiler from the same header records the struct it receives; the test reads each field back
+through C (by name), so a field declared in another order, type or size on either side fails here. What the
+kernels compute from it is tested on the GPU (tests/gpu)."""
+import ctypes
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from comfyui_svdquant.kernels import _lib, ops
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIELDS = [f for f, _ in _lib.LinearArgs._fields_]
+
+SHIM = r"""
+#include "svdq_abi.h"
+static SvdqLinearArgs last;
+SVDQ_API int svdq_linear_args_layout(long long* out, int n) { return svdq_linear_args_layout_of(out, n); }
+SVDQ_API int svdq_linear(const SvdqLinearArgs* a) { last = *a; return 0; }
+SVDQ_API int svdq_quant_workspace(int m, int k, int rp, int dev, long long* partials, int* counters)
+{ (void)m; (void)k; (void)rp; (void)dev; *partials = 0; *counters = 0; return 0; }
+SVDQ_API const char* svdq_error_string(int code) { (void)code; return "shim"; }
+#define F(name) if (!strcmp(field, #name)) return (long long)(uintptr_t)last.name;
+#define I(name) if (!strcmp(field, #name)) return (long long)last.name;
+SVDQ_API long long last_field(const char* field) {
+  F(x) F(smooth) F(pdown) F(qact) F(ascales) F(lora) F(part) F(cnt) F(qweight) F(wscales) F(wmult) F(proj_up)
+  F(bias) F(out) F(stream) I(M) I(N) I(K) I(Mp) I(rp) I(dtype) I(fmt) I(path) I(variant) I(device)
+  return -1;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def shim(tmp_path_factory):
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler for the stand-in library")
+    d = tmp_path_factory.mktemp("shim")
+    (d / "shim.cpp").write_text("#include <string.h>\n#include <stdint.h>\n" + SHIM)
+    so = d / "libshim.so"
+    subprocess.run([cxx, "-shared", "-fPIC", "-O1", f"-I{ROOT / 'kernels' / 'csrc'}", "-o", str(so), str(d / "shim.cpp")],
+                   check=True)
+    lib = ctypes.CDLL(str(so))
+    lib.svdq_linear_args_layout.restype = ctypes.c_int
+    lib.svdq_linear_args_layout.argtypes = [ctypes.POINTER(ctypes.c_longlong), ctypes.c_int]
+    lib.svdq_linear.restype = ctypes.c_int
+    lib.svdq_linear.argtypes = [ctypes.POINTER(_lib.LinearArgs)]
+    lib.svdq_quant_workspace.restype = ctypes.c_int
+    lib.svdq_quant_workspace.argtypes = [ctypes.c_int] * 4 + [ctypes.POINTER(ctypes.c_longlong),
+                                                                ctypes.POINTER(ctypes.c_int)]
+    lib.last_field.restype = ctypes.c_longlong
+    lib.last_field.argtypes = [ctypes.c_char_p]
+    return lib
+
+
+def test_mirror_has_the_header_layout(shim, monkeypatch):
+    assert _lib._linear_args_match(shim)
+    fields = [(f, t) for f, t in _lib.LinearArgs._fields_ if f != "pdown"]  # a mirror missing one field
+    monkeypatch.setattr(_lib, "LinearArgs", type("Stale", (ctypes.Structure,), {"_fields_": fields}))
+    assert not _lib._linear_args_match(shim)  # then linear_direct keeps the two-call path
+
+
+def test_every_field_reaches_c_under_its_name(shim):
+    a = _lib.LinearArgs()
+    want = {}
+    for i, f in enumerate(FIELDS):
+        v = (0x1000 * (i + 1) + 16 * i) if i < 15 else 100 + i  # pointers, then ints: all distinct
+        setattr(a, f, v)
+        want[f] = v
+    assert shim.svdq_linear(ctypes.byref(a)) == 0
+    assert {f: shim.last_field(f.encode()) for f in FIELDS} == want
+
+
+def test_ops_fills_the_per_call_fields(shim, monkeypatch):
+    """ops._run_linear_call on CPU tensors through the stand-in: the constant fields come from the prepared layer,
+    the per-call ones from this call's input, kernel-1 buffer and output."""
+    monkeypatch.setattr(_lib, "_lib", shim)
+    monkeypatch.setattr(_lib, "_tried", True)
+    monkeypatch.setattr(ops, "_raw_stream", lambda index: 0xABC0)
+    n, k, rp = 192, 256, 32
+    t = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt)  # noqa: E731
+    p = {"_smooth_rcp": t(k), "_proj_down": t(k, rp, dt=torch.bfloat16), "_qw": t(n, k, dt=torch.uint8),
+         "_wscales": t(n), "_proj_up": t(n, rp), "_bias": t(n), "_rp": rp, "_afmt": _lib.FMT_I8_RATIO, "_path": 91}
+    x = torch.zeros(2, 7, k, dtype=torch.bfloat16)
+    monkeypatch.setattr(_lib, "has_linear_call", lambda: True)
+    y = ops.linear_direct(x, p)
+    assert y.shape == (2, 7, n) and y.dtype == torch.bfloat16
+    got = {f: shim.last_field(f.encode()) for f in FIELDS}
+    off_s, off_l, _, mp = ops._act_layout(14, k, _lib.FMT_I8_RATIO, rp)
+    assert got["x"] == x.data_ptr() and got["out"] == y.data_ptr() and got["stream"] == 0xABC0
+    assert got["ascales"] - got["qact"] == off_s and got["lora"] - got["qact"] == off_l
+    assert (got["M"], got["N"], got["K"], got["Mp"], got["rp"]) == (14, n, k, mp, rp)
+    assert (got["dtype"], got["fmt"], got["path"], got["variant"]) == (_lib.DT_BF16, _lib.FMT_I8_RATIO, 91, 0)
+    assert got["smooth"] == p["_smooth_rcp"].data_ptr() and got["qweight"] == p["_qw"].data_ptr()
+    assert got["pdown"] == p["_proj_down"].data_ptr() and got["proj_up"] == p["_proj_up"].data_ptr()
+    assert got["bias"] == p["_bias"].data_ptr() and got["wscales"] == p["_wscales"].data_ptr()
+    assert got["wmult"] == 0 and got["part"] == 0 and got["cnt"] == 0  # no packed weights, no workspace here
