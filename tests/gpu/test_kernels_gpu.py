@@ -211,6 +211,24 @@ def test_any_rank_and_strided_input_is_the_2d_result(make):
     sync_check()
 
 
+@pytest.mark.parametrize("kind", ["float", "int_ratio", "int_ratio_packed"])
+@pytest.mark.parametrize("r", [0, 32, 128])
+def test_one_library_call_is_the_two_calls_bitwise(kind, r):
+    """linear_direct's svdq_linear (one call, argument struct) against the two entry points it composes."""
+    ops = _ops()
+    assert _lib.has_linear_call()
+    dtype = torch.bfloat16
+    lay = (make_layer if kind == "float" else make_ratio_layer)(640, 1280, r, dtype, DEV, seed=41 + r)
+    prepared = kernels.prepare_weights({**lay, "packed_weights": kind.endswith("packed")}, torch.device(DEV))
+    for m in (1, 77, 4096 + 13):
+        x = make_x(m, 1280, dtype, DEV, seed=42 + m).view(1, m, 1280)
+        one = ops.linear_direct(x, prepared)
+        two = ops._run_linear(x, *ops._direct(prepared, dtype)[1:])
+        sync_check()
+        assert prepared["_call"][1] is not None  # the one-call path ran
+        assert torch.isfinite(one).all() and torch.equal(one, two), (kind, r, m)
+
+
 @pytest.mark.parametrize("backend,mode", [("cudagraphs", None), ("inductor", "reduce-overhead")])
 def test_cuda_graph_backends_replay_a_model_of_4bit_layers(backend, mode):
     """The stock TorchCompileModel node's `cudagraphs` backend (and inductor's reduce-overhead mode) record the 4-bit
