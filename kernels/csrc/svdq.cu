@@ -28,6 +28,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <mutex>
 #include <type_traits>
 #include <stdlib.h>
 #include <string.h>
@@ -1583,6 +1584,32 @@ SVDQ_API int svdq_quantize_act_lora_down(const void* x, const float* smooth, con
   return ERR_BAD_ARG;
 }
 
+// cudaFuncSetAttribute(MaxDynamicSharedMemorySize) once per kernel and device, not per launch. The call costs host
+// time, and the CUDA runtime makes it wait for in-flight memory copies (reported for cuFuncSetAttribute in
+// oneapi-src/unified-runtime#2678): in a sampling loop a copy queued behind the GPU's work turns that into a wait for
+// the GPU. Every launcher passes its kernel's fixed shared-memory size, so the first successful call stands.
+static cudaError_t smem_limit_once(const void* fn, int bytes) {
+  struct Entry { const void* fn; unsigned long long devices; };
+  static Entry table[512];
+  static int used = 0;
+  static std::mutex mu;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return cudaGetLastError();
+  if (dev < 0 || dev >= 64) return cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  std::lock_guard<std::mutex> lock(mu);
+  int i = 0;
+  while (i < used && table[i].fn != fn) ++i;
+  if (i < used && ((table[i].devices >> dev) & 1ull)) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e != cudaSuccess) return e;
+  if (i == used) {
+    if (used == 512) return cudaSuccess;  // table full: this kernel keeps setting it per launch (correct, slower)
+    table[used++] = Entry{fn, 0ull};
+  }
+  table[i].devices |= 1ull << dev;
+  return cudaSuccess;
+}
+
 typedef CUresult (*EncodeTiledFn)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
@@ -1641,7 +1668,7 @@ static int launch_sm90_ws(const Sm90Params& p, cudaStream_t st) {
   if (!make_operand_maps(maps, p, BM, BN) || !make_group_scale_maps(maps, p, BM, BN)) return ERR_NO_PATH;
   void (*kern)(const WsMaps, const float*, OutT*, int, int, int, int);
   kern = gemm_sm90_ws_kernel<BN, STAGES, OutT>;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
+  cudaError_t e = smem_limit_once((const void*)kern, S::TOTAL);
   if (e != cudaSuccess) return (int)e;
   int tiles = ((p.N + BN - 1) / BN) * ((p.M + BM - 1) / BM);
   kern<<<tiles, 384, S::TOTAL, st>>>(maps, p.bias, (OutT*)p.out, p.M, p.N, p.K, p.rp);
@@ -1655,7 +1682,7 @@ static int launch_sm90_ws6(const Sm90Params& p, cudaStream_t st) {
   WsMaps maps;
   if (!make_operand_maps(maps, p, BM, BN) || !make_group_scale_maps(maps, p, BM, BN)) return ERR_NO_PATH;
   auto kern = gemm_sm90_ws6_kernel<STAGES, OutT>;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
+  cudaError_t e = smem_limit_once((const void*)kern, S::TOTAL);
   if (e != cudaSuccess) return (int)e;
   int tiles = ((p.N + BN - 1) / BN) * ((p.M + BM - 1) / BM);
   kern<<<tiles, 512, S::TOTAL, st>>>(maps, p.bias, (OutT*)p.out, p.M, p.N, p.K, p.rp);
@@ -1685,7 +1712,7 @@ static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st, const uint8_t* w
                             CU_TENSOR_MAP_SWIZZLE_NONE)))
     return ERR_NO_PATH;
   auto kern = gemm_sm90_i8_kernel<BN, STAGES, NC, OutT, PACKED>;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, S::TOTAL);
+  cudaError_t e = smem_limit_once((const void*)kern, S::TOTAL);
   if (e != cudaSuccess) return (int)e;
   int tiles = ((p.N + BN - 1) / BN) * ((p.M + BM - 1) / BM);
   kern<<<tiles, 128 * (NC + 1), S::TOTAL, st>>>(maps, p.sw, p.bias, (OutT*)p.out, p.M, p.N, p.K, p.rp);
