@@ -32,6 +32,28 @@ def per_call_us(fn, iters=2000):
     return host
 
 
+def behind_queued_work_us(fn, calls=20):
+    """Host µs per call of `fn` issued right after ~2 ms of queued GPU work and a non-blocking host-to-device copy
+    queued behind it (as a sampler step's timestep or conditioning copies are). An API call that waits for in-flight
+    copies (cudaFuncSetAttribute does: oneapi-src/unified-runtime#2678) waits for the GPU here, so a layer making
+    one shows a per-call time near the queued work's instead of its usual host time."""
+    big = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    src = torch.randn(1024, pin_memory=True)
+    dst = torch.empty(1024, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    total = 0.0
+    for _ in range(5):
+        big @ big  # ~1.5 ms of GPU work on an H100/H200
+        dst.copy_(src, non_blocking=True)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        total += time.perf_counter() - t0
+        torch.cuda.synchronize()
+    return total / (5 * calls) * 1e6
+
+
 def main():
     from _layers import make_ratio_layer, make_x
     from comfyui_svdquant import kernels
@@ -81,6 +103,8 @@ def main():
         "torch.cuda.current_stream().cuda_stream": lambda: torch.cuda.current_stream(dev).cuda_stream,
     }
     res = {name: per_call_us(fn) for name, fn in rows.items()}
+    res["cuBLAS bf16 nn.Linear, behind queued work + copy"] = behind_queued_work_us(lambda: lin(x3))
+    res["4-bit module forward, behind queued work + copy"] = behind_queued_work_us(lambda: q(x3))
     gpu = torch.cuda.get_device_name()
     print(f"GPU: {gpu}  torch {torch.__version__}  shape M={a.m} K={a.k} N={a.n}  (host µs per call; "
           f"linear_direct makes {'one library call (svdq_linear)' if _lib.has_linear_call() else 'two library calls'})")
