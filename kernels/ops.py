@@ -99,6 +99,29 @@ def _quant_scratch(index: int, stream: int, n_part: int, n_cnt: int):
     return ws
 
 
+_act_bufs = {}  # (device index, raw stream) -> uint8 buffer for kernel 1's outputs of eager layers run alone
+
+
+def _act_scratch(index: int, stream: int, size: int) -> torch.Tensor:
+    """A buffer of >= size bytes for kernel 1's outputs, kept between calls per device and stream: kernel 2 reads
+    them right after, on the same stream, so the next layer's kernel 1 (ordered behind it) may overwrite them. One
+    allocation per eager linear instead of two (each ~3 µs of host time on the GPU machine). Not for input groups,
+    whose kernel-1 output outlives other layers' calls (quantize_direct takes its own). Grown geometrically;
+    outgrown buffers are kept (a captured CUDA graph holds raw pointers); made fresh inside a capture, as
+    _quant_scratch's."""
+    buf = _act_bufs.get((index, stream))
+    if buf is not None and buf.numel() >= size:
+        return buf
+    dev = torch.device("cuda", index)
+    if torch.cuda.is_current_stream_capturing():
+        return torch.empty(size, dtype=torch.uint8, device=dev)
+    if buf is not None:
+        _retired.append(buf)
+    buf = _act_bufs[(index, stream)] = torch.empty(max(size, 2 * (0 if buf is None else buf.numel())),
+                                                   dtype=torch.uint8, device=dev)
+    return buf
+
+
 def _workspace(m, k, rp, index, stream, keep_scratch: bool = True):
     """Addresses of kernel 1's K-split workspace for this call, (None, None) without one, and what holds them (keep
     it alive past the launch). keep_scratch=False (the compiled path's op bodies) takes a fresh workspace per call: a
@@ -266,10 +289,11 @@ def _direct_args(p: dict, dtype) -> tuple:
                                   p["_proj_up"], p["_bias"], p["_rp"], p["_afmt"], p["_path"], p.get("_wmult"))
 
 
-def _quantize_act(x, dt, smooth, pd, k, rp, fmt, keep_scratch=True, stream=None) -> tuple:
-    """Kernel 1 on x (..., K), contiguous, into one new buffer holding its three outputs: (buffer, qact address,
+def _quantize_act(x, dt, smooth, pd, k, rp, fmt, keep_scratch=True, stream=None, own_buffer=False) -> tuple:
+    """Kernel 1 on x (..., K), contiguous, into one buffer holding its three outputs: (buffer, qact address,
     ascales address, lora address or None, M, ascales' padded rows, x's leading shape). What `_gemm_act` reads, for
     one layer or several (an input group: layers that share the smoothing and proj_down, core/input_group.py).
+    The buffer is the stream's kept one (_act_scratch) when keep_scratch, else (and with own_buffer) a new one.
     x keeps its rank: a reshape and a view per call were a third of the eager path's Python time."""
     x = aligned16(x)
     lead = x.shape[:-1]
@@ -279,7 +303,10 @@ def _quantize_act(x, dt, smooth, pd, k, rp, fmt, keep_scratch=True, stream=None)
     index = dev.index
     if stream is None:
         stream = _raw_stream(index)
-    buf = torch.empty(size, dtype=torch.uint8, device=dev)
+    if keep_scratch and not own_buffer:
+        buf = _act_scratch(index, stream, size)
+    else:
+        buf = torch.empty(size, dtype=torch.uint8, device=dev)
     base = buf.data_ptr()
     lora = base + off_l if rp else None
     _launch_quantize(_lib.load(), x.data_ptr(), smooth, pd, base, base + off_s, lora, m, k, mp, rp, dt, fmt, index,
@@ -333,7 +360,7 @@ def _run_linear_call(x: torch.Tensor, call: tuple) -> torch.Tensor:
     dev = x.device
     index = dev.index or 0  # None only off CUDA (tests/test_linear_call_abi.py runs this on the CPU)
     stream = _raw_stream(index)
-    buf = torch.empty(size, dtype=torch.uint8, device=dev)  # kernel 1's outputs; alive past the call
+    buf = _act_scratch(index, stream, size)  # kernel 1's outputs, read by kernel 2 within this call's launches
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
     a.part, a.cnt, ws = _workspace(m, k, rp, index, stream)
     base = buf.data_ptr()
@@ -359,7 +386,7 @@ def quantize_direct(x: torch.Tensor, p: dict) -> tuple:
     """Eager kernel 1 alone on x (..., K), contiguous, with layer p's smoothing and proj_down (an input group's
     shared pass)."""
     _, dt, smooth, pd, _, _, _, _, _, k, rp, fmt, _, _ = _direct(p, x.dtype)
-    return _quantize_act(x, dt, smooth, pd, k, rp, fmt)
+    return _quantize_act(x, dt, smooth, pd, k, rp, fmt, own_buffer=True)  # read by later calls: not the kept one
 
 
 def gemm_direct(act: tuple, dtype, p: dict) -> torch.Tensor:

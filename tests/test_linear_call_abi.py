@@ -81,6 +81,9 @@ def test_ops_fills_the_per_call_fields(shim, monkeypatch):
     monkeypatch.setattr(_lib, "_lib", shim)
     monkeypatch.setattr(_lib, "_tried", True)
     monkeypatch.setattr(ops, "_raw_stream", lambda index: 0xABC0)
+    kept = []  # the stream's kept kernel-1 buffer (a CPU stand-in), asked for with (device, stream, bytes)
+    monkeypatch.setattr(ops, "_act_scratch", lambda index, stream, size: kept.append((index, stream, size)) or
+                        kept.append(torch.empty(size, dtype=torch.uint8)) or kept[-1])
     n, k, rp = 192, 256, 32
     t = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt)  # noqa: E731
     p = {"_smooth_rcp": t(k), "_proj_down": t(k, rp, dt=torch.bfloat16), "_qw": t(n, k, dt=torch.uint8),
@@ -90,8 +93,9 @@ def test_ops_fills_the_per_call_fields(shim, monkeypatch):
     y = ops.linear_direct(x, p)
     assert y.shape == (2, 7, n) and y.dtype == torch.bfloat16
     got = {f: shim.last_field(f.encode()) for f in FIELDS}
-    off_s, off_l, _, mp = ops._act_layout(14, k, _lib.FMT_I8_RATIO, rp)
+    off_s, off_l, size, mp = ops._act_layout(14, k, _lib.FMT_I8_RATIO, rp)
     assert got["x"] == x.data_ptr() and got["out"] == y.data_ptr() and got["stream"] == 0xABC0
+    assert kept[0] == (0, 0xABC0, size) and got["qact"] == kept[1].data_ptr()
     assert got["ascales"] - got["qact"] == off_s and got["lora"] - got["qact"] == off_l
     assert (got["M"], got["N"], got["K"], got["Mp"], got["rp"]) == (14, n, k, mp, rp)
     assert (got["dtype"], got["fmt"], got["path"], got["variant"]) == (_lib.DT_BF16, _lib.FMT_I8_RATIO, 91, 0)

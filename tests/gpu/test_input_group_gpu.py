@@ -48,3 +48,22 @@ def test_group_is_bitwise_the_layers_alone(cuda_lib, monkeypatch, ratio, packed,
     for i, (a, g) in enumerate(zip(alone, grouped)):
         assert torch.isfinite(a).all() and a.abs().max() > 0
         assert torch.equal(a, g), (i, float((a.float() - g.float()).abs().max()))
+
+
+def test_another_layer_between_members_leaves_the_shared_input_intact(cuda_lib):
+    """Eager layers run alone reuse one kept kernel-1 buffer per stream (ops._act_scratch); a group's shared input
+    has its own, so a layer called between two members (as an attention patch may) cannot overwrite it."""
+    dtype = torch.bfloat16
+    mods = _group((640, 640), 640, 32, dtype, True, False)
+    other = SVDQuantLinear.from_tensors(make_ratio_layer(640, 640, 32, dtype, "cuda", seed=99))
+    x, y = make_x(4096, 640, dtype, "cuda", seed=5), make_x(4096, 640, dtype, "cuda", seed=6)
+    with torch.no_grad():
+        want = [mods["l0"](x), mods["l1"](x)]
+        want_other = other(y)
+        attach_input_groups(mods, [["l0", "l1"]])
+        a = mods["l0"](x)
+        o = other(y)  # kernel 1 into the stream's kept buffer
+        b = mods["l1"](x)
+        torch.cuda.synchronize()
+    assert torch.equal(a, want[0]) and torch.equal(b, want[1]) and torch.equal(o, want_other)
+    assert ops._act_bufs, "the eager layer ran through the kept buffer"

@@ -104,6 +104,7 @@ def test_eager_and_compiled_paths_pass_the_packed_layers_pointers(monkeypatch):
     monkeypatch.setattr(_lib, "has_packed_gemm", lambda: True)
     monkeypatch.setattr(_lib, "quant_workspace", lambda *a: (0, 0))
     monkeypatch.setattr(ops, "_raw_stream", lambda index: 77)
+    monkeypatch.setattr(ops, "_act_scratch", lambda index, stream, size: torch.empty(size, dtype=torch.uint8))
     monkeypatch.setattr(kernels, "_device_path", lambda device: 90)
     n, k, m = 128, 256, 5
     lay = make_ratio_layer(n, k, 16, torch.bfloat16, "cpu")
