@@ -343,30 +343,51 @@ def _direct(p: dict, dtype) -> tuple:
 
 
 def _linear_call(p: dict, dtype) -> tuple:
-    """The layer's svdq_linear arguments with its constant fields filled, and what `_run_linear_call` sets per call."""
+    """The layer's svdq_linear arguments with its constant fields filled, and what a call sets around them."""
     _, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path, wmult = _direct(p, dtype)
     a = _lib.LinearArgs(smooth=smooth, pdown=pd if rp else None, qweight=qw, wscales=ws, wmult=wmult,
                         proj_up=pu if rp else None, bias=bias, N=n, K=k, rp=rp, dtype=dt, fmt=fmt, path=path, variant=0)
     return dtype, a, ctypes.byref(a), n, k, rp, fmt
 
 
-def _run_linear_call(x: torch.Tensor, call: tuple) -> torch.Tensor:
-    """Both kernels through one library call (svdq_linear): the layer's arguments are a struct built once
-    (`_linear_call`), and a call sets the ten that change (ctypes converts 16-18 arguments per call otherwise, twice)."""
-    _, a, ref, n, k, rp, fmt = call
+def _call(p: dict, dtype) -> tuple:
+    """`_linear_call`'s tuple for this layer and dtype, kept in p; its struct is None without svdq_linear."""
+    c = p.get("_call")
+    if c is None or c[0] != dtype:
+        c = p["_call"] = _linear_call(p, dtype) if _lib.has_linear_call() else (dtype, None)
+    return c
+
+
+def _invoke(a, ref, x, qa, sa, lora, out, m, mp, stream, index) -> None:
+    """svdq_linear with this call's fields set (the ten that change; the layer's are set once): x None runs only
+    kernel 2, out None only kernel 1."""
+    a.x, a.qact, a.ascales, a.lora, a.out = x, qa, sa, lora, out
+    a.stream, a.M, a.Mp, a.device = stream, m, mp, index
+    _lib.check(_lib.load().svdq_linear(ref), "svdq_linear")
+
+
+def _kernel1_call(x, c, own_buffer: bool):
+    """Kernel 1 through svdq_linear's struct: (the act tuple `_gemm_act` reads, the stream)."""
+    _, a, ref, n, k, rp, fmt = c
     x = aligned16(x)
     m = x.numel() // k
     off_s, off_l, size, mp = _act_layout(m, k, fmt, rp)
     dev = x.device
     index = dev.index or 0  # None only off CUDA (tests/test_linear_call_abi.py runs this on the CPU)
     stream = _raw_stream(index)
-    buf = _act_scratch(index, stream, size)  # kernel 1's outputs, read by kernel 2 within this call's launches
-    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=dev)
+    buf = torch.empty(size, dtype=torch.uint8, device=dev) if own_buffer else _act_scratch(index, stream, size)
     a.part, a.cnt, ws = _workspace(m, k, rp, index, stream)
     base = buf.data_ptr()
-    a.x, a.qact, a.ascales, a.lora, a.out = x.data_ptr(), base, base + off_s, base + off_l if rp else None, out.data_ptr()
-    a.stream, a.M, a.Mp, a.device = stream, m, mp, index
-    _lib.check(_lib.load().svdq_linear(ref), "svdq_linear")
+    return (buf, base, base + off_s, base + off_l if rp else None, m, mp, x.shape[:-1]), x, stream, index
+
+
+def _run_linear_call(x: torch.Tensor, c: tuple) -> torch.Tensor:
+    """Both kernels through one library call (svdq_linear): the layer's arguments are a struct built once
+    (`_linear_call`), and a call sets the ten that change (ctypes converts 16-18 arguments per call otherwise,
+    twice). Kernel 1's outputs go to the stream's kept buffer (_act_scratch): kernel 2 reads them in this call."""
+    (buf, qa, sa, lora, m, mp, lead), x, stream, index = _kernel1_call(x, c, own_buffer=False)
+    out = torch.empty((*lead, c[3]), dtype=x.dtype, device=x.device)
+    _invoke(c[1], c[2], x.data_ptr(), qa, sa, lora, out.data_ptr(), m, mp, stream, index)
     return out
 
 
@@ -374,9 +395,7 @@ def linear_direct(x: torch.Tensor, p: dict) -> torch.Tensor:
     """Eager fast path for x (..., K), contiguous: the same two kernels without the custom-op dispatch, with the
     layer's pointers computed once (host time per call is what an eager step pays 300 times; bench/bench_host.py),
     in one library call where the library has svdq_linear. Capturable in CUDA graphs."""
-    c = p.get("_call")
-    if c is None or c[0] != x.dtype:
-        c = p["_call"] = _linear_call(p, x.dtype) if _lib.has_linear_call() else (x.dtype, None)
+    c = _call(p, x.dtype)
     if c[1] is None:
         return _run_linear(x, *_direct(p, x.dtype)[1:])
     return _run_linear_call(x, c)
@@ -384,15 +403,28 @@ def linear_direct(x: torch.Tensor, p: dict) -> torch.Tensor:
 
 def quantize_direct(x: torch.Tensor, p: dict) -> tuple:
     """Eager kernel 1 alone on x (..., K), contiguous, with layer p's smoothing and proj_down (an input group's
-    shared pass)."""
-    _, dt, smooth, pd, _, _, _, _, _, k, rp, fmt, _, _ = _direct(p, x.dtype)
-    return _quantize_act(x, dt, smooth, pd, k, rp, fmt, own_buffer=True)  # read by later calls: not the kept one
+    shared pass), into a buffer of its own: later calls read it, other layers may run in between."""
+    c = _call(p, x.dtype)
+    if c[1] is None:
+        _, dt, smooth, pd, _, _, _, _, _, k, rp, fmt, _, _ = _direct(p, x.dtype)
+        return _quantize_act(x, dt, smooth, pd, k, rp, fmt, own_buffer=True)
+    act, x, stream, index = _kernel1_call(x, c, own_buffer=True)
+    _, qa, sa, lora, m, mp, _ = act
+    _invoke(c[1], c[2], x.data_ptr(), qa, sa, lora, None, m, mp, stream, index)
+    return act
 
 
 def gemm_direct(act: tuple, dtype, p: dict) -> torch.Tensor:
     """Eager kernel 2 of layer p on `quantize_direct`'s output (made with the same smoothing and proj_down)."""
-    _, dt, _, _, qw, ws, pu, bias, n, k, rp, _, path, wmult = _direct(p, dtype)
-    return _gemm_act(act, dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult)
+    c = _call(p, dtype)
+    if c[1] is None:
+        _, dt, _, _, qw, ws, pu, bias, n, k, rp, _, path, wmult = _direct(p, dtype)
+        return _gemm_act(act, dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult)
+    buf, qa, sa, lora, m, mp, lead = act
+    index = buf.device.index or 0
+    out = torch.empty((*lead, c[3]), dtype=dtype, device=buf.device)
+    _invoke(c[1], c[2], None, qa, sa, lora, out.data_ptr(), m, mp, _raw_stream(index), index)
+    return out
 
 
 def _linear_op(x2, smooth_rcp, proj_down, qweight, wscales, proj_up, bias, rank_padded, fmt, path, wmult):

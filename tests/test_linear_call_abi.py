@@ -103,3 +103,26 @@ def test_ops_fills_the_per_call_fields(shim, monkeypatch):
     assert got["pdown"] == p["_proj_down"].data_ptr() and got["proj_up"] == p["_proj_up"].data_ptr()
     assert got["bias"] == p["_bias"].data_ptr() and got["wscales"] == p["_wscales"].data_ptr()
     assert got["wmult"] == 0 and got["part"] == 0 and got["cnt"] == 0  # no packed weights, no workspace here
+
+
+def test_group_calls_run_one_kernel_each(shim, monkeypatch):
+    """An input group's shared pass (quantize_direct) goes out with a null out (kernel 1 only), a member's GEMM
+    (gemm_direct) with a null x on the shared pass's buffer (kernel 2 only)."""
+    monkeypatch.setattr(_lib, "_lib", shim)
+    monkeypatch.setattr(_lib, "_tried", True)
+    monkeypatch.setattr(_lib, "has_linear_call", lambda: True)
+    monkeypatch.setattr(ops, "_raw_stream", lambda index: 0xABC0)
+    n, k, rp = 128, 320, 32
+    t = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt)  # noqa: E731
+    p = {"_smooth_rcp": t(k), "_proj_down": t(k, rp, dt=torch.bfloat16), "_qw": t(n, k, dt=torch.uint8),
+         "_wscales": t(n), "_proj_up": t(n, rp), "_bias": None, "_rp": rp, "_afmt": _lib.FMT_I8_RATIO, "_path": 91}
+    x = torch.zeros(3, 5, k, dtype=torch.bfloat16)
+    act = ops.quantize_direct(x, p)
+    got = {f: shim.last_field(f.encode()) for f in FIELDS}
+    assert got["out"] == 0 and got["x"] == x.data_ptr() and got["qact"] == act[0].data_ptr() == act[1]
+    assert act[4] == 15 and act[6] == (3, 5)
+    y = ops.gemm_direct(act, torch.bfloat16, p)
+    got = {f: shim.last_field(f.encode()) for f in FIELDS}
+    assert got["x"] == 0 and got["out"] == y.data_ptr() and y.shape == (3, 5, n)
+    assert (got["qact"], got["ascales"], got["lora"], got["M"]) == (act[1], act[2], act[3], 15)
+    assert got["bias"] == 0

@@ -1820,13 +1820,17 @@ SVDQ_API int svdq_w4a4_gemm(const void* qact, const float* ascales, const void* 
 }
 
 
-// Both kernels of one eager linear (kernels/ops.py linear_direct): the two entry points above, in order.
+// Both kernels of one eager linear (kernels/ops.py linear_direct): the two entry points above, in order. A null x
+// skips kernel 1 (the GEMM of an input group's member on the group's kernel-1 output); a null out skips kernel 2
+// (the group's shared kernel-1 pass).
 SVDQ_API int svdq_linear(const SvdqLinearArgs* a) {
-  if (!a) return ERR_BAD_ARG;
-  int code = svdq_quantize_act_lora_down(a->x, a->smooth, a->rp ? a->pdown : nullptr, a->qact, a->ascales, a->lora,
-                                         a->part, a->cnt, a->M, a->K, a->Mp, a->rp, a->dtype, a->fmt, a->device,
-                                         a->stream);
-  if (code) return code;
+  if (!a || (!a->x && !a->out)) return ERR_BAD_ARG;
+  if (a->x) {
+    const int code = svdq_quantize_act_lora_down(a->x, a->smooth, a->rp ? a->pdown : nullptr, a->qact, a->ascales,
+                                                 a->lora, a->part, a->cnt, a->M, a->K, a->Mp, a->rp, a->dtype, a->fmt,
+                                                 a->device, a->stream);
+    if (code || !a->out) return code;
+  }
   const float* lora = a->rp ? a->lora : nullptr;
   const float* pup = a->rp ? a->proj_up : nullptr;
   if (a->path == 92)
