@@ -300,7 +300,7 @@ def _quantize_act(x, dt, smooth, pd, k, rp, fmt, keep_scratch=True, stream=None,
     m = x.numel() // k
     off_s, off_l, size, mp = _act_layout(m, k, fmt, rp)
     dev = x.device
-    index = dev.index
+    index = dev.index or 0  # None only off CUDA (bench/host_path_cpu.py runs this on the CPU)
     if stream is None:
         stream = _raw_stream(index)
     if keep_scratch and not own_buffer:
@@ -318,7 +318,7 @@ def _gemm_act(act, dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult, stream=No
     """Kernel 2 (with the LoRA-up and bias) of one layer on kernel 1's output `act` (from `_quantize_act`): (..., N)
     with the input's leading shape."""
     buf, qa, sa, lora, m, mp, lead = act
-    index = buf.device.index
+    index = buf.device.index or 0
     if stream is None:
         stream = _raw_stream(index)
     out = torch.empty((*lead, n), dtype=dtype, device=buf.device)
