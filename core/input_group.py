@@ -3,12 +3,13 @@ proj_down (SD/SDXL attention's q/k/v, and k/v on the text: the file's `input_gro
 that input once.
 
 ComfyUI's attention calls to_q(x), to_k(x), to_v(x) one after the other with one tensor object. The first member
-called with a tensor runs kernel 1 (quantize + LoRA-down) and keeps its output; the others find it (same object,
-same version counter: not modified in place since) and run only their GEMM. Outputs are bitwise those of the
-members run alone (the same kernel-1 arithmetic on the same input). The kept output is dropped once every member
-has read it, or when a member sees another tensor. No module forward is replaced, so ComfyUI's attention patches
-(which call the projections themselves) keep working; under torch.compile members run alone (no tensor identity
-in a traced graph).
+called with a tensor computes for all: on Hopper's int8 path one GEMM over the members' weights side by side
+(kernels.fuse_prepared; each member returns a column view of the output), elsewhere one kernel-1 pass (quantize +
+LoRA-down) whose output each member's GEMM reads. The others find the result (same object, same version counter:
+not modified in place since). The kept result is dropped once every member has read it, or when a member sees
+another tensor. Each output equals the member's own run alone (bitwise on the GPU paths: tests/gpu). No module
+forward is replaced, so ComfyUI's attention patches (which call the projections themselves) keep working; under
+torch.compile members run alone (no tensor identity in a traced graph).
 """
 import logging
 
@@ -22,27 +23,55 @@ log = logging.getLogger(__name__)
 class InputGroup:
     def __init__(self, members: list):
         self.members = members
-        self._kept = None  # (input tensor, its version, SharedInput, members that have not read it yet)
+        self._kept = None   # (input tensor, its version, ("out", fused output) or ("in", SharedInput), unread members)
+        self._fused = None  # (the members' prepared dicts' ids, the fused prepared layer or None)
+        self._cols = []
+        a = 0
+        for m in members:  # each member's columns of the fused output
+            self._cols.append((a, a + m.out_features))
+            a += m.out_features
 
     def forward(self, member, x: torch.Tensor, prepared: dict):
         """member's 4-bit output for x (before its LoRA terms), or None: then the member runs alone."""
         kept = self._kept
         if kept is not None and kept[0] is x and kept[1] == x._version:
-            shared, waiting = kept[2], kept[3]
+            result, waiting = kept[2], kept[3]
         else:
-            shared = kernels.quantize_input(x, prepared, member.group_size)
-            if shared is None:
-                self._kept = None
-                return None
+            fused = self._fused_layer()
+            if fused is not None:  # one GEMM for every member; each takes its columns
+                result = ("out", kernels.linear(x, fused, member.group_size))
+            else:  # one kernel-1 pass; each member runs its own GEMM on it
+                shared = kernels.quantize_input(x, prepared, member.group_size)
+                if shared is None:
+                    self._kept = None
+                    return None
+                result = ("in", shared)
             waiting = set(range(len(self.members)))
-            self._kept = (x, x._version, shared, waiting)
-        waiting.discard(member._input_group_index)
+            self._kept = (x, x._version, result, waiting)
+        index = member._input_group_index
+        waiting.discard(index)
         if not waiting:
-            self._kept = None  # everyone has read it: free kernel 1's buffer and the reference to x
-        return kernels.linear_from_input(shared, prepared, member.group_size)
+            self._kept = None  # everyone has read it: free the buffer and the reference to x
+        if result[0] == "out":
+            a, b = self._cols[index]
+            return result[1][..., a:b]
+        return kernels.linear_from_input(result[1], prepared, member.group_size)
 
-    def clear(self) -> None:
+    def _fused_layer(self):
+        """The members as one prepared layer (kernels.fuse_prepared), made once every member holds its prepared
+        tensors for one device and dtype, and again after any of them was prepared anew (moved, cast)."""
+        cached = [getattr(m, "_prepared", None) for m in self.members]
+        if any(c is None for c in cached) or len({c[0] for c in cached}) != 1:
+            return None
+        key = tuple(id(c[1]) for c in cached)
+        if self._fused is None or self._fused[0] != key:
+            self._fused = (key, kernels.fuse_prepared([c[1] for c in cached]))
+        return self._fused[1]
+
+    def reset(self) -> None:
+        """Forget what was kept and the fused layer (a member moved: its tensors are elsewhere now)."""
         self._kept = None
+        self._fused = None
 
 
 def _same(a, b) -> bool:

@@ -96,6 +96,8 @@ class QuantizedLinearMixin:
 
     def _apply(self, fn, *args, **kwargs):
         self._prepared = None  # cached kernel-ready tensors belong to the old device
+        if getattr(self, "_input_group", None) is not None:
+            self._input_group.reset()  # and so does the group's fused layer
         out = super()._apply(fn, *args, **kwargs)
         if getattr(self, "quantized", False):
             dev = self.qweight.device

@@ -227,6 +227,58 @@ def linear_from_input(shared: SharedInput, prepared: dict, group_size: int = 64)
     return y.view(*shared.lead, y.shape[-1])
 
 
+FUSE_REFERENCE = False  # the reference path fuses input groups too (a second copy of their weights): tests only
+
+
+def fuse_prepared(preps: list):
+    """One prepared layer computing the members' outputs side by side (N = the sum), for an input group (layers with
+    one smoothing vector and proj_down, prepared on one device in one dtype): one GEMM instead of one per member.
+    Hopper's int8 path (91) only, where the weights are a prepared copy anyway: the members' copies move into one
+    buffer and each member keeps a row view of it (no extra memory; a member called alone reads the same bytes).
+    None where the members cannot share one GEMM (other paths, ranks, formats)."""
+    import torch
+
+    first = preps[0]
+    path = first.get("_path")
+    if path == 91 and all(p.get("_path") == 91 and p["_rp"] == first["_rp"] and p["_afmt"] == first["_afmt"]
+                          for p in preps):
+        rows = [p["_qw"].shape[0] for p in preps]
+        bias = None
+        if any(p["_bias"] is not None for p in preps):
+            bias = torch.cat([p["_bias"] if p["_bias"] is not None else
+                              torch.zeros(n, dtype=torch.float32, device=first["_qw"].device) for p, n in zip(preps, rows)])
+        fused = {**{k: first[k] for k in ("_smooth_rcp", "_proj_down", "_rp", "_afmt", "_path")},
+                 "_qw": torch.cat([p["_qw"] for p in preps]), "_wscales": torch.cat([p["_wscales"] for p in preps]),
+                 "_proj_up": torch.cat([p["_proj_up"] for p in preps]), "_bias": bias, "_wmult": None}
+        for k in [k for k in first if k.startswith("_cast:")]:  # proj_down in the compute dtype (one for all)
+            fused[k] = first[k]
+        a = 0
+        for p, n in zip(preps, rows):  # the members read row views of the fused copy; their own copies go
+            p["_qw"], p["_wscales"], p["_proj_up"] = (fused[t][a:a + n] for t in ("_qw", "_wscales", "_proj_up"))
+            if p["_bias"] is not None:
+                p["_bias"] = bias[a:a + n]
+            p.pop("_direct", None)  # raw pointers of the old copies
+            p.pop("_call", None)
+            a += n
+        return fused
+    if path or not FUSE_REFERENCE or any(p.get("_path") or p.get("act16") or p.get("act_shift") is not None
+                                         for p in preps):
+        return None
+    ratio = "wscale_mult" in first
+    cols = ("wscale_mult",) if ratio else ("wscales",)  # (K/G, N): side by side along dim 1
+    fused = {"smooth_factor": first["smooth_factor"], "proj_down": first.get("proj_down"), "_path": 0,
+             "qweight": torch.cat([p["qweight"] for p in preps]),
+             "proj_up": torch.cat([p["proj_up"] for p in preps]) if first.get("proj_up") is not None else None}
+    for c in cols:
+        fused[c] = torch.cat([p[c] for p in preps], dim=1)
+    if ratio:
+        fused["wscale_base"] = torch.cat([p["wscale_base"] for p in preps])
+    if any(p.get("bias") is not None for p in preps):
+        fused["bias"] = torch.cat([p["bias"] if p.get("bias") is not None else p["qweight"].new_zeros(
+            p["qweight"].shape[0], dtype=first["smooth_factor"].dtype) for p in preps])
+    return fused
+
+
 def _fp32_rcp_and_bias(tensors: dict, dev) -> dict:
     """What every kernel reads in fp32 beside the weights: 1/λ (`_smooth_rcp`) and the bias (`_bias`, or None)."""
     import torch

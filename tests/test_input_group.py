@@ -114,3 +114,30 @@ def test_compiled_members_run_alone_without_graph_breaks():
             getattr(attn, name)._input_group = None
         y_alone = attn.to_q(x) + attn.to_k(x) + attn.to_v(x)
     assert torch.allclose(y, y_alone, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_group_runs_one_gemm_and_gives_column_views(count_kernel1, monkeypatch):
+    """The one-GEMM form (kernels.fuse_prepared; on the CPU only with FUSE_REFERENCE, since the reference path would
+    hold a second copy of the weights): one kernel-1 pass and one GEMM per group, each member a column view of its
+    output, equal to the layers alone up to fp32 summation order (one matrix product instead of three)."""
+    gemms = []
+    real = kernels.reference.w4a4_gemm
+    monkeypatch.setattr(kernels.reference, "w4a4_gemm", lambda *a, **k: gemms.append(a[2].shape[0]) or real(*a, **k))
+    monkeypatch.setattr(kernels, "FUSE_REFERENCE", True)
+    m, groups = _quantized_toy()
+    x, c = _inputs()
+    with torch.no_grad():
+        alone = m(x, c)
+        attach_input_groups(m, groups)
+        count_kernel1.clear()
+        gemms.clear()
+        fused = m(x, c)
+        n_kernel1, n_gemms = len(count_kernel1), sorted(gemms)
+        attn = m.blocks[0]
+        q, k = attn.to_q(x), attn.to_k(x)
+    assert torch.allclose(fused, alone, rtol=1e-5, atol=1e-5), float((fused - alone).abs().max())
+    assert n_kernel1 == 2 * 3 + 2
+    assert n_gemms == sorted([384, 256, 128] * 2 + [128, 128])  # q/k/v as one, context k/v as one, out; the pair
+    assert not q.is_contiguous() and q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    attn.to_q.cpu()  # a member moved: the group forgets its fused layer
+    assert attn.to_q._input_group._fused is None

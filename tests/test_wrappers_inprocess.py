@@ -413,7 +413,7 @@ def test_input_groups_quantize_their_input_once_in_the_loaded_model(comfy, tmp_p
     once per group and gives bitwise the output of the same model with its layers run alone."""
     from comfyui_svdquant import kernels
     from comfyui_svdquant.core.config import QuantConfig, RankPolicy
-    from comfyui_svdquant.core.input_group import detach_input_groups
+    from comfyui_svdquant.core.input_group import attach_input_groups, detach_input_groups
     from comfyui_svdquant.wrappers.loader import load_svdquant_model
     from comfyui_svdquant.wrappers.quantize import calibrate_and_quantize
     mp = comfy.tiny_sd15_patcher()
@@ -440,6 +440,12 @@ def test_input_groups_quantize_their_input_once_in_the_loaded_model(comfy, tmp_p
     assert torch.equal(grouped, alone)
     n_layers = report["summary"]["layers"]  # each 4-bit layer runs once per step
     assert len(calls) == n_layers and n_grouped == n_layers - sum(len(g) - 1 for g in groups)
+    # the one-GEMM form (Hopper's; here the reference's twin): ComfyUI's attention takes the members' column views
+    monkeypatch.setattr(kernels, "FUSE_REFERENCE", True)
+    attach_input_groups(lm.model.diffusion_model, groups)
+    fused = comfy.denoise_once(lm, x, s, pos)
+    assert all(m._input_group._fused[1] is not None for m in members.values())  # the fused form ran
+    assert torch.allclose(fused, alone, rtol=1e-4, atol=1e-4), float((fused - alone).abs().max())
 
 
 def test_flux_unsigned_gelu_layers(comfy, tmp_path):
