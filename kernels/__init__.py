@@ -245,8 +245,9 @@ def fuse_prepared(preps: list):
         rows = [p["_qw"].shape[0] for p in preps]
         bias = None
         if any(p["_bias"] is not None for p in preps):
-            bias = torch.cat([p["_bias"] if p["_bias"] is not None else
-                              torch.zeros(n, dtype=torch.float32, device=first["_qw"].device) for p, n in zip(preps, rows)])
+            dev = first["_qw"].device
+            bias = torch.cat([p["_bias"] if p["_bias"] is not None else torch.zeros(n, dtype=torch.float32, device=dev)
+                              for p, n in zip(preps, rows)])
         fused = {**{k: first[k] for k in ("_smooth_rcp", "_proj_down", "_rp", "_afmt", "_path")},
                  "_qw": torch.cat([p["_qw"] for p in preps]), "_wscales": torch.cat([p["_wscales"] for p in preps]),
                  "_proj_up": torch.cat([p["_proj_up"] for p in preps]), "_bias": bias, "_wmult": None}

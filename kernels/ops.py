@@ -367,7 +367,8 @@ def _invoke(a, ref, x, qa, sa, lora, out, m, mp, stream, index) -> None:
 
 
 def _kernel1_call(x, c, own_buffer: bool):
-    """Kernel 1 through svdq_linear's struct: (the act tuple `_gemm_act` reads, the stream)."""
+    """Kernel 1's buffer and per-call fields for svdq_linear's struct (the caller sets x and out and calls):
+    (the act tuple `_gemm_act` reads, x as aligned, the stream, the device index)."""
     _, a, ref, n, k, rp, fmt = c
     x = aligned16(x)
     m = x.numel() // k
