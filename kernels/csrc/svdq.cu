@@ -35,6 +35,7 @@
 
 #include "half_pair.h"
 #include "svdq_abi.h"
+#include "tma_cache.h"
 #include "wgmma_gen.h"
 
 enum { FMT_INT4 = 0, FMT_E4M3 = 1, FMT_I8 = 2 };
@@ -1624,17 +1625,25 @@ static EncodeTiledFn encode_fn() {
   }
   return fn;
 }
-// 2-D row-major tensor [outer, inner] with a row pitch in bytes; box [box_outer, box_inner].
-static bool make_map(CUtensorMap* m, const void* base, CUtensorMapDataType dt, uint64_t inner, uint64_t outer,
-                     uint64_t pitch, uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle sw) {
+static bool encode_map(const TmaKey& k, CUtensorMap* m) {
   EncodeTiledFn fn = encode_fn();
   if (!fn) return false;
-  cuuint64_t dims[2] = {inner, outer};
-  cuuint64_t strides[1] = {pitch};
-  cuuint32_t box[2] = {box_inner, box_outer};
+  cuuint64_t dims[2] = {k.inner, k.outer};
+  cuuint64_t strides[1] = {k.pitch};
+  cuuint32_t box[2] = {k.box_inner, k.box_outer};
   cuuint32_t estr[2] = {1, 1};
-  return fn(m, dt, 2, const_cast<void*>(base), dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, sw,
-            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return fn(m, (CUtensorMapDataType)k.dtype, 2, (void*)(uintptr_t)k.base, dims, strides, box, estr,
+            CU_TENSOR_MAP_INTERLEAVE_NONE, (CUtensorMapSwizzle)k.swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// 2-D row-major tensor [outer, inner] with a row pitch in bytes; box [box_outer, box_inner]. Encoded once per distinct
+// set of inputs and thread (tma_cache.h): a layer's calls reuse their descriptors.
+static bool make_map(CUtensorMap* m, const void* base, CUtensorMapDataType dt, uint64_t inner, uint64_t outer,
+                     uint64_t pitch, uint32_t box_inner, uint32_t box_outer, CUtensorMapSwizzle sw) {
+  static thread_local TmaCache<CUtensorMap>* cache = new TmaCache<CUtensorMap>();  // ~180 KB per launching thread
+  const TmaKey key{(uint64_t)(uintptr_t)base, inner, outer, pitch, box_inner, box_outer, (int32_t)dt, (int32_t)sw};
+  return cache->get(key, m, encode_map);
 }
 
 // TMA maps every Hopper GEMM uses (zeroed first): the A and B byte tiles, K-major, 128-byte K boxes with
