@@ -404,6 +404,9 @@ def main():
                     help="also sample the 4-bit model (batch 1) as on a GPU with this many GiB free (CUDA only)")
     ap.add_argument("--alloc-conf", default="backend:cudaMallocAsync",
                     help="PYTORCH_CUDA_ALLOC_CONF for a --vram-cap run (default: what ComfyUI's main.py sets)")
+    ap.add_argument("--comfy-allocator", action="store_true",
+                    help="run everything with --alloc-conf (ComfyUI's own default, cudaMallocAsync), not only a "
+                         "--vram-cap run: the allocator users get; earlier rows used torch's native one")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel category of one step (torch.profiler)")
     ap.add_argument("--host-profile", action="store_true",
                     help="host (Python) time of a step by function and by package (cProfile), both models")
@@ -417,7 +420,8 @@ def main():
                     help="FLUX: also time the 16-bit model with the fused block forward (wrappers/flux_blocks.py)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if args.vram_cap and args.alloc_conf and os.environ.get("PYTORCH_CUDA_ALLOC_CONF") != args.alloc_conf:
+    if (args.vram_cap or args.comfy_allocator) and args.alloc_conf and \
+            os.environ.get("PYTORCH_CUDA_ALLOC_CONF") != args.alloc_conf:
         # torch fixes the allocator backend when it loads: start again with the setting in the environment
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": args.alloc_conf})
     on_gpu = torch.cuda.is_available()
@@ -440,6 +444,7 @@ def main():
     def save(partial=None):
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "driver": _driver(),
+                                                           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
                                                            "rows": rows + ([partial] if partial else [])}, indent=1))
 
     def checkpoint(row):
