@@ -289,29 +289,32 @@ def _direct_args(p: dict, dtype) -> tuple:
                                   p["_proj_up"], p["_bias"], p["_rp"], p["_afmt"], p["_path"], p.get("_wmult"))
 
 
-def _quantize_act(x, dt, smooth, pd, k, rp, fmt, keep_scratch=True, stream=None, own_buffer=False) -> tuple:
-    """Kernel 1 on x (..., K), contiguous, into one buffer holding its three outputs: (buffer, qact address,
-    ascales address, lora address or None, M, ascales' padded rows, x's leading shape). What `_gemm_act` reads, for
-    one layer or several (an input group: layers that share the smoothing and proj_down, core/input_group.py).
-    The buffer is the stream's kept one (_act_scratch) when keep_scratch, else (and with own_buffer) a new one.
+def _act_for(x, k, rp, fmt, stream=None, fresh=False) -> tuple:
+    """Kernel 1's output buffer for x (..., K), contiguous: (the act tuple `_gemm_act` reads: buffer, qact address,
+    ascales address, lora address or None, M, ascales' padded rows, x's leading shape; x as aligned; the stream;
+    the device index). The buffer is the stream's kept one (_act_scratch), or with fresh a new one.
     x keeps its rank: a reshape and a view per call were a third of the eager path's Python time."""
     x = aligned16(x)
-    lead = x.shape[:-1]
     m = x.numel() // k
     off_s, off_l, size, mp = _act_layout(m, k, fmt, rp)
     dev = x.device
-    index = dev.index or 0  # None only off CUDA (bench/host_path_cpu.py runs this on the CPU)
+    index = dev.index or 0  # None only off CUDA (tests/test_linear_call_abi.py, bench/host_path_cpu.py)
     if stream is None:
         stream = _raw_stream(index)
-    if keep_scratch and not own_buffer:
-        buf = _act_scratch(index, stream, size)
-    else:
-        buf = torch.empty(size, dtype=torch.uint8, device=dev)
+    buf = torch.empty(size, dtype=torch.uint8, device=dev) if fresh else _act_scratch(index, stream, size)
     base = buf.data_ptr()
-    lora = base + off_l if rp else None
-    _launch_quantize(_lib.load(), x.data_ptr(), smooth, pd, base, base + off_s, lora, m, k, mp, rp, dt, fmt, index,
-                     stream, keep_scratch)
-    return buf, base, base + off_s, lora, m, mp, lead
+    return (buf, base, base + off_s, base + off_l if rp else None, m, mp, x.shape[:-1]), x, stream, index
+
+
+def _quantize_act(x, dt, smooth, pd, k, rp, fmt, keep_scratch=True, stream=None, own_buffer=False) -> tuple:
+    """Kernel 1 on x (..., K), contiguous, into `_act_for`'s buffer (a new one unless keep_scratch and not
+    own_buffer): the act tuple `_gemm_act` reads, for one layer or several (an input group: layers that share the
+    smoothing and proj_down, core/input_group.py)."""
+    act, x, stream, index = _act_for(x, k, rp, fmt, stream, fresh=own_buffer or not keep_scratch)
+    _, qa, sa, lora, m, mp, _ = act
+    _launch_quantize(_lib.load(), x.data_ptr(), smooth, pd, qa, sa, lora, m, k, mp, rp, dt, fmt, index, stream,
+                     keep_scratch)
+    return act
 
 
 def _gemm_act(act, dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult, stream=None) -> torch.Tensor:
@@ -367,19 +370,11 @@ def _invoke(a, ref, x, qa, sa, lora, out, m, mp, stream, index) -> None:
 
 
 def _kernel1_call(x, c, own_buffer: bool):
-    """Kernel 1's buffer and per-call fields for svdq_linear's struct (the caller sets x and out and calls):
-    (the act tuple `_gemm_act` reads, x as aligned, the stream, the device index)."""
-    _, a, ref, n, k, rp, fmt = c
-    x = aligned16(x)
-    m = x.numel() // k
-    off_s, off_l, size, mp = _act_layout(m, k, fmt, rp)
-    dev = x.device
-    index = dev.index or 0  # None only off CUDA (tests/test_linear_call_abi.py runs this on the CPU)
-    stream = _raw_stream(index)
-    buf = torch.empty(size, dtype=torch.uint8, device=dev) if own_buffer else _act_scratch(index, stream, size)
-    a.part, a.cnt, ws = _workspace(m, k, rp, index, stream)
-    base = buf.data_ptr()
-    return (buf, base, base + off_s, base + off_l if rp else None, m, mp, x.shape[:-1]), x, stream, index
+    """`_act_for` plus the K-split workspace in svdq_linear's struct (the caller sets x and out and calls)."""
+    _, a, _, _, k, rp, fmt = c
+    act, x, stream, index = _act_for(x, k, rp, fmt, fresh=own_buffer)
+    a.part, a.cnt, _ = _workspace(act[4], k, rp, index, stream)  # kept workspace: alive in _scratch
+    return act, x, stream, index
 
 
 def _run_linear_call(x: torch.Tensor, c: tuple) -> torch.Tensor:
