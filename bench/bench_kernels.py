@@ -115,6 +115,12 @@ def main():
                     for v in (1, 2, 3):
                         row[f"gemm_v7_{v}_us"] = time_graph(lambda: ops.gemm_into(
                             qa, sa, p["_qw"], p["_wscales"], la, p["_proj_up"], p["_bias"], outb, 91, variant=v))
+                    # kernel 2e (one activation base per token; docs/KERNELS.md §6c): timed on the same int8 codes
+                    # with the first chunk's bases standing in for row bases (the time does not depend on them)
+                    sa_row = sa[:1].contiguous()
+                    for v in (21, 22, 23, 24):
+                        row[f"gemm_2e_{v}_us"] = time_graph(lambda: ops.gemm_into(
+                            qa, sa_row, p["_qw"], p["_wscales"], la, p["_proj_up"], p["_bias"], outb, 91, variant=v))
             del p, qa, sa, la
         rows.append(row)
         del x, w, xf8, wf8
@@ -124,7 +130,9 @@ def main():
     cols = [("bf16", "bf16_us"), ("fp8", "fp8_us"), ("int", "int_us"), ("i.quant", "int_quant_us"),
             ("i.gemm", "int_gemm_us"), ("i.eager", "int_eager_us"), ("flt", "flt_us"), ("f.gemm", "flt_gemm_us"),
             ("fp8x", "ratio_fp8"), ("intx", "int_ratio"), ("i.gemmx", "int_ratio_gemm"), ("fltx", "flt_ratio"),
-            ("i.TF", "int_gemm_tflops"), ("v7_1", "gemm_v7_1_us"), ("v7_2", "gemm_v7_2_us"), ("v7_3", "gemm_v7_3_us")]
+            ("i.TF", "int_gemm_tflops"), ("v7_1", "gemm_v7_1_us"), ("v7_2", "gemm_v7_2_us"), ("v7_3", "gemm_v7_3_us"),
+            ("2e.n256", "gemm_2e_21_us"), ("2e.m192", "gemm_2e_22_us"), ("2e.n192", "gemm_2e_23_us"),
+            ("2e.128", "gemm_2e_24_us")]
     print(f"{'shape':14s} {'M':>5s} {'K':>6s} {'N':>6s} | " + " ".join(f"{c:>7s}" for c, _ in cols))
     for r in rows:
         vals = []

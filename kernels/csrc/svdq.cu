@@ -923,7 +923,7 @@ struct ConsumerLane {
 // extra stages. Offsets and transaction byte counts come from the kernel's shared-memory layout.
 struct StageLayout {
   int stage_bytes, a_bytes, b_bytes;  // slot pitch; A and B tile sizes (B starts at a_bytes)
-  int sa_tx, sw_off, sw_tx;           // scale bytes per stage; weight scales' offset (sw_tx 0: none)
+  int sa_tx, sw_off, sw_tx;           // scale bytes per stage (0: none, row bases); weight scales' offset (sw_tx 0: none)
   int lora_tx;                        // bytes of one LoRA stage
 };
 template <int STAGES, bool RATIO>
@@ -938,7 +938,7 @@ __device__ __forceinline__ void produce_stages(const WsMaps& maps, const StageLa
       mbar_expect_tx(full, L.a_bytes + L.b_bytes + L.sa_tx + L.sw_tx);
       tma_2d(st, &maps.a, s * 128, m0, full);
       tma_2d(st + L.a_bytes, &maps.b, s * 128, n0, full);
-      tma_2d(st + L.a_bytes + L.b_bytes, &maps.sa, m0, RATIO ? s / 2 : 2 * s, full);
+      if (L.sa_tx) tma_2d(st + L.a_bytes + L.b_bytes, &maps.sa, m0, RATIO ? s / 2 : 2 * s, full);
       if (!RATIO) tma_2d(st + L.sw_off, &maps.sw, n0, 2 * s, full);
     } else {
       const int kb = s - nstages;
@@ -1272,12 +1272,48 @@ __device__ __forceinline__ void expand_stages(const C& c, int t) {
 }
 #endif
 
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// ROWB main loop (kernel 2e): one activation base per token over the whole of K, so the integer sum of all K needs no
+// per-chunk promotion: every stage's wgmmas accumulate into the same int32 registers (|sum| <= K·126² < 2^31 for
+// K < 135 000), one wgmma group stays in flight while the previous stage's slot is released (the usual Hopper
+// mainloop: no consumer waits for its own tensor-core work), and the floats are made once, after the loop:
+// acc = float(sum) · a_row · w_row. Half the registers of the chunked loop (no fp32 accumulators beside the
+// int32 ones), which is what lets a consumer warpgroup hold a 64 x 256 tile.
+template <int BN, class S, class C>
+__device__ __forceinline__ void rowbase_mainloop(const C& c, int cw, int32_t (&P)[BN / 2]) {
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) P[i] = 0;
+  for (int s = 0; s < c.nstages; ++s) {
+    const ConsumerStage<S> st(c.wait_stage(s), cw);
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) fence_operand(P[i]);
+    wg_arrive();
+    wgmma_s8<BN>(P, make_desc(st.a_base + 0), make_desc(st.b_base + 0), s > 0);
+    wgmma_s8<BN>(P, make_desc(st.a_base + 32), make_desc(st.b_base + 32), 1);
+    wgmma_s8<BN>(P, make_desc(st.a_base + 64), make_desc(st.b_base + 64), 1);
+    wgmma_s8<BN>(P, make_desc(st.a_base + 96), make_desc(st.b_base + 96), 1);
+    wg_commit();
+    wg_wait<1>();  // stage s - 1's wgmmas are done: its slot can be refilled while stage s's run
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) fence_operand(P[i]);
+    if (s > 0) c.release_stage(s - 1);
+  }
+  wg_wait<0>();
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) fence_operand(P[i]);
+  if (c.nstages > 0) c.release_stage(c.nstages - 1);
+}
+#endif
+
 // PACKED (kernel 2d): the weights stay packed int4 in VRAM (half the bytes of 2c's int8 copy, none beside the
 // file's tensors); warps 1-3 of the producer warpgroup expand each stage's tile in shared memory (expand_stages).
-template <int BN, int STAGES, int NC, typename OutT, bool PACKED = false>
+// ROWB (kernel 2e): the activations carry one base per token for the whole row (abase_row, Mp floats) instead of
+// one per 256-channel chunk; no activation bases travel with the stages (rowbase_mainloop).
+template <int BN, int STAGES, int NC, typename OutT, bool PACKED = false, bool ROWB = false>
 __global__ void __launch_bounds__(128 * (NC + 1), 1)
     gemm_sm90_i8_kernel(const __grid_constant__ WsMaps maps, const float* __restrict__ wbase,
-                        const float* __restrict__ bias, OutT* __restrict__ out, int M, int N, int K, int rp) {
+                        const float* __restrict__ bias, OutT* __restrict__ out, int M, int N, int K, int rp,
+                        const float* __restrict__ abase_row) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using S = I8Smem<BN, STAGES, NC, PACKED>;
   constexpr int BM = S::BM;
@@ -1297,7 +1333,7 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
       if (tid == 0) produce_stages_packed<BN, STAGES, S>(maps, c);
       else if (tid >= 32) expand_stages<BN, STAGES, S>(c, tid - 32);
     } else if (tid == 0) {
-      const StageLayout L = {S::STAGE_BYTES, S::A_BYTES, S::B_BYTES, S::SA_BYTES, 0, 0, BM * 128 + BN * 128};
+      const StageLayout L = {S::STAGE_BYTES, S::A_BYTES, S::B_BYTES, ROWB ? 0 : S::SA_BYTES, 0, 0, BM * 128 + BN * 128};
       produce_stages<STAGES, true>(maps, L, c.sbase, c.bar_base, c.m0, c.n0, c.nstages, c.total);
     }
   } else {
@@ -1308,6 +1344,24 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1)
     const int cw = ln.cw, tig = ln.tig, r0 = ln.r0;
     float acc[BN / 2];
     int32_t P[BN / 2];
+    if constexpr (ROWB) {
+      static_assert(!PACKED, "kernel 2e reads the int8 weight copy");
+      rowbase_mainloop<BN, S>(c, cw, P);
+      const int ma = c.m0 + r0;
+      const float a0 = ma < M ? __ldg(abase_row + ma) : 0.f, a1 = ma + 8 < M ? __ldg(abase_row + ma + 8) : 0.f;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const int col = c.n0 + 8 * j + 2 * tig;
+        const float2 wb = col < N ? *reinterpret_cast<const float2*>(wbase + col) : make_float2(0.f, 0.f);
+        acc[4 * j + 0] = __int2float_rn(P[4 * j + 0]) * (a0 * wb.x);
+        acc[4 * j + 1] = __int2float_rn(P[4 * j + 1]) * (a0 * wb.y);
+        acc[4 * j + 2] = __int2float_rn(P[4 * j + 2]) * (a1 * wb.x);
+        acc[4 * j + 3] = __int2float_rn(P[4 * j + 3]) * (a1 * wb.y);
+      }
+      consumer_tail<BN, STAGES, NC, OutT>(acc, c.sbase, c.bar_base, S::STAGE_BYTES, S::A_BYTES, c.nstages, c.nkb, cw,
+                                          r0, tig, c.m0, c.n0, M, N, bias, out);
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) { acc[i] = 0.f; P[i] = 0; }
 
@@ -1703,12 +1757,13 @@ static int launch_sm90_ws6(const Sm90Params& p, cudaStream_t st) {
 // 11 = v6, 12 = v2; 2/3/4/6/7 = timing-only diagnostics (wrong results, see gemm_sm90_ws_kernel).
 // int_ratio Hopper GEMM (kernel 2c): qa int8 (M, K), abase fp32 (ceil(K/256), Mp), qw int8 (N, K), wbase fp32 (N).
 // Kernel 2d (PACKED): qw is the packed int4 (N, K/2) of the file and wmult its multipliers (K/64, N) uint8.
-template <int BN, int STAGES, int NC, typename OutT, bool PACKED = false>
+template <int BN, int STAGES, int NC, typename OutT, bool PACKED = false, bool ROWB = false>
 static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st, const uint8_t* wmult = nullptr) {
   using S = I8Smem<BN, STAGES, NC, PACKED>;
   constexpr int BM = S::BM;
   WsMaps maps;
-  const int nchunks = (p.K / G + RATIO_CHUNK - 1) / RATIO_CHUNK;
+  // ROWB: p.sa holds one base per token (1, Mp); its map is made (it is never loaded) so that every launch has one
+  const int nchunks = ROWB ? 1 : (p.K / G + RATIO_CHUNK - 1) / RATIO_CHUNK;
   // one activation base per (256-channel chunk, token); the weight bases are read directly (p.sw)
   if (!make_operand_maps(maps, p, BM, BN) ||
       !make_map(&maps.sa, p.sa, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, p.Mp, nchunks, (uint64_t)p.Mp * 4, BM, 1,
@@ -1720,11 +1775,12 @@ static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st, const uint8_t* w
                    make_map(&maps.wm, wmult, CU_TENSOR_MAP_DATA_TYPE_UINT8, p.N, p.K / G, p.N, BN, 2,
                             CU_TENSOR_MAP_SWIZZLE_NONE)))
     return ERR_NO_PATH;
-  auto kern = gemm_sm90_i8_kernel<BN, STAGES, NC, OutT, PACKED>;
+  auto kern = gemm_sm90_i8_kernel<BN, STAGES, NC, OutT, PACKED, ROWB>;
   cudaError_t e = smem_limit_once((const void*)kern, S::TOTAL);
   if (e != cudaSuccess) return (int)e;
   int tiles = ((p.N + BN - 1) / BN) * ((p.M + BM - 1) / BM);
-  kern<<<tiles, 128 * (NC + 1), S::TOTAL, st>>>(maps, p.sw, p.bias, (OutT*)p.out, p.M, p.N, p.K, p.rp);
+  kern<<<tiles, 128 * (NC + 1), S::TOTAL, st>>>(maps, p.sw, p.bias, (OutT*)p.out, p.M, p.N, p.K, p.rp,
+                                                 ROWB ? p.sa : nullptr);
   return (int)cudaGetLastError();
 }
 
@@ -1753,6 +1809,11 @@ static int dispatch_sm90_i8(const Sm90Params& p, int variant, int dev, cudaStrea
     case 1: return launch_sm90_i8<128, 5, 3, OutT>(p, st);  // 192 x 128 tiles, 3 consumer warpgroups
     case 2: return launch_sm90_i8<192, 5, 2, OutT>(p, st);  // 128 x 192 tiles
     case 3: return launch_sm90_i8<128, 6, 2, OutT>(p, st);  // 128 x 128 tiles
+    // kernel 2e, activations with one base per token (ascales (1, Mp)); being measured (docs/KERNELS.md §6c)
+    case 21: return launch_sm90_i8<256, 4, 2, OutT, false, true>(p, st);  // 128 x 256 tiles
+    case 22: return launch_sm90_i8<128, 5, 3, OutT, false, true>(p, st);  // 192 x 128
+    case 23: return launch_sm90_i8<192, 5, 2, OutT, false, true>(p, st);  // 128 x 192
+    case 24: return launch_sm90_i8<128, 6, 2, OutT, false, true>(p, st);  // 128 x 128
     default: return ERR_BAD_ARG;
   }
 }

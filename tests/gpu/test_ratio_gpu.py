@@ -152,6 +152,44 @@ def test_gemm_ratio(m, n, k, r, bias, dtype):
         assert e < BOUND[dtype], f"{tag}: rel err {e:.2e}"
 
 
+ROW_BASE_VARIANTS = (21, 22, 23, 24)  # kernel 2e: 128x256, 192x128, 128x192, 128x128 tiles
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,r,bias", GEMM_CASES + [(4608, 3072, 3072, 32, True)])
+def test_gemm_row_base(m, n, k, r, bias, dtype):
+    """Kernel 2e (one activation base per token over all of K, int32 sums over the whole row) against the
+    reference on activations quantized that way (reference chunk = the whole row), every tile shape."""
+    if _lib.device_path(torch.cuda.current_device()) != 90:
+        pytest.skip("kernel 2e is Hopper's int8 path")
+    ops = _ops()
+    lay = make_ratio_layer(n, k, r, dtype, DEV, bias=bias, seed=n + k + r + 5)
+    x = make_x(m, k, dtype, DEV, seed=m * 3 + k + 1)
+    xs = x.float() / lay["smooth_factor"].float()
+    codes, fa, ba = ref.quantize_groups_ratio(xs, 64, k // 64)   # ba (M, 1): the row bases
+    la = x.float() @ lay["proj_down"].float() if r else x.new_zeros((m, 0), dtype=torch.float32)
+    wsc = (lay["wscale_mult"], lay["wscale_base"])
+    y_ref = ref.dequantize_ratio(codes, fa, ba, 64, k // 64) @ ref._dequant_weight(lay["qweight"], wsc, 64).t()
+    if r:
+        y_ref += la @ lay["proj_up"].float().t()
+    if bias:
+        y_ref += lay["bias"].float()
+    prepared = kernels.prepare_weights(lay, torch.device(DEV))
+    rp, mp = prepared["_rp"], ops.padded_rows(m)
+    lora = torch.nn.functional.pad(la, (0, rp - r)).contiguous()
+    qa8 = (codes.to(torch.int32) * fa.to(torch.int32).repeat_interleave(64, 1)).to(torch.int8).view(torch.uint8)
+    sa = torch.zeros((1, mp), device=DEV)
+    sa[0, :m] = ba[:, 0]
+    for variant in ROW_BASE_VARIANTS:
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+        ops.gemm_into(qa8.contiguous(), sa, prepared["_qw"], prepared["_wscales"], lora, prepared["_proj_up"],
+                      prepared["_bias"], out, 91, variant)
+        sync_check()
+        assert torch.isfinite(out).all(), f"variant {variant}: {(~torch.isfinite(out)).sum().item()} non-finite"
+        e = rel(out, y_ref)
+        assert e < BOUND[dtype], f"variant {variant}: rel err {e:.2e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,k,n,r", LINEAR_CASES)
 def test_linear_ratio_end_to_end(m, k, n, r, dtype):
