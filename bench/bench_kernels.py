@@ -121,6 +121,15 @@ def main():
                     for v in (21, 22, 23, 24):
                         row[f"gemm_2e_{v}_us"] = time_graph(lambda: ops.gemm_into(
                             qa, sa_row, p["_qw"], p["_wscales"], la, p["_proj_up"], p["_bias"], outb, 91, variant=v))
+                    # the whole linear with row bases: kernel 1 in AF_I8_ROW (row-base pass + kernel 1b), kernel 2e
+                    # with the cost model's tile (variant 20)
+                    qr, sr, lr = (torch.empty_like(qa), torch.empty((1, sa.shape[1]), device=dev), torch.empty_like(la))
+                    quant_row = lambda: ops.quantize_into(x, p["_smooth_rcp"], p["_proj_down"], qr, sr, lr,
+                                                          _lib.FMT_I8_ROW)
+                    row["row_quant_us"] = time_graph(quant_row)
+                    row["row_us"] = time_graph(lambda: (quant_row(), ops.gemm_into(
+                        qr, sr, p["_qw"], p["_wscales"], lr, p["_proj_up"], p["_bias"], outb, 91, variant=20)))
+                    row["row_ratio"] = t_bf16 / row["row_us"]
             del p, qa, sa, la
         rows.append(row)
         del x, w, xf8, wf8
@@ -132,13 +141,13 @@ def main():
             ("fp8x", "ratio_fp8"), ("intx", "int_ratio"), ("i.gemmx", "int_ratio_gemm"), ("fltx", "flt_ratio"),
             ("i.TF", "int_gemm_tflops"), ("v7_1", "gemm_v7_1_us"), ("v7_2", "gemm_v7_2_us"), ("v7_3", "gemm_v7_3_us"),
             ("2e.n256", "gemm_2e_21_us"), ("2e.m192", "gemm_2e_22_us"), ("2e.n192", "gemm_2e_23_us"),
-            ("2e.128", "gemm_2e_24_us")]
+            ("2e.128", "gemm_2e_24_us"), ("row", "row_us"), ("r.quant", "row_quant_us"), ("rowx", "row_ratio")]
     print(f"{'shape':14s} {'M':>5s} {'K':>6s} {'N':>6s} | " + " ".join(f"{c:>7s}" for c, _ in cols))
     for r in rows:
         vals = []
         for c, key in cols:
             v = r.get(key)
-            vals.append(f"{v:7.2f}" if isinstance(v, float) and key.startswith(("ratio", "int_ratio", "flt_ratio"))
+            vals.append(f"{v:7.2f}" if isinstance(v, float) and key.startswith(("ratio", "int_ratio", "flt_ratio", "row_ratio"))
                         else (f"{v:7.1f}" if isinstance(v, float) else f"{'-':>7s}"))
         print(f"{r['label']:14s} {r['M']:5d} {r['K']:6d} {r['N']:6d} | " + " ".join(vals))
     if args.json:

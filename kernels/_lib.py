@@ -17,6 +17,7 @@ ABI_VERSION = 3  # 2: quantize takes a workspace (deterministic LoRA-down K-spli
 DT_F16, DT_BF16 = 0, 1
 # activation formats of svdq_quantize_act_lora_down (kernels/csrc/svdq.cu AF_*)
 FMT_INT4, FMT_E4M3, FMT_INT4_RATIO, FMT_I8_RATIO = 0, 1, 2, 3
+FMT_I8_ROW = 4  # FMT_I8_RATIO's codes with one base per row for all of K (kernel 2e, path 91 variants 20-24)
 RATIO_CHUNK = 4  # groups per int_ratio activation base (kernels/reference.py ACT_CHUNK_GROUPS)
 
 _lock = threading.Lock()

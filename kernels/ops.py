@@ -35,9 +35,10 @@ def padded_rows(m: int) -> int:
 
 def act_shapes(m: int, k: int, fmt: int):
     """(qact shape, ascales shape) kernel 1 writes for activation format `fmt` (svdq.cu AF_*)."""
-    byte_codes = fmt in (_lib.FMT_E4M3, _lib.FMT_I8_RATIO)  # one byte per code, else two per byte
+    byte_codes = fmt in (_lib.FMT_E4M3, _lib.FMT_I8_RATIO, _lib.FMT_I8_ROW)  # one byte per code, else two per byte
     groups = k // GROUP
-    rows = -(-groups // _lib.RATIO_CHUNK) if fmt == _lib.FMT_I8_RATIO else groups  # bases per chunk / scales per group
+    # bases per chunk / per row / scales per group
+    rows = -(-groups // _lib.RATIO_CHUNK) if fmt == _lib.FMT_I8_RATIO else 1 if fmt == _lib.FMT_I8_ROW else groups
     return (m, k if byte_codes else k // 2), (rows, padded_rows(m))
 
 

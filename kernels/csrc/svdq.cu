@@ -40,7 +40,7 @@
 
 enum { FMT_INT4 = 0, FMT_E4M3 = 1, FMT_I8 = 2 };
 // ABI activation formats of svdq_quantize_act_lora_down (kernel 1's FMT x float/int_ratio scales)
-enum { AF_INT4 = 0, AF_E4M3 = 1, AF_INT4_RATIO = 2, AF_I8_RATIO = 3 };
+enum { AF_INT4 = 0, AF_E4M3 = 1, AF_INT4_RATIO = 2, AF_I8_RATIO = 3, AF_I8_ROW = 4 };
 static constexpr int G = 64;  // group size (the only one the kernels implement)
 static constexpr int QF = 4;
 // Steps below the smallest normal float get step 1: rcp.approx.ftz would flush them to 0 and return inf (their
@@ -498,7 +498,8 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
                                                                 const T* __restrict__ pdown, uint8_t* __restrict__ qact,
                                                                 float* __restrict__ ascales, float* __restrict__ lora,
                                                                 float* __restrict__ part, int* __restrict__ cnt, int M,
-                                                                int K, int Mp, int gpc) {
+                                                                int K, int Mp, int gpc,
+                                                                const float* __restrict__ rowbase) {
   using C = QI8<RP>;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -594,13 +595,14 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const float cm = fmaxf(pm[i], cms[(half ^ 1) * C::ROWS + wr * 16 + i * 4 + (lane >> 3)]);
-      base[i] = cm * (1.0f / 126.0f);  // the reference's fp32 multiply by the fp32 constant 1/126
+      const int m = rb0 + wr * 16 + i * 4 + (lane >> 3);
+      // the reference's fp32 multiply by the fp32 constant 1/126; AF_I8_ROW: the row's base, made by row_base_kernel
+      base[i] = rowbase ? (m < M ? rowbase[m] : 0.f) : cm * (1.0f / 126.0f);
       const float unit = base[i] * 7.0f;
 #pragma unroll
       for (int j = 0; j < 2; ++j)
         mult[j][i] = unit > 0.f ? fminf(fmaxf(ceilf(__fdiv_rn(amax[j][i], unit)), 1.f), 18.f) : 1.f;
-      const int m = rb0 + wr * 16 + i * 4 + (lane >> 3);
-      if (half == 0 && ch == 0 && m < M) ascales[(size_t)(c0 / RATIO_CHUNK) * Mp + m] = base[i];
+      if (!rowbase && half == 0 && ch == 0 && m < M) ascales[(size_t)(c0 / RATIO_CHUNK) * Mp + m] = base[i];
     }
     // codes x multipliers as int8 (round-half-even by the 1.5*2^23 trick, as kernel 1)
     constexpr float MAGIC = 12582912.0f;
@@ -674,6 +676,33 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
     }
     if (S > 1) lora_split_tree<RP, C::NTH>(part, cnt, lora, M);
   }
+}
+
+// AF_I8_ROW's first pass: each row's base for the whole of K, max |x * (1/lambda)| * fp32(1/126) (the reference's
+// quantize_groups_ratio with one chunk per row), into abase (Mp floats; rows M..Mp-1 get 0). One warp per row,
+// 16-byte loads; kernel 1b then reads the bases instead of taking each chunk's maximum.
+template <typename T>
+__global__ void __launch_bounds__(256) row_base_kernel(const T* __restrict__ x, const float* __restrict__ smooth_rcp,
+                                                       float* __restrict__ abase, int M, int K, int Mp) {
+  const int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  if (row >= Mp) return;
+  float a = 0.f;
+  if (row < M) {
+    const T* xr = x + (size_t)row * K;
+    for (int k = lane * 8; k < K; k += 256) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(xr + k);
+      const float4 l0 = *reinterpret_cast<const float4*>(smooth_rcp + k);
+      const float4 l1 = *reinterpret_cast<const float4*>(smooth_rcp + k + 4);
+      const float lam[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
+      float v[8];
+      smooth8<T>(raw, lam, v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+  }
+  if (lane == 0) abase[row] = a * (1.0f / 126.0f);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1531,7 +1560,7 @@ static void quant_grid_i8(int M, int K, int rp, int dev, int* rowblocks_out, int
 
 template <typename T, int RP>
 static int launch_quant_i8(const T* x, const float* smooth, const T* pd, uint8_t* q, float* ascales, float* lora,
-                           float* part, int* cnt, int M, int K, int Mp, int dev, cudaStream_t st) {
+                           float* part, int* cnt, int M, int K, int Mp, int dev, cudaStream_t st, bool row = false) {
   static unsigned long long configured = 0;  // devices whose dynamic smem limit is raised (idempotent)
   const int smem = QI8<RP>::SMEM;
   if (dev >= 0 && dev < 64 && !(configured & (1ull << dev))) {
@@ -1545,22 +1574,29 @@ static int launch_quant_i8(const T* x, const float* smooth, const T* pd, uint8_t
   int rowblocks, splits, gpc;
   quant_grid_i8(M, K, RP, dev, &rowblocks, &splits, &gpc);
   if (RP > 0 && splits > 1 && (!part || !cnt || ((uintptr_t)part & 15))) return ERR_BAD_ARG;
+  if (row) {  // AF_I8_ROW: the rows' bases first (ascales (1, Mp)), which every K-split then reads
+    row_base_kernel<T><<<(Mp + 7) / 8, 256, 0, st>>>(x, smooth, ascales, M, K, Mp);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return (int)e;
+  }
   quant_i8_ratio_kernel<T, RP><<<dim3(rowblocks, splits), QI8<RP>::NTH, smem, st>>>(x, smooth, pd, q, ascales, lora,
-                                                                                    part, cnt, M, K, Mp, gpc);
+                                                                                    part, cnt, M, K, Mp, gpc,
+                                                                                    row ? ascales : nullptr);
   return (int)cudaGetLastError();
 }
 
 template <typename T, int FMT, bool RATIO>
 static int launch_quant(const void* x, const float* smooth, const void* pdown, void* qact, float* ascales, float* lora,
-                        float* part, int* cnt, int M, int K, int Mp, int rp, int dev, cudaStream_t st) {
+                        float* part, int* cnt, int M, int K, int Mp, int rp, int dev, cudaStream_t st,
+                        bool row = false) {
   const T* xx = (const T*)x;
   const T* pd = (const T*)pdown;
   uint8_t* q = (uint8_t*)qact;
   if constexpr (FMT == FMT_I8) {  // kernel 1b where its shared memory fits (every sm_90 / sm_80 part)
     // SVDQ_I8_QUANT_KERNEL1=1 runs kernel 1 instead: tests/gpu/test_ratio_gpu.py compares the two bit for bit
     const char* legacy = getenv("SVDQ_I8_QUANT_KERNEL1");
-    if (qi8_ctas_per_sm(rp, dev) > 0 && !(legacy && legacy[0] == '1')) {
-#define QI(RPV) return launch_quant_i8<T, RPV>(xx, smooth, pd, q, ascales, lora, part, cnt, M, K, Mp, dev, st)
+    if (qi8_ctas_per_sm(rp, dev) > 0 && !(!row && legacy && legacy[0] == '1')) {
+#define QI(RPV) return launch_quant_i8<T, RPV>(xx, smooth, pd, q, ascales, lora, part, cnt, M, K, Mp, dev, st, row)
       switch (rp) {
         case 0: QI(0);
         case 32: QI(32);
@@ -1572,6 +1608,7 @@ static int launch_quant(const void* x, const float* smooth, const void* pdown, v
 #undef QI
     }
   }
+  if (row) return ERR_NO_PATH;  // row bases: kernel 1b only
   int rowblocks, splits, gpc;
   quant_grid(M, K, dev, &rowblocks, &splits, &gpc);
   if (rp > 0 && splits > 1 && (!part || !cnt || ((uintptr_t)part & 15))) return ERR_BAD_ARG;
@@ -1613,7 +1650,8 @@ SVDQ_API int svdq_quant_workspace(int M, int K, int rp, int device, long long* p
 // x (M, K) dtype; smooth = 1/smooth_factor, fp32 (K); proj_down (K, rp) dtype or NULL when rp == 0;
 // fmt (AF_*): AF_INT4 qact (M, K/2) packed int4 + ascales fp32 (K/64, Mp) absmax/7; AF_E4M3 qact (M, K) e4m3 +
 // the same scales; AF_INT4_RATIO packed int4 + per-group int_ratio steps base*f (K/64, Mp); AF_I8_RATIO qact
-// (M, K) int8 = code*f + ascales = bases (ceil(K/256), Mp). lora fp32 (M, rp), every element written (need not
+// (M, K) int8 = code*f + ascales = bases (ceil(K/256), Mp); AF_I8_ROW the same codes with one base per row for all
+// of K, ascales (1, Mp) (kernel 2e's input). lora fp32 (M, rp), every element written (need not
 // be zeroed); part/cnt: the workspace of svdq_quant_workspace (NULL where it is 0).
 SVDQ_API int svdq_quantize_act_lora_down(const void* x, const float* smooth, const void* pdown, void* qact,
                                          float* ascales, float* lora, float* part, int* cnt, int M, int K, int Mp,
@@ -1630,6 +1668,7 @@ SVDQ_API int svdq_quantize_act_lora_down(const void* x, const float* smooth, con
     case AF_E4M3: return launch_quant<T, FMT_E4M3, false>(QARGS);       \
     case AF_INT4_RATIO: return launch_quant<T, FMT_INT4, true>(QARGS);  \
     case AF_I8_RATIO: return launch_quant<T, FMT_I8, true>(QARGS);      \
+    case AF_I8_ROW: return launch_quant<T, FMT_I8, true>(QARGS, true);  \
     default: return ERR_BAD_ARG;                                        \
   }
   if (dtype == DT_BF16) { QDISPATCH(__nv_bfloat16) }
@@ -1755,7 +1794,8 @@ static int launch_sm90_ws6(const Sm90Params& p, cudaStream_t st) {
 // path 90: qact/qweight e4m3 bytes; path 80: packed int4. See the layout notes at the top.
 // variant (path 90): 0 = default (v6 for M >= 1536, N >= 640, K < 8192; else v2), 1 = v1 (cp.async), 5 = v3, 8 = v4, 9/10 = v5,
 // 11 = v6, 12 = v2; 2/3/4/6/7 = timing-only diagnostics (wrong results, see gemm_sm90_ws_kernel).
-// int_ratio Hopper GEMM (kernel 2c): qa int8 (M, K), abase fp32 (ceil(K/256), Mp), qw int8 (N, K), wbase fp32 (N).
+// int_ratio Hopper GEMM (kernel 2c): qa int8 (M, K), abase fp32 (ceil(K/256), Mp), qw int8 (N, K), wbase fp32 (N);
+// variants 20-24 (kernel 2e, 20 = its cost-model pick): abase (1, Mp), one base per row (AF_I8_ROW).
 // Kernel 2d (PACKED): qw is the packed int4 (N, K/2) of the file and wmult its multipliers (K/64, N) uint8.
 template <int BN, int STAGES, int NC, typename OutT, bool PACKED = false, bool ROWB = false>
 static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st, const uint8_t* wmult = nullptr) {
@@ -1788,13 +1828,17 @@ static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st, const uint8_t* w
 // tile MACs x the shape's relative per-MAC time against 128x128, fitted on the H200 after the epilogue went through
 // shared memory (2026-12-04, docs/KERNELS.md §4d): 192x128 0.90 (0.78-0.93 over the 12 shapes), 128x192 0.96. It
 // picks the fastest measured shape on all 12 benchmark shapes.
-static int pick_i8_variant(int M, int N, int dev) {
+// Kernel 2e (row bases, variants 21-24) has its own list; its factors are the chunked kernel's, with 128x256 assumed
+// as good as 192x128 until the GPU measures them (docs/KERNELS.md §6c).
+static int pick_i8_variant(int M, int N, int dev, bool row = false) {
   struct Shape { int variant, bm, bn; double eff; };
-  const Shape shapes[3] = {{3, 128, 128, 1.0}, {1, 192, 128, 0.90}, {2, 128, 192, 0.96}};
+  const Shape chunked[3] = {{3, 128, 128, 1.0}, {1, 192, 128, 0.90}, {2, 128, 192, 0.96}};
+  const Shape rowb[4] = {{24, 128, 128, 1.0}, {22, 192, 128, 0.90}, {23, 128, 192, 0.96}, {21, 128, 256, 0.90}};
   const int sms = sm_count(dev);
-  int best = 3;
+  int best = row ? 24 : 3;
   double best_cost = 0;
-  for (const Shape& sh : shapes) {
+  for (int i = 0; i < (row ? 4 : 3); ++i) {
+    const Shape& sh = row ? rowb[i] : chunked[i];
     const long tiles = (long)((M + sh.bm - 1) / sh.bm) * ((N + sh.bn - 1) / sh.bn);
     const double cost = (double)((tiles + sms - 1) / sms) * sh.bm * sh.bn * sh.eff;
     if (best_cost == 0 || cost < best_cost) { best_cost = cost; best = sh.variant; }
@@ -1804,7 +1848,7 @@ static int pick_i8_variant(int M, int N, int dev) {
 
 template <typename OutT>
 static int dispatch_sm90_i8(const Sm90Params& p, int variant, int dev, cudaStream_t st) {
-  if (variant == 0) variant = pick_i8_variant(p.M, p.N, dev);
+  if (variant == 0 || variant == 20) variant = pick_i8_variant(p.M, p.N, dev, variant == 20);
   switch (variant) {
     case 1: return launch_sm90_i8<128, 5, 3, OutT>(p, st);  // 192 x 128 tiles, 3 consumer warpgroups
     case 2: return launch_sm90_i8<192, 5, 2, OutT>(p, st);  // 128 x 192 tiles

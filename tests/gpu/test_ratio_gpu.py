@@ -190,6 +190,77 @@ def test_gemm_row_base(m, n, k, r, bias, dtype):
         assert e < BOUND[dtype], f"variant {variant}: rel err {e:.2e}"
 
 
+def _row_base_quantize(x, lay, r):
+    """Kernel 1b in the AF_I8_ROW format (row bases by row_base_kernel): (qact, ascales (1, Mp), lora)."""
+    ops = _ops()
+    m, k = x.shape
+    smooth_rcp = (1.0 / lay["smooth_factor"].float()).contiguous()
+    rp = (r + 31) // 32 * 32
+    pd = torch.nn.functional.pad(lay["proj_down"], (0, rp - r)).contiguous() if r else None
+    qshape, sshape = ops.act_shapes(m, k, _lib.FMT_I8_ROW)
+    assert sshape[0] == 1
+    qact = torch.full(qshape, 0x5A, dtype=torch.uint8, device=DEV)
+    ascales = torch.full(sshape, float("nan"), device=DEV)
+    lora = torch.full((m, rp), float("nan"), device=DEV)
+    ops.quantize_into(x, smooth_rcp, pd, qact, ascales, lora, _lib.FMT_I8_ROW)
+    sync_check()
+    return qact, ascales, lora, smooth_rcp
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,r", QUANT_CASES + [(4608, 3072, 32), (256, 12288, 32)])
+def test_quantize_row_base(m, k, r, dtype):
+    """Kernel 1 in the AF_I8_ROW format against the reference quantizer with one chunk per row (same criteria as
+    test_quantize_ratio: codes off by one only on rare ties, bases within 2 ulp), padded rows' bases 0."""
+    if _lib.device_path(torch.cuda.current_device()) != 90:
+        pytest.skip("AF_I8_ROW is the Hopper path")
+    lay = make_ratio_layer(64, k, r, dtype, DEV, seed=m + k + r + 2)
+    x = make_x(m, k, dtype, DEV, seed=m * 7 + k + 2)
+    x[min(2, m - 1), : min(k, 128)] = 0
+    qact, ascales, lora, smooth_rcp = _row_base_quantize(x, lay, r)
+    codes_ref, f_ref, b_ref = ref.quantize_groups_ratio(x.float() * smooth_rcp, 64, k // 64)
+    fx = f_ref.to(torch.int32).repeat_interleave(64, dim=1)
+    got = qact.view(torch.int8).to(torch.int32)
+    diff = (got - codes_ref.to(torch.int32) * fx).abs()
+    assert bool((diff % fx == 0).all()), "int8 values are not multiples of the reference multiplier"
+    diff = diff // fx
+    assert diff.max().item() <= 1 and diff.float().mean().item() <= 1e-4, f"{(diff > 0).sum().item()} codes differ"
+    sc = ascales[0, :m].unsqueeze(1)
+    assert ((sc - b_ref).abs() <= 2.5e-7 * b_ref.abs()).all(), "row bases differ"
+    assert torch.all(ascales[0, m:] == 0)
+    if r:
+        assert rel(lora[:, :r], x.double() @ lay["proj_down"].double()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,k,n,r", LINEAR_CASES + [(4608, 3072, 3072, 32)])
+def test_linear_row_base(m, k, n, r, dtype):
+    """Kernel 1 (AF_I8_ROW) + kernel 2e (variant 20, the cost model's tile, and 21, 128x256) against the reference
+    with row-chunk activations."""
+    if _lib.device_path(torch.cuda.current_device()) != 90:
+        pytest.skip("kernel 2e is Hopper's int8 path")
+    ops = _ops()
+    lay = make_ratio_layer(n, k, r, dtype, DEV, seed=3 + n + k)
+    x = make_x(m, k, dtype, DEV, seed=4 + m + k)
+    qact, ascales, lora, _ = _row_base_quantize(x, lay, r)
+    xs = x.float() / lay["smooth_factor"].float()
+    codes, fa, ba = ref.quantize_groups_ratio(xs, 64, k // 64)
+    wsc = (lay["wscale_mult"], lay["wscale_base"])
+    y_ref = ref.dequantize_ratio(codes, fa, ba, 64, k // 64) @ ref._dequant_weight(lay["qweight"], wsc, 64).t()
+    if r:
+        y_ref += (x.float() @ lay["proj_down"].float()) @ lay["proj_up"].float().t()
+    y_ref += lay["bias"].float()
+    prepared = kernels.prepare_weights(lay, torch.device(DEV))
+    for variant in (20, 21):
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+        ops.gemm_into(qact, ascales, prepared["_qw"], prepared["_wscales"], lora, prepared["_proj_up"],
+                      prepared["_bias"], out, 91, variant)
+        sync_check()
+        assert torch.isfinite(out).all(), f"variant {variant}: non-finite outputs"
+        e = rel(out, y_ref)
+        assert e < BOUND[dtype], f"variant {variant}: rel err {e:.2e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m,k,n,r", LINEAR_CASES)
 def test_linear_ratio_end_to_end(m, k, n, r, dtype):
