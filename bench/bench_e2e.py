@@ -375,6 +375,15 @@ def run_family(family, args, dtype, device, checkpoint=lambda row: None):
         if args.profile:
             row["profile4a"] = profile_step(q, family, 1, res, cfg_scale, device)
         checkpoint(row)
+    if args.row_base_too:  # the same 4-bit model with one activation base per row (kernel 2e, docs/KERNELS.md §6c)
+        os.environ["SVDQ_ROW_BASE"] = "1"  # read by prepare_weights; dropping the layers' cache re-prepares them
+        row["row_base_layers"] = sum(1 for m in q.model.diffusion_model.modules() if hasattr(m, "_prepared")
+                                     and setattr(m, "_prepared", None) is None)
+        sample_row(row, "4r", q, family, 1, res, steps, cfg_scale, device, None)
+        if args.profile:
+            row["profile4r"] = profile_step(q, family, 1, res, cfg_scale, device)
+        del os.environ["SVDQ_ROW_BASE"]
+        checkpoint(row)
     if args.vram_cap:
         sample_capped(row, q, family, res, steps, cfg_scale, device, args.vram_cap)
     row["bytes_ratio"] = row["bytes_4"] / row["bytes_16"]
@@ -394,6 +403,8 @@ def main():
     ap.add_argument("--fast-quant", action="store_true", help="one smoothing strength instead of the search")
     ap.add_argument("--share-qkv", action="store_true",
                     help="quantize q/k/v (and k/v on the text) as input groups: one activation pass per group")
+    ap.add_argument("--row-base-too", action="store_true",
+                    help="also time the 4-bit model with one activation base per row (SVDQ_ROW_BASE=1, kernel 2e)")
     ap.add_argument("--ungrouped-too", action="store_true",
                     help="with --share-qkv: also time the same 4-bit model with its groups detached (row '4a')")
     ap.add_argument("--flux-depth", nargs=2, type=int, default=None, metavar=("DOUBLE", "SINGLE"))
@@ -480,6 +491,9 @@ def main():
             print(f"   batch 1, 4-bit with its {r['input_groups_detached']} input groups detached: step "
                   f"{r['b1_step4a_s'] * 1e3:8.1f} ms; grouped / detached {r['b1_step4_s'] / r['b1_step4a_s']:.2f}x",
                   flush=True)
+        if "b1_step4r_s" in r:
+            print(f"   batch 1, 4-bit with row bases ({r['row_base_layers']} layers re-prepared): step "
+                  f"{r['b1_step4r_s'] * 1e3:8.1f} ms; row / chunk {r['b1_step4r_s'] / r['b1_step4_s']:.2f}x", flush=True)
         for tag in ("16", "4"):
             if f"host{tag}" in r:
                 h = r[f"host{tag}"]
@@ -488,7 +502,7 @@ def main():
                 for e in h["top_own"][:8] + h["pack_top_cum"][:3]:
                     print(f"      {e['own_ms']:7.2f} ms own {e['cum_ms']:8.2f} cum {e['calls']:7.0f} calls  {e['function']}",
                           flush=True)
-        for tag in ("16", "16f", "4", "4u", "4a"):
+        for tag in ("16", "16f", "4", "4u", "4a", "4r"):
             if f"profile{tag}" in r:
                 pr = r[f"profile{tag}"]
                 print(f"   one step, {tag}-bit, GPU {pr['gpu_ms']:.1f} ms: " + ", ".join(

@@ -168,6 +168,10 @@ def prepare_weights(tensors: dict, device) -> dict:
             out["_qw"] = qweight.contiguous().view(torch.uint8)
             out["_wscales"] = (base.unsqueeze(0) * mult.float()).contiguous()  # per-group steps (K/G, N)
         out["_afmt"] = _lib.FMT_I8_RATIO if path in (91, 92) else _lib.FMT_INT4_RATIO
+        if path == 91 and os.environ.get("SVDQ_ROW_BASE") == "1":
+            # experimental: activations with one base per row, kernel 2e (docs/KERNELS.md §6c); not the reference's
+            # numbers (its chunk is 4 groups), so opt-in until that choice is made for every path
+            out["_afmt"] = _lib.FMT_I8_ROW
     else:
         out["_qw"] = (_e4m3_from_packed(qweight) if path == 90 else qweight.contiguous()).view(torch.uint8)
         out["_wscales"] = tensors["wscales"].to(dev, torch.float32).contiguous()

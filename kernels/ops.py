@@ -163,11 +163,18 @@ def _k_of(path: int, qweight, wscales) -> int:
     return qweight.shape[1] if path == 91 else 2 * qweight.shape[1] if path == 92 else wscales.shape[0] * GROUP
 
 
+def gemm_variant(fmt: int) -> int:
+    """The GEMM variant for kernel 1's format: kernel 2e (20, its cost model's tile) reads FMT_I8_ROW's row bases."""
+    return 20 if fmt == _lib.FMT_I8_ROW else 0
+
+
 def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: int, variant: int = 0,
               wmult=None) -> None:
     """Kernel 2 into a given output buffer (M, N). Path 91 (int_ratio on Hopper): qact/qweight int8 codes x
-    multipliers, ascales the activation bases, wscales the weight bases (N,). Path 92 (kernel 2d): qweight the
-    packed codes, wmult their multipliers (K/64, N)."""
+    multipliers, ascales the activation bases, wscales the weight bases (N,); one row of bases (FMT_I8_ROW) runs
+    kernel 2e. Path 92 (kernel 2d): qweight the packed codes, wmult their multipliers (K/64, N)."""
+    if path == 91 and variant == 0 and ascales.shape[0] == 1:
+        variant = 20  # one base per row (for K <= 256 the same numbers as one chunk)
     m, n = out.shape
     rp = lora.shape[1] if lora is not None else 0
     index = out.device.index
@@ -318,7 +325,7 @@ def _quantize_act(x, dt, smooth, pd, k, rp, fmt, keep_scratch=True, stream=None,
     return act
 
 
-def _gemm_act(act, dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult, stream=None) -> torch.Tensor:
+def _gemm_act(act, dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult, stream=None, variant=0) -> torch.Tensor:
     """Kernel 2 (with the LoRA-up and bias) of one layer on kernel 1's output `act` (from `_quantize_act`): (..., N)
     with the input's leading shape."""
     buf, qa, sa, lora, m, mp, lead = act
@@ -327,7 +334,7 @@ def _gemm_act(act, dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult, stream=No
         stream = _raw_stream(index)
     out = torch.empty((*lead, n), dtype=dtype, device=buf.device)
     _launch_gemm(_lib.load(), qa, sa, qw, ws, lora, pu if rp else None, bias, out.data_ptr(), m, n, k, mp, rp, dt,
-                 path, 0, wmult, index, stream)
+                 path, variant, wmult, index, stream)
     return out
 
 
@@ -336,7 +343,7 @@ def _run_linear(x, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path, wmult,
     for kernel 1's three outputs."""
     stream = _raw_stream(x.device.index)
     act = _quantize_act(x, dt, smooth, pd, k, rp, fmt, keep_scratch, stream)
-    return _gemm_act(act, x.dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult, stream)
+    return _gemm_act(act, x.dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult, stream, gemm_variant(fmt))
 
 
 def _direct(p: dict, dtype) -> tuple:
@@ -350,7 +357,8 @@ def _linear_call(p: dict, dtype) -> tuple:
     """The layer's svdq_linear arguments with its constant fields filled, and what a call sets around them."""
     _, dt, smooth, pd, qw, ws, pu, bias, n, k, rp, fmt, path, wmult = _direct(p, dtype)
     a = _lib.LinearArgs(smooth=smooth, pdown=pd if rp else None, qweight=qw, wscales=ws, wmult=wmult,
-                        proj_up=pu if rp else None, bias=bias, N=n, K=k, rp=rp, dtype=dt, fmt=fmt, path=path, variant=0)
+                        proj_up=pu if rp else None, bias=bias, N=n, K=k, rp=rp, dtype=dt, fmt=fmt, path=path,
+                        variant=gemm_variant(fmt))
     return dtype, a, ctypes.byref(a), n, k, rp, fmt
 
 
@@ -415,8 +423,8 @@ def gemm_direct(act: tuple, dtype, p: dict) -> torch.Tensor:
     """Eager kernel 2 of layer p on `quantize_direct`'s output (made with the same smoothing and proj_down)."""
     c = _call(p, dtype)
     if c[1] is None:
-        _, dt, _, _, qw, ws, pu, bias, n, k, rp, _, path, wmult = _direct(p, dtype)
-        return _gemm_act(act, dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult)
+        _, dt, _, _, qw, ws, pu, bias, n, k, rp, fmt, path, wmult = _direct(p, dtype)
+        return _gemm_act(act, dtype, dt, qw, ws, pu, bias, n, k, rp, path, wmult, variant=gemm_variant(fmt))
     buf, qa, sa, lora, m, mp, lead = act
     index = buf.device.index or 0
     out = torch.empty((*lead, c[3]), dtype=dtype, device=buf.device)

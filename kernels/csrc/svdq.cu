@@ -689,15 +689,26 @@ __global__ void __launch_bounds__(256) row_base_kernel(const T* __restrict__ x, 
   float a = 0.f;
   if (row < M) {
     const T* xr = x + (size_t)row * K;
-    for (int k = lane * 8; k < K; k += 256) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(xr + k);
-      const float4 l0 = *reinterpret_cast<const float4*>(smooth_rcp + k);
-      const float4 l1 = *reinterpret_cast<const float4*>(smooth_rcp + k + 4);
-      const float lam[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
-      float v[8];
-      smooth8<T>(raw, lam, v);
+    // U 16-byte loads of X in flight per lane before any is used (one at a time ran at ~2 TB/s on the H200);
+    // K is a multiple of 64, so a lane's pieces past K are only at the end
+    constexpr int U = 4;
+    for (int k0 = lane * 8; k0 < K; k0 += 256 * U) {
+      uint4 raw[U];
 #pragma unroll
-      for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
+      for (int u = 0; u < U; ++u)
+        if (k0 + 256 * u < K) raw[u] = __ldg(reinterpret_cast<const uint4*>(xr + k0 + 256 * u));  // kept in L2 for kernel 1b
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int k = k0 + 256 * u;
+        if (k >= K) break;
+        const float4 l0 = __ldg(reinterpret_cast<const float4*>(smooth_rcp + k));
+        const float4 l1 = __ldg(reinterpret_cast<const float4*>(smooth_rcp + k + 4));
+        const float lam[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
+        float v[8];
+        smooth8<T>(raw[u], lam, v);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
+      }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
@@ -1828,12 +1839,13 @@ static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st, const uint8_t* w
 // tile MACs x the shape's relative per-MAC time against 128x128, fitted on the H200 after the epilogue went through
 // shared memory (2026-12-04, docs/KERNELS.md §4d): 192x128 0.90 (0.78-0.93 over the 12 shapes), 128x192 0.96. It
 // picks the fastest measured shape on all 12 benchmark shapes.
-// Kernel 2e (row bases, variants 21-24) has its own list; its factors are the chunked kernel's, with 128x256 assumed
-// as good as 192x128 until the GPU measures them (docs/KERNELS.md §6c).
+// Kernel 2e (row bases, variants 21-24) has its own list, fitted on its first H200 run (2026-12-05,
+// bench/results/h200_kernel2e_first.json: 0.84 for the three large tiles; the pick is the fastest tile on 11 of the
+// 12 benchmark shapes and 0.3 % off on the last).
 static int pick_i8_variant(int M, int N, int dev, bool row = false) {
   struct Shape { int variant, bm, bn; double eff; };
   const Shape chunked[3] = {{3, 128, 128, 1.0}, {1, 192, 128, 0.90}, {2, 128, 192, 0.96}};
-  const Shape rowb[4] = {{24, 128, 128, 1.0}, {22, 192, 128, 0.90}, {23, 128, 192, 0.96}, {21, 128, 256, 0.90}};
+  const Shape rowb[4] = {{24, 128, 128, 1.0}, {22, 192, 128, 0.84}, {23, 128, 192, 0.84}, {21, 128, 256, 0.84}};
   const int sms = sm_count(dev);
   int best = row ? 24 : 3;
   double best_cost = 0;
