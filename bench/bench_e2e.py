@@ -144,10 +144,32 @@ def sample(patcher, family, batch, res, steps, cfg, device, warm_steps=2):
     return dt, peak, warm, out.float().cpu()
 
 
+def sync_sites(patcher, family, res, cfg_scale, device):
+    """Where one sampling run waits for the GPU outside this script's own timing syncs: torch's sync debug mode
+    warns at every synchronizing CUDA call; returns {'file:line': count} of the Python lines that made them."""
+    import warnings
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sample(patcher, family, 1, res, 2, cfg_scale, device)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    sites = {}
+    for w in caught:
+        if "synchroniz" in str(w.message) and not w.filename.endswith("bench_e2e.py"):
+            key = f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"
+            sites[key] = sites.get(key, 0) + 1
+    return sites
+
+
 def sample_row(row, tag, patcher, family, b, res, steps, cfg_scale, device, compile_backend):
     """Eager (and with --compile, TorchCompileModel with that backend) timings of one model into `row`."""
     dt, peak, _, eager = sample(patcher, family, b, res, steps, cfg_scale, device)
     row[f"b{b}_step{tag}_s"], row[f"b{b}_peak{tag}_gib"] = dt / steps, peak
+    if os.environ.get("SVDQ_BENCH_SYNC_SITES") == "1" and b == 1 and device.type == "cuda":
+        row[f"sync_sites{tag}"] = sync_sites(patcher, family, res, cfg_scale, device)
+        print(f"   sync sites, {tag}: {row[f'sync_sites{tag}']}", flush=True)
     if compile_backend:
         from comfy_api.torch_helpers import set_torch_compile_wrapper
         compiled = patcher.clone()
