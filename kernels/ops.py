@@ -173,8 +173,8 @@ def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: i
     """Kernel 2 into a given output buffer (M, N). Path 91 (int_ratio on Hopper): qact/qweight int8 codes x
     multipliers, ascales the activation bases, wscales the weight bases (N,); one row of bases (FMT_I8_ROW) runs
     kernel 2e. Path 92 (kernel 2d): qweight the packed codes, wmult their multipliers (K/64, N)."""
-    if path == 91 and variant == 0 and ascales.shape[0] == 1:
-        variant = 20  # one base per row (for K <= 256 the same numbers as one chunk)
+    if path == 91 and variant == 0 and ascales.shape[0] == 1 and qweight.shape[1] > 256:
+        variant = 20  # one base per row (up to K = 256 one chunk is the row: kernel 2c, as before, stays)
     m, n = out.shape
     rp = lora.shape[1] if lora is not None else 0
     index = out.device.index
