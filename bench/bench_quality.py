@@ -193,11 +193,16 @@ def main():
     ap.add_argument("--no-lpips", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=".work/quality_cache", help="where the real images' features are kept ('' = nowhere)")
+    ap.add_argument("--act-base", default="chunk", choices=["chunk", "row"],
+                    help="int_ratio activations: one base per 256 channels (the default) or per row (kernel 2e)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--grid", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     comfy_env.import_comfy()
+    if args.act_base == "row":  # read at call time by the reference quantizer, in calibration and in sampling
+        from comfyui_svdquant.kernels import reference as kref
+        kref.ACT_CHUNK_GROUPS = kref.ROW
     specs = {**M.METHODS, **M.parse_extra(args.method)}
     lists = {"issue8": M.ISSUE8, "ladder": M.LADDER}
     names = [n for a in args.methods for n in lists.get(a, [a])] if args.methods else \

@@ -19,6 +19,7 @@ QMAX = 7
 UQMAX = 15                # unsigned activation codes: [0, 15]
 RATIO_MAX = 18            # 7 · 18 = 126 <= 127: code × multiplier is an int8
 ACT_CHUNK_GROUPS = 4      # 4 · 64 · 126² < 2²²: a chunk's integer sum converts to fp32 exactly by the magic-number trick
+ROW = 0                   # as a chunk size: one base for the whole row (kernel 2e's activations, docs/KERNELS.md §6c)
 SCALE_MODES = ("float", "int_ratio")
 _INV_RATIO_UNIT = 1.0 / (QMAX * RATIO_MAX)  # base = chunk absmax × this (fp32 multiply, as the kernel does)
 
@@ -66,6 +67,11 @@ def quantize_groups_unsigned(x: torch.Tensor, group_size: int):
     return quantize_with_steps(x, scale, group_size, 0, UQMAX), scale
 
 
+def _span(chunk_groups: int, ng: int) -> int:
+    """Groups per base: chunk_groups, or all ng where it is ROW (0) or covers the row anyway (same numbers)."""
+    return ng if chunk_groups <= 0 or chunk_groups > ng else chunk_groups
+
+
 def ratio_scales(amax: torch.Tensor, chunk_groups: int):
     """int_ratio scales from per-group absmax (..., ng) fp32: (mult fp32 integers in [1, 18] (..., ng),
     base fp32 (..., ceil(ng / chunk_groups))). base = chunk absmax / 126; f = ceil(absmax / (7·base)).
@@ -74,6 +80,7 @@ def ratio_scales(amax: torch.Tensor, chunk_groups: int):
     fp32 constant 1/126, multiply by 7, true division, ceil), so both sides get the same bits.
     """
     *lead, ng = amax.shape
+    chunk_groups = _span(chunk_groups, ng)
     nch = -(-ng // chunk_groups)
     pad = nch * chunk_groups - ng
     padded = torch.nn.functional.pad(amax.float(), (0, pad)) if pad else amax.float()
@@ -88,7 +95,7 @@ def ratio_scales(amax: torch.Tensor, chunk_groups: int):
 def ratio_steps(mult: torch.Tensor, base: torch.Tensor, chunk_groups: int) -> torch.Tensor:
     """Per-group step base × f (..., ng) fp32 from an int_ratio (mult, base) pair."""
     ng = mult.shape[-1]
-    return base.float().repeat_interleave(chunk_groups, dim=-1)[..., :ng] * mult.float()
+    return base.float().repeat_interleave(_span(chunk_groups, ng), dim=-1)[..., :ng] * mult.float()
 
 
 def unpack_uint4(p: torch.Tensor) -> torch.Tensor:
@@ -126,7 +133,7 @@ def dequantize_ratio(codes, mult, base, group_size: int, chunk_groups: int) -> t
     *lead, k = codes.shape
     ng = k // group_size
     qf = codes.float().reshape(*lead, ng, group_size) * mult.float().unsqueeze(-1)
-    b = base.float().repeat_interleave(chunk_groups, dim=-1)[..., :ng].unsqueeze(-1)
+    b = base.float().repeat_interleave(_span(chunk_groups, ng), dim=-1)[..., :ng].unsqueeze(-1)
     return (qf * b).reshape(*lead, k)
 
 

@@ -89,3 +89,21 @@ def test_int_ratio_layer_error_close_to_float():
             tot += q.report["error"]
         errs[mode] = tot / 3
     assert errs["float"] <= errs["int_ratio"] < 1.08 * errs["float"], errs
+
+
+def test_row_base_is_one_chunk_covering_the_row():
+    """reference.ROW (kernel 2e's activations): one base per row = the row's absmax · fp32(1/126), the same numbers as
+    a chunk covering the row, and every code × multiplier an int8 within ±126."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(33, 1280, generator=g) * torch.exp(torch.randn(1, 1280, generator=g))
+    codes, mult, base = ref.quantize_groups_ratio(x, G, ref.ROW)
+    assert base.shape == (33, 1)
+    for cg in (1280 // G, 10 * 1280 // G):
+        c2, m2, b2 = ref.quantize_groups_ratio(x, G, cg)
+        assert torch.equal(codes, c2) and torch.equal(mult, m2) and torch.equal(base, b2)
+    assert torch.equal(base[:, 0], x.abs().amax(1) * torch.tensor(1 / 126, dtype=torch.float32))
+    assert int((codes.int() * mult.int().repeat_interleave(G, 1)).abs().max()) <= 126
+    deq = ref.dequantize_ratio(codes, mult, base, G, ref.ROW)
+    chunked = ref.dequantize_ratio(*ref.quantize_groups_ratio(x, G, ref.ACT_CHUNK_GROUPS), G, ref.ACT_CHUNK_GROUPS)
+    err_row, err_chunk = (deq - x).norm() / x.norm(), (chunked - x).norm() / x.norm()
+    assert err_chunk <= err_row < 1.5 * err_chunk, (err_chunk, err_row)
