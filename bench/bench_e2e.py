@@ -30,6 +30,7 @@ FLUX at full depth (19 + 38 blocks) needs ~24 GB for bf16 weights; --flux-depth 
 """
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import pathlib
@@ -134,6 +135,7 @@ def sample(patcher, family, batch, res, steps, cfg, device, warm_steps=2):
     warm = time.perf_counter() - t0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    gc.collect()  # the calibration's garbage is collected before, not inside, the first timed run after it
     sync()
     t0 = time.perf_counter()
     out = comfy.sample.sample(patcher, noise, steps, cfg, "euler", "normal", pos, neg, latent, seed=1)
@@ -392,10 +394,15 @@ def run_family(family, args, dtype, device, checkpoint=lambda row: None):
         checkpoint(row)
     if args.share_qkv and args.ungrouped_too:  # the same 4-bit model with each input quantized per layer
         from comfyui_svdquant.core.input_group import detach_input_groups
+        grouped = [(m, m._input_group) for m in q.model.diffusion_model.modules()
+                   if getattr(m, "_input_group", None) is not None]
         row["input_groups_detached"] = detach_input_groups(q.model.diffusion_model)
         sample_row(row, "4a", q, family, 1, res, steps, cfg_scale, device, None)
         if args.profile:
             row["profile4a"] = profile_step(q, family, 1, res, cfg_scale, device)
+        for m, g in grouped:  # and grouped once more, after the detached run: order effects show as a difference
+            m._input_group = g
+        sample_row(row, "4g", q, family, 1, res, steps, cfg_scale, device, None)
         checkpoint(row)
     if args.row_base_too:  # the same 4-bit model with one activation base per row (kernel 2e, docs/KERNELS.md §6c)
         os.environ["SVDQ_ROW_BASE"] = "1"  # read by prepare_weights; dropping the layers' cache re-prepares them
@@ -513,6 +520,9 @@ def main():
             print(f"   batch 1, 4-bit with its {r['input_groups_detached']} input groups detached: step "
                   f"{r['b1_step4a_s'] * 1e3:8.1f} ms; grouped / detached {r['b1_step4_s'] / r['b1_step4a_s']:.2f}x",
                   flush=True)
+        if "b1_step4g_s" in r:
+            print(f"   batch 1, 4-bit grouped again after that: step {r['b1_step4g_s'] * 1e3:8.1f} ms "
+                  f"({r['b1_step4g_s'] / r['b1_step4a_s']:.2f}x detached)", flush=True)
         if "b1_step4r_s" in r:
             print(f"   batch 1, 4-bit with row bases ({r['row_base_layers']} layers re-prepared): step "
                   f"{r['b1_step4r_s'] * 1e3:8.1f} ms; row / chunk {r['b1_step4r_s'] / r['b1_step4_s']:.2f}x", flush=True)
