@@ -121,6 +121,12 @@ def prepared_extra_bytes(n: int, k: int, rank: int, device, unsigned: bool = Fal
     return weight + 4 * n * rp + 2 * k * rp + 4 * (k // 64) * n + 4 * (n + k)
 
 
+# SVDQ_ROW_BASE: layers with at least this many weights (N·K) take row bases. On the H200 (docs/KERNELS.md §6c) the
+# row-base pass cost more than kernel 2e saved at every measured shape below it (attention, 320²-1280²) and less at
+# every one above (SDXL ff1 640x5120 and up, FLUX 3072² and up, at M >= 1024)
+ROW_BASE_MIN_WEIGHTS = 3 << 20
+
+
 def prepare_weights(tensors: dict, device) -> dict:
     """Per-device weight preparation. The natural tensors stay (the reference reads them); the CUDA
     path adds its own: `_qw` (Hopper: e4m3 or int8 bytes (N, K), or with tensors["packed_weights"] the
@@ -168,7 +174,7 @@ def prepare_weights(tensors: dict, device) -> dict:
             out["_qw"] = qweight.contiguous().view(torch.uint8)
             out["_wscales"] = (base.unsqueeze(0) * mult.float()).contiguous()  # per-group steps (K/G, N)
         out["_afmt"] = _lib.FMT_I8_RATIO if path in (91, 92) else _lib.FMT_INT4_RATIO
-        if path == 91 and os.environ.get("SVDQ_ROW_BASE") == "1":
+        if path == 91 and os.environ.get("SVDQ_ROW_BASE") == "1" and n * k >= ROW_BASE_MIN_WEIGHTS:
             # experimental: activations with one base per row, kernel 2e (docs/KERNELS.md §6c); not the reference's
             # numbers (its chunk is 4 groups), so opt-in until that choice is made for every path
             out["_afmt"] = _lib.FMT_I8_ROW

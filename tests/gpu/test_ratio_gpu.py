@@ -261,19 +261,22 @@ def test_linear_row_base(m, k, n, r, dtype):
         assert e < BOUND[dtype], f"variant {variant}: rel err {e:.2e}"
 
 
-@pytest.mark.parametrize("m,k,n,r", [(77, 640, 5120, 32), (4109, 3072, 576, 128)])
+@pytest.mark.parametrize("m,k,n,r", [(77, 640, 5120, 32), (4109, 3072, 1152, 128)])
 def test_row_base_layers_through_the_model_path(m, k, n, r, monkeypatch):
-    """SVDQ_ROW_BASE=1: prepare_weights picks FMT_I8_ROW and every eager form (one library call, two calls, the
-    compiled op) runs kernel 2e, within the bound of the reference with row-chunk activations."""
+    """SVDQ_ROW_BASE=1: prepare_weights picks FMT_I8_ROW for a layer of at least ROW_BASE_MIN_WEIGHTS weights (a
+    smaller one keeps chunk bases) and every eager form (one library call, two calls, the compiled op) runs kernel 2e,
+    within the bound of the reference with row-chunk activations."""
     if _lib.device_path(torch.cuda.current_device()) != 90:
         pytest.skip("kernel 2e is Hopper's int8 path")
     ops = _ops()
     monkeypatch.setenv("SVDQ_ROW_BASE", "1")
     dtype = torch.bfloat16
+    small = kernels.prepare_weights(make_ratio_layer(640, 640, 32, dtype, DEV, seed=1), torch.device(DEV))
+    assert small["_afmt"] == _lib.FMT_I8_RATIO
     lay = make_ratio_layer(n, k, r, dtype, DEV, seed=11 + n)
     x = make_x(m, k, dtype, DEV, seed=12 + m)
     p = kernels.prepare_weights(lay, torch.device(DEV))
-    assert p["_afmt"] == _lib.FMT_I8_ROW
+    assert n * k >= kernels.ROW_BASE_MIN_WEIGHTS and p["_afmt"] == _lib.FMT_I8_ROW
     codes, fa, ba = ref.quantize_groups_ratio(x.float() / lay["smooth_factor"].float(), 64, k // 64)
     wsc = (lay["wscale_mult"], lay["wscale_base"])
     y_ref = ref.dequantize_ratio(codes, fa, ba, 64, k // 64) @ ref._dequant_weight(lay["qweight"], wsc, 64).t()
