@@ -597,6 +597,7 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
       const float cm = fmaxf(pm[i], cms[(half ^ 1) * C::ROWS + wr * 16 + i * 4 + (lane >> 3)]);
       const int m = rb0 + wr * 16 + i * 4 + (lane >> 3);
       // the reference's fp32 multiply by the fp32 constant 1/126; AF_I8_ROW: the row's base, made by row_base_kernel
+      // (rowbase then is ascales itself, which this kernel does not write in that format)
       base[i] = rowbase ? (m < M ? rowbase[m] : 0.f) : cm * (1.0f / 126.0f);
       const float unit = base[i] * 7.0f;
 #pragma unroll
@@ -689,8 +690,9 @@ __global__ void __launch_bounds__(256) row_base_kernel(const T* __restrict__ x, 
   float a = 0.f;
   if (row < M) {
     const T* xr = x + (size_t)row * K;
-    // U 16-byte loads of X in flight per lane before any is used (one at a time ran at ~2 TB/s on the H200);
-    // K is a multiple of 64, so a lane's pieces past K are only at the end
+    // U 16-byte loads of X in flight per lane before any is used (measured no faster than one at a time on the
+    // H200, docs/KERNELS.md §6c: this pass costs a read of X either way); K is a multiple of 64, so a lane's pieces
+    // past K are only at the end
     constexpr int U = 4;
     for (int k0 = lane * 8; k0 < K; k0 += 256 * U) {
       uint4 raw[U];
@@ -1549,8 +1551,8 @@ static void quant_grid_i8(int M, int K, int rp, int dev, int* rowblocks_out, int
   const long long slots = (long long)(per_sm > 0 ? per_sm : 1) * sms;
   int best_cpc = nch;
   long long best_fill = -1, best_cost = 0;
-  // SVDQ_QI8_MAX_SPLITS=n caps the split count (bench_kernels.py measures 1 at the small shapes, where the tree's
-  // dependent round trips may cost more than the SMs the splits fill)
+  // SVDQ_QI8_MAX_SPLITS=n caps the split count, for measurements (bench_kernels.py: one split was slower at every
+  // benchmark shape on the H200, docs/KERNELS.md §6c)
   const char* cap_env = getenv("SVDQ_QI8_MAX_SPLITS");
   const int cap = cap_env ? atoi(cap_env) : 0;
   for (int s = 1; s <= (cap > 0 && cap < nch ? cap : nch); ++s) {
