@@ -406,8 +406,10 @@ def run_family(family, args, dtype, device, checkpoint=lambda row: None):
         checkpoint(row)
     if args.row_base_too:  # the same 4-bit model with one activation base per row (kernel 2e, docs/KERNELS.md §6c)
         os.environ["SVDQ_ROW_BASE"] = "1"  # read by prepare_weights; dropping the layers' cache re-prepares them
-        row["row_base_layers"] = sum(1 for m in q.model.diffusion_model.modules() if hasattr(m, "_prepared")
-                                     and setattr(m, "_prepared", None) is None)
+        layers = [m for m in q.model.diffusion_model.modules() if hasattr(m, "_prepared")]
+        for m in layers:
+            m._prepared = None
+        row["row_base_layers"] = len(layers)
         sample_row(row, "4r", q, family, 1, res, steps, cfg_scale, device, None)
         if args.profile:
             row["profile4r"] = profile_step(q, family, 1, res, cfg_scale, device)
@@ -516,16 +518,14 @@ def main():
         if "b1_step4u_s" in r:
             print(f"   batch 1, 4-bit without the fused blocks: step {r['b1_step4u_s'] * 1e3:8.1f} ms "
                   f"({r['b1_step4u_s'] / r['b1_step16_s'] if 'b1_step16_s' in r else float('nan'):.2f}x)", flush=True)
-        if "b1_step4a_s" in r:
-            print(f"   batch 1, 4-bit with its {r['input_groups_detached']} input groups detached: step "
-                  f"{r['b1_step4a_s'] * 1e3:8.1f} ms; grouped / detached {r['b1_step4_s'] / r['b1_step4a_s']:.2f}x",
-                  flush=True)
-        if "b1_step4g_s" in r:
-            print(f"   batch 1, 4-bit grouped again after that: step {r['b1_step4g_s'] * 1e3:8.1f} ms "
-                  f"({r['b1_step4g_s'] / r['b1_step4a_s']:.2f}x detached)", flush=True)
-        if "b1_step4r_s" in r:
-            print(f"   batch 1, 4-bit with row bases ({r['row_base_layers']} layers re-prepared): step "
-                  f"{r['b1_step4r_s'] * 1e3:8.1f} ms; row / chunk {r['b1_step4r_s'] / r['b1_step4_s']:.2f}x", flush=True)
+        variants = (  # (tag, what the 4-bit model ran with, the ratio's name, its numerator's and denominator's tags)
+            ("4a", f"its {r.get('input_groups_detached')} input groups detached", "grouped / detached", "4", "4a"),
+            ("4g", "its input groups again, after that", "grouped again / detached", "4g", "4a"),
+            ("4r", f"row bases ({r.get('row_base_layers')} layers re-prepared)", "row / chunk", "4r", "4"))
+        for tag, what, name, num, den in variants:
+            if f"b1_step{tag}_s" in r:
+                print(f"   batch 1, 4-bit with {what}: step {r[f'b1_step{tag}_s'] * 1e3:8.1f} ms; {name} "
+                      f"{r[f'b1_step{num}_s'] / r[f'b1_step{den}_s']:.2f}x", flush=True)
         for tag in ("16", "4"):
             if f"host{tag}" in r:
                 h = r[f"host{tag}"]

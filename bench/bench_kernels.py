@@ -10,7 +10,6 @@ Usage: python3 bench/bench_kernels.py [--json out.json] [--quick]
 """
 import argparse
 import json
-import os
 import pathlib
 import statistics
 import sys
@@ -131,11 +130,6 @@ def main():
                     row["row_us"] = time_graph(lambda: (quant_row(), ops.gemm_into(
                         qr, sr, p["_qw"], p["_wscales"], lr, p["_proj_up"], p["_bias"], outb, 91, variant=20)))
                     row["row_ratio"] = t_bf16 / row["row_us"]
-                    # kernel 1b with one K-split (no LoRA reduction tree): the small shapes' fixed cost
-                    os.environ["SVDQ_QI8_MAX_SPLITS"] = "1"
-                    row["int_quant_s1_us"] = time_graph(lambda: ops.quantize_act_lora_down(
-                        x, p["_smooth_rcp"], p["_proj_down"], p["_rp"], fmt))
-                    del os.environ["SVDQ_QI8_MAX_SPLITS"]
             del p, qa, sa, la
         rows.append(row)
         del x, w, xf8, wf8
@@ -147,8 +141,7 @@ def main():
             ("fp8x", "ratio_fp8"), ("intx", "int_ratio"), ("i.gemmx", "int_ratio_gemm"), ("fltx", "flt_ratio"),
             ("i.TF", "int_gemm_tflops"), ("v7_1", "gemm_v7_1_us"), ("v7_2", "gemm_v7_2_us"), ("v7_3", "gemm_v7_3_us"),
             ("2e.n256", "gemm_2e_21_us"), ("2e.m192", "gemm_2e_22_us"), ("2e.n192", "gemm_2e_23_us"),
-            ("2e.128", "gemm_2e_24_us"), ("row", "row_us"), ("r.quant", "row_quant_us"), ("rowx", "row_ratio"),
-            ("q.S1", "int_quant_s1_us")]
+            ("2e.128", "gemm_2e_24_us"), ("row", "row_us"), ("r.quant", "row_quant_us"), ("rowx", "row_ratio")]
     print(f"{'shape':14s} {'M':>5s} {'K':>6s} {'N':>6s} | " + " ".join(f"{c:>7s}" for c, _ in cols))
     for r in rows:
         vals = []

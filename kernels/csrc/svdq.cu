@@ -1551,11 +1551,7 @@ static void quant_grid_i8(int M, int K, int rp, int dev, int* rowblocks_out, int
   const long long slots = (long long)(per_sm > 0 ? per_sm : 1) * sms;
   int best_cpc = nch;
   long long best_fill = -1, best_cost = 0;
-  // SVDQ_QI8_MAX_SPLITS=n caps the split count, for measurements (bench_kernels.py: one split was slower at every
-  // benchmark shape on the H200, docs/KERNELS.md §6c)
-  const char* cap_env = getenv("SVDQ_QI8_MAX_SPLITS");
-  const int cap = cap_env ? atoi(cap_env) : 0;
-  for (int s = 1; s <= (cap > 0 && cap < nch ? cap : nch); ++s) {
+  for (int s = 1; s <= nch; ++s) {
     const int cpc = (nch + s - 1) / s;  // chunks per split
     const int splits = (nch + cpc - 1) / cpc;
     if (splits != s) continue;  // the same partition as a smaller s
