@@ -131,14 +131,22 @@ class QuantizedLinearMixin:
             self._prepared = (key, prepared)
         return prepared
 
-    def forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+    def row_base_slot(self, lead, m: int, dtype, device):
+        """Where the op producing this layer's next input (leading shape `lead`, m rows) may write the layer's
+        activation row bases (kernels.row_base_slot), or None; pass it to the call as `row_base=`."""
+        if getattr(self, "_input_group", None) is not None or getattr(self, ACT_BITS, None) is not None or \
+                self.qweight.device != device:  # offloaded: prepared per call, the slot would outlive its tensors
+            return None
+        return kernels.row_base_slot(self.kernel_tensors(dtype, device), lead, m, dtype, device)
+
+    def forward_quantized(self, x: torch.Tensor, row_base=None) -> torch.Tensor:
         prepared = self.kernel_tensors(x.dtype, x.device)
         group = getattr(self, "_input_group", None)  # layers sharing this input's quantization (core/input_group.py)
         y = None
         if group is not None and not torch.compiler.is_compiling():
             y = group.forward(self, x, prepared)
         if y is None:
-            y = kernels.linear(x, prepared, self.group_size)
+            y = kernels.linear(x, prepared, self.group_size, row_base=row_base)
         lora = getattr(self, "_lora", None)
         if lora is not None:
             d, u = lora
@@ -157,8 +165,8 @@ class SVDQuantLinear(QuantizedLinearMixin, nn.Module):
     def from_tensors(cls, tensors: dict, group_size: int = 64) -> "SVDQuantLinear":
         return cls(tensors, group_size)
 
-    def forward(self, x):
-        return self.forward_quantized(x)
+    def forward(self, x, row_base=None):
+        return self.forward_quantized(x, row_base)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

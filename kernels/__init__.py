@@ -435,8 +435,19 @@ def gptq_block(w, steps, hb, q_out, err_out, qmax: float) -> None:
                                        err_out.data_ptr(), b, n, float(qmax), stream), "svdq_gptq_block")
 
 
-def linear(x, prepared: dict, group_size: int = 64):
-    """Y = 4-bit linear of x (..., K) with the layer tensors from `prepare_weights`."""
+def row_base_slot(prepared: dict, lead, m: int, dtype, device):
+    """Where the op producing this layer's input (leading shape `lead`, m rows) can write the layer's row bases
+    (kernels/ops.py RowBaseSlot; kernels/flux_ops.py's producers take it), or None: the layer then computes them
+    itself, or reads no row bases. Eager CUDA calls only."""
+    if prepared.get("_path") != 91 or prepared.get("_afmt") != _lib.FMT_I8_ROW or _compiling() or m == 0 or \
+            prepared["_qw"].device != device:
+        return None
+    return (_ops or _get_ops()).row_base_slot(prepared, lead, m, dtype, device)
+
+
+def linear(x, prepared: dict, group_size: int = 64, row_base=None):
+    """Y = 4-bit linear of x (..., K) with the layer tensors from `prepare_weights`. row_base: `row_base_slot`'s slot
+    whose bases x's producer wrote (eager CUDA path only; elsewhere ignored)."""
     if prepared.get("act16"):
         return _linear_act16(x, prepared, group_size)
     if group_size == 64 and _use_cuda(x, prepared):
@@ -449,6 +460,8 @@ def linear(x, prepared: dict, group_size: int = 64):
             return x.new_empty((*x.shape[:-1], prepared["_qw"].shape[0]))
         if not x.is_contiguous():
             x = x.contiguous()
+        if row_base is not None and not _compiling():
+            return (_ops or _get_ops()).linear_direct(x, prepared, row_base)
         return (_ops or _get_ops()).linear(x, prepared)  # (..., K) as it is: no reshape or view per call
     _log_backend_once(("reference", x.device.type),
                       "svdquant: pure-torch reference path on %s (no CUDA kernel for this device/dtype)", x.device)

@@ -18,6 +18,7 @@ DT_F16, DT_BF16 = 0, 1
 # activation formats of svdq_quantize_act_lora_down (kernels/csrc/svdq.cu AF_*)
 FMT_INT4, FMT_E4M3, FMT_INT4_RATIO, FMT_I8_RATIO = 0, 1, 2, 3
 FMT_I8_ROW = 4  # FMT_I8_RATIO's codes with one base per row for all of K (kernel 2e, path 91 variants 20-24)
+FMT_I8_ROW_GIVEN = 5  # FMT_I8_ROW from row bases the op that produced x already wrote (has_row_base_producers)
 RATIO_CHUNK = 4  # groups per int_ratio activation base (kernels/reference.py ACT_CHUNK_GROUPS)
 
 _lock = threading.Lock()
@@ -95,6 +96,15 @@ def _bind(lib):
         lib.svdq_concat_rows.restype = c_int
         lib.svdq_concat_rows.argtypes = [c_void_p, c_ll, c_int, c_void_p, c_ll, c_int, c_int, c_void_p, c_int, c_int,
                                          c_void_p]
+    if hasattr(lib, "svdq_ln_modulate_rowbase"):  # optional as well: the producers of FMT_I8_ROW_GIVEN's row bases
+        c_ll = ctypes.c_longlong
+        lib.svdq_ln_modulate_rowbase.restype = c_int
+        lib.svdq_ln_modulate_rowbase.argtypes = [c_void_p, c_ll, c_void_p, c_void_p, c_ll, c_void_p, c_int, c_int,
+                                                 c_int, ctypes.c_float, c_void_p, c_void_p, c_int, c_int, c_int,
+                                                 c_void_p]
+        lib.svdq_concat_rows_rowbase.restype = c_int
+        lib.svdq_concat_rows_rowbase.argtypes = [c_void_p, c_ll, c_int, c_void_p, c_ll, c_int, c_int, c_void_p, c_int,
+                                                 c_void_p, c_void_p, c_int, c_int, c_int, c_void_p]
     return lib
 
 
@@ -106,6 +116,11 @@ def _has(symbol: str) -> bool:
 def has_flux_ops() -> bool:
     """Whether the loaded library has the FLUX blocks' kernels (kernels/csrc/flux_ops.cu)."""
     return _has("svdq_qk_norm_rope")
+
+
+def has_row_base_producers() -> bool:
+    """Whether the loaded library's FLUX kernels can also write the next linear's row bases (FMT_I8_ROW_GIVEN)."""
+    return _has("svdq_ln_modulate_rowbase")
 
 
 def has_gptq() -> bool:

@@ -1,7 +1,8 @@
 """The FLUX blocks' kernels (kernels/csrc/flux_ops.cu) with their references: what wrappers/flux_blocks.py runs
 between a block's linears.
 
-`ln_modulate`: a linear's modulated input, LayerNorm · (1 + scale) + shift; `qk_norm_rope`: the attention's q, k, v
+`ln_modulate`: a linear's modulated input, LayerNorm · (1 + scale) + shift (`ln_modulate_rowbase`: also the linear's
+activation row bases, kernels.row_base_slot; `concat_rows_rowbase` likewise); `qk_norm_rope`: the attention's q, k, v
 (B, H, L, D) from qkv projection rows (QKNorm, RoPE, the double block's txt ‖ img concatenation); `concat_rows`: the
 single block's [attention | GELU(MLP)] input of linear2. Each is one pass; each runs its CUDA kernel where the library
 has it and the inputs fit (CUDA, bf16/fp16, strides and alignment; head dim 128 for qk_norm_rope), else its reference
@@ -151,6 +152,55 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: 
     if torch.compiler.is_compiling():
         return torch.ops.svdquant.ln_modulate.default(x, shift, scale, eps)
     return _ln_any(x, shift, scale, eps)
+
+
+def _slot_fits(slot, lead, k: int, device) -> bool:
+    """The slot (kernels/ops.py RowBaseSlot) is for an input of this leading shape and width on this device."""
+    return (tuple(slot.act[6]) == tuple(lead) and slot.k == k and slot.smooth.device == device
+            and slot.smooth.dtype == torch.float32 and slot.smooth.data_ptr() % 16 == 0 and _lib.has_row_base_producers())
+
+
+def ln_modulate_rowbase(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, slot
+                        ) -> Optional[torch.Tensor]:
+    """`ln_modulate`, also writing the next linear's row bases where `slot` (kernels.row_base_slot) says (the
+    kernel's pass over the row computes them for free: the row-base pass of that linear's kernel 1 is skipped).
+    None where the kernel does not take these inputs: call `ln_modulate` and the linear without the slot."""
+    if x.dim() != 3 or not _ln_fits(x, shift, scale) or not _slot_fits(slot, x.shape[:-1], x.shape[2], x.device):
+        return None
+    b, l, c = x.shape
+    out = torch.empty((b, l, c), dtype=x.dtype, device=x.device)
+    index = x.device.index
+    code = _lib.load().svdq_ln_modulate_rowbase(x.data_ptr(), x.stride(1), shift.data_ptr(), scale.data_ptr(),
+                                                shift.stride(0), out.data_ptr(), b * l, c, l, eps,
+                                                slot.smooth.data_ptr(), slot.rowbase, slot.mp, _dt(x.dtype), index,
+                                                _raw_stream(index))
+    _lib.check(code, "svdq_ln_modulate_rowbase")
+    return out
+
+
+def concat_rows_rowbase(a: Optional[torch.Tensor], b: torch.Tensor, gelu_b: bool, slot) -> Optional[torch.Tensor]:
+    """`concat_rows` (a None: b alone, through GELU when gelu_b), also writing the next linear's row bases where
+    `slot` says, as `ln_modulate_rowbase`; None where the kernel does not take these inputs."""
+    b2 = b.flatten(0, -2) if b.dim() > 2 else b
+    a2 = b2[:, :0] if a is None else a.flatten(0, -2) if a.dim() > 2 else a
+    if b2.dim() != 2 or (a is not None and a.shape[:-1] != b.shape[:-1]):
+        return None
+    m, ka, kb = b2.shape[0], a2.shape[1], b2.shape[1]
+    if a is not None and (ka == 0 or not _concat_fits(a2, b2)):
+        return None
+    if a is None and not (b2.dtype in (torch.bfloat16, torch.float16) and b2.stride(1) == 1 and kb % 8 == 0
+                          and b2.stride(0) % 8 == 0 and b2.data_ptr() % 16 == 0 and _kernel_ok(b2.device)):
+        return None
+    if not _slot_fits(slot, b.shape[:-1], ka + kb, b.device):
+        return None
+    out = torch.empty((*b.shape[:-1], ka + kb), dtype=b.dtype, device=b.device)
+    index = b.device.index
+    code = _lib.load().svdq_concat_rows_rowbase(None if a is None else a2.data_ptr(), a2.stride(0) if ka else 0, ka,
+                                                b2.data_ptr(), b2.stride(0), kb, int(gelu_b), out.data_ptr(), m,
+                                                slot.smooth.data_ptr(), slot.rowbase, slot.mp, _dt(b.dtype), index,
+                                                _raw_stream(index))
+    _lib.check(code, "svdq_concat_rows_rowbase")
+    return out
 
 
 _DEF = torch.library.Library("svdquant", "FRAGMENT")

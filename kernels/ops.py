@@ -35,10 +35,11 @@ def padded_rows(m: int) -> int:
 
 def act_shapes(m: int, k: int, fmt: int):
     """(qact shape, ascales shape) kernel 1 writes for activation format `fmt` (svdq.cu AF_*)."""
-    byte_codes = fmt in (_lib.FMT_E4M3, _lib.FMT_I8_RATIO, _lib.FMT_I8_ROW)  # one byte per code, else two per byte
+    row = fmt in (_lib.FMT_I8_ROW, _lib.FMT_I8_ROW_GIVEN)
+    byte_codes = row or fmt in (_lib.FMT_E4M3, _lib.FMT_I8_RATIO)  # one byte per code, else two per byte
     groups = k // GROUP
     # bases per chunk / per row / scales per group
-    rows = -(-groups // _lib.RATIO_CHUNK) if fmt == _lib.FMT_I8_RATIO else 1 if fmt == _lib.FMT_I8_ROW else groups
+    rows = -(-groups // _lib.RATIO_CHUNK) if fmt == _lib.FMT_I8_RATIO else 1 if row else groups
     return (m, k if byte_codes else k // 2), (rows, padded_rows(m))
 
 
@@ -165,7 +166,7 @@ def _k_of(path: int, qweight, wscales) -> int:
 
 def gemm_variant(fmt: int) -> int:
     """The GEMM variant for kernel 1's format: kernel 2e (20, its cost model's tile) reads FMT_I8_ROW's row bases."""
-    return 20 if fmt == _lib.FMT_I8_ROW else 0
+    return 20 if fmt in (_lib.FMT_I8_ROW, _lib.FMT_I8_ROW_GIVEN) else 0
 
 
 def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: int, variant: int = 0,
@@ -303,15 +304,19 @@ def _act_for(x, k, rp, fmt, stream=None, fresh=False) -> tuple:
     the device index). The buffer is the stream's kept one (_act_scratch), or with fresh a new one.
     x keeps its rank: a reshape and a view per call were a third of the eager path's Python time."""
     x = aligned16(x)
-    m = x.numel() // k
+    act, stream, index = _act_buffer(x.shape[:-1], x.numel() // k, k, rp, fmt, x.device, stream, fresh)
+    return act, x, stream, index
+
+
+def _act_buffer(lead, m, k, rp, fmt, dev, stream=None, fresh=False) -> tuple:
+    """`_act_for`'s act tuple for an input of leading shape `lead` (m rows) on `dev`, the stream, the device index."""
     off_s, off_l, size, mp = _act_layout(m, k, fmt, rp)
-    dev = x.device
     index = dev.index or 0  # None only off CUDA (tests/test_linear_call_abi.py, bench/host_path_cpu.py)
     if stream is None:
         stream = _raw_stream(index)
     buf = torch.empty(size, dtype=torch.uint8, device=dev) if fresh else _act_scratch(index, stream, size)
     base = buf.data_ptr()
-    return (buf, base, base + off_s, base + off_l if rp else None, m, mp, x.shape[:-1]), x, stream, index
+    return (buf, base, base + off_s, base + off_l if rp else None, m, mp, lead), stream, index
 
 
 def _quantize_act(x, dt, smooth, pd, k, rp, fmt, keep_scratch=True, stream=None, own_buffer=False) -> tuple:
@@ -396,13 +401,55 @@ def _run_linear_call(x: torch.Tensor, c: tuple) -> torch.Tensor:
     return out
 
 
-def linear_direct(x: torch.Tensor, p: dict) -> torch.Tensor:
+class RowBaseSlot:
+    """Where the op that produces a row-base layer's input writes the layer's row bases (FMT_I8_ROW_GIVEN): the
+    ascales part of the layer's kernel-1 buffer (`act`, which the layer's call then uses), `smooth` the layer's 1/λ
+    (fp32, K) the bases are taken with, `mp` the padded row count. Made by `row_base_slot` for one input shape,
+    used by one call right after the producer (the buffer is the stream's kept one)."""
+    __slots__ = ("act", "stream", "index", "smooth", "rowbase", "mp", "k")
+
+    def __init__(self, act, stream, index, smooth: torch.Tensor, k):
+        self.act, self.stream, self.index, self.smooth, self.k = act, stream, index, smooth, k
+        self.rowbase, self.mp = act[2], act[5]  # the ascales address, its padded row count
+
+
+def row_base_slot(p: dict, lead, m: int, dtype, device) -> Optional[RowBaseSlot]:
+    """A slot for layer p's input of leading shape `lead` (m rows), or None where the layer does not read row bases
+    through the one-call path (then the producer writes no bases and the layer computes its own)."""
+    if p.get("_afmt") != _lib.FMT_I8_ROW or not _lib.has_row_base_producers():
+        return None
+    c = _call(p, dtype)
+    if c[1] is None:
+        return None
+    k, rp = c[4], c[5]
+    act, stream, index = _act_buffer(tuple(lead), m, k, rp, _lib.FMT_I8_ROW, device)
+    return RowBaseSlot(act, stream, index, p["_smooth_rcp"], k)
+
+
+def _run_linear_given_bases(x: torch.Tensor, c: tuple, slot: RowBaseSlot) -> torch.Tensor:
+    """`_run_linear_call` on the slot's buffer, whose row bases the producer of x wrote: kernel 1 skips its row pass."""
+    buf, qa, sa, lora, m, mp, lead = slot.act
+    a = c[1]
+    a.part, a.cnt, _ = _workspace(m, slot.k, c[5], slot.index, slot.stream)
+    out = torch.empty((*lead, c[3]), dtype=x.dtype, device=x.device)
+    a.fmt = _lib.FMT_I8_ROW_GIVEN
+    try:
+        _invoke(a, c[2], x.data_ptr(), qa, sa, lora, out.data_ptr(), m, mp, slot.stream, slot.index)
+    finally:
+        a.fmt = _lib.FMT_I8_ROW
+    return out
+
+
+def linear_direct(x: torch.Tensor, p: dict, row_base: Optional[RowBaseSlot] = None) -> torch.Tensor:
     """Eager fast path for x (..., K), contiguous: the same two kernels without the custom-op dispatch, with the
     layer's pointers computed once (host time per call is what an eager step pays 300 times; bench/bench_host.py),
-    in one library call where the library has svdq_linear. Capturable in CUDA graphs."""
+    in one library call where the library has svdq_linear. Capturable in CUDA graphs. row_base: the slot whose row
+    bases x's producer wrote (`row_base_slot`, for this layer and x's shape)."""
     c = _call(p, x.dtype)
     if c[1] is None:
         return _run_linear(x, *_direct(p, x.dtype)[1:])
+    if row_base is not None and row_base.act[6] == x.shape[:-1] and x.is_contiguous() and x.data_ptr() % 16 == 0:
+        return _run_linear_given_bases(x, c, row_base)
     return _run_linear_call(x, c)
 
 

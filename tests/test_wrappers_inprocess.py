@@ -555,6 +555,44 @@ def test_flux_fused_blocks_replace_every_block_with_comfyui_output(comfy, quanti
     assert len(seen) == 3
 
 
+def test_flux_fused_blocks_write_the_row_bases(comfy, quantized_flux, monkeypatch):
+    """Row bases (SVDQ_ROW_BASE=1; here every layer, the threshold set to 0) on a Hopper GPU: the fused forward's
+    producers write the next linear's bases (ln_modulate_rowbase for the five modulated inputs, concat_rows_rowbase
+    for the single block's linear2 and the double block's two MLP GELUs), and the output is within rounding of the
+    same model whose layers compute their own bases (only the double blocks' GELU changes: torch's kernel → the
+    concatenation's formula, within two ulps)."""
+    from comfyui_svdquant import kernels
+    from comfyui_svdquant.kernels import _lib, flux_ops
+    from comfyui_svdquant.wrappers import flux_blocks, loader
+    if not comfy.ON_GPU or _lib.device_path(torch.cuda.current_device()) != 90:
+        pytest.skip("row bases are the Hopper GPU path")
+    monkeypatch.setenv("SVDQ_ROW_BASE", "1")
+    monkeypatch.setattr(kernels, "ROW_BASE_MIN_WEIGHTS", 0)
+    dtype = str(comfy.DTYPE).removeprefix("torch.")
+    fused, _ = loader.load_svdquant_model(quantized_flux[3], expected_family="flux", compute_dtype=dtype)
+    made = []
+
+    def spy(name, real):
+        def producer(*a, **k):
+            y = real(*a, **k)
+            made.append((name, y is not None))  # None: the kernel did not take the inputs
+            return y
+        return producer
+
+    for name in ("ln_modulate_rowbase", "concat_rows_rowbase"):
+        monkeypatch.setattr(flux_blocks, name, spy(name, getattr(flux_blocks, name)))
+    pos, _ = comfy.flux_conds()
+    x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    s = torch.tensor([0.5])
+    y_given = comfy.denoise_once_flux(fused, x, s, pos)
+    assert flux_ops._kernel_ok(fused.load_device)
+    assert sorted(made) == sorted([("ln_modulate_rowbase", True)] * 5 + [("concat_rows_rowbase", True)] * 3), made
+    monkeypatch.setattr(flux_blocks, "_slot", lambda *a: None)  # every layer computes its own bases
+    y_own = comfy.denoise_once_flux(fused, x, s, pos)
+    assert torch.isfinite(y_given).all()
+    assert float((y_given - y_own).norm() / y_own.norm()) < 1e-2
+
+
 def test_fused_flux_blocks_on_a_16bit_model(comfy):
     """The fused block forward on a 16-bit FLUX (bench_e2e --fused-16bit compares with it): installed on a clone (the
     source patcher keeps no patch, the weights are shared), ComfyUI's forward's output (bitwise on the CPU; within

@@ -48,9 +48,9 @@ class _SVDQuantLinear(QuantizedLinearMixin):
                 t = t.to(self.load_dtype)
             setattr(self, name, nn.Parameter(t, requires_grad=False))
 
-    def forward(self, *args, **kwargs):
-        if self.quantized:
-            return self.forward_quantized(args[0])
+    def forward(self, *args, row_base=None, **kwargs):
+        if self.quantized:  # row_base: where the op that produced the input wrote its row bases (wrappers/flux_blocks.py)
+            return self.forward_quantized(args[0], row_base)
         return super().forward(*args, **kwargs)
 
 

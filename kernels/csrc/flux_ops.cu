@@ -124,6 +124,49 @@ __device__ __forceinline__ uint4 gelu_piece(uint4 u) {
   return o;
 }
 
+// The next linear's row base (kernels/csrc/svdq.cu AF_I8_ROW_GIVEN), computed where a row of its input is made: the
+// max over the row of |y * (1/lambda)| on the values as stored (16-bit, read back exactly as kernel 1b reads them),
+// times fp32(1/126), the same float operations as svdq.cu's row_base_kernel, so the bases are bit for bit its own.
+template <typename T>
+__device__ __forceinline__ float smoothed_absmax8(const uint4& stored, const float* __restrict__ smooth_rcp) {
+  const float4 l0 = __ldg(reinterpret_cast<const float4*>(smooth_rcp));
+  const float4 l1 = __ldg(reinterpret_cast<const float4*>(smooth_rcp + 4));
+  const float lam[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
+  const uint32_t* u = reinterpret_cast<const uint32_t*>(&stored);
+  float a = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = Pack2<T>::to_f2(u[j]);
+    a = fmaxf(a, fabsf(f.x * lam[2 * j]));
+    a = fmaxf(a, fabsf(f.y * lam[2 * j + 1]));
+  }
+  return a;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide max of v (NT threads), then thread 0 writes row m's base; block 0 also zeroes rows M..Mp-1, which
+// kernel 2e's padded base vector holds. red: NT / 32 floats of shared memory.
+template <int NT>
+__device__ __forceinline__ void write_row_base(float v, float* red, float* __restrict__ rowbase, int m, int M, int Mp) {
+  v = warp_max(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // red may still be read by an earlier reduction
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < NT / 32; ++w) t = fmaxf(t, red[w]);
+    rowbase[m] = t * (1.0f / 126.0f);
+  }
+  if (m == 0 && threadIdx.x < Mp - M) rowbase[M + threadIdx.x] = 0.f;
+}
+
 // out[m, :ka] = a[m, :ka], out[m, ka:ka+kb] = b[m, :kb] (GELU on b's part when GELU); 16-byte pieces, grid-stride.
 template <typename T, bool GELU>
 __global__ void concat_rows_kernel(const uint4* __restrict__ a, long long lda, int ka, const uint4* __restrict__ b,
@@ -140,6 +183,31 @@ __global__ void concat_rows_kernel(const uint4* __restrict__ a, long long lda, i
       out[i] = GELU ? gelu_piece<T>(u) : u;
     }
   }
+}
+
+// concat_rows_kernel's output with the next linear's row bases: one block per row (a block-wide max needs the row
+// in one block), the same pieces and GELU. ka may be 0 (b alone: the double block's MLP GELU).
+constexpr int CR_THREADS = 256;
+
+template <typename T, bool GELU>
+__global__ void __launch_bounds__(CR_THREADS) concat_rows_rowbase_kernel(
+    const uint4* __restrict__ a, long long lda, int ka, const uint4* __restrict__ b, long long ldb, int kb,
+    uint4* __restrict__ out, const float* __restrict__ smooth_rcp, float* __restrict__ rowbase, int rows, int Mp) {
+  __shared__ float red[CR_THREADS / 32];
+  const int m = blockIdx.x, pa = ka / 8, pw = (ka + kb) / 8;
+  float amax = 0.f;
+  for (int p = threadIdx.x; p < pw; p += CR_THREADS) {
+    uint4 u;
+    if (p < pa) {
+      u = a[m * (lda / 8) + p];
+    } else {
+      u = b[m * (ldb / 8) + (p - pa)];
+      if (GELU) u = gelu_piece<T>(u);
+    }
+    out[(long long)m * pw + p] = u;
+    amax = fmaxf(amax, smoothed_absmax8<T>(u, smooth_rcp + p * 8));
+  }
+  write_row_base<CR_THREADS>(amax, red, rowbase, m, rows, Mp);
 }
 
 // y = LayerNorm(x) · (1 + scale) + shift, the FLUX blocks' modulated input of a linear (ComfyUI: an affine-free
@@ -171,11 +239,14 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return t;
 }
 
-template <typename T>
+// RB: also the next linear's row bases (smooth_rcp its 1/lambda (C,), rowbase (Mp,)); else both are null.
+template <typename T, bool RB>
 __global__ void __launch_bounds__(LN_THREADS) ln_modulate_kernel(const T* __restrict__ x, long long ldx,
                                                                  const T* __restrict__ shift,
                                                                  const T* __restrict__ scale, long long mod_ld,
-                                                                 T* __restrict__ y, int C, int rows, float eps) {
+                                                                 T* __restrict__ y, int C, int rows, float eps,
+                                                                 const float* __restrict__ smooth_rcp,
+                                                                 float* __restrict__ rowbase, int M, int Mp) {
   __shared__ float red[LN_THREADS / 32];
   const int m = blockIdx.x, sample = m / rows;
   const T* xr = x + (long long)m * ldx;
@@ -202,6 +273,7 @@ __global__ void __launch_bounds__(LN_THREADS) ln_modulate_kernel(const T* __rest
   const float rstd = rsqrtf(block_sum<T>(q, red) / C + eps);
   const T* sh = shift + (long long)sample * mod_ld;
   const T* sc = scale + (long long)sample * mod_ld;
+  float amax = 0.f;
 #pragma unroll
   for (int i = 0; i < LN_VPT; ++i) {
     const int c = (threadIdx.x + i * LN_THREADS) * 8;
@@ -214,10 +286,13 @@ __global__ void __launch_bounds__(LN_THREADS) ln_modulate_kernel(const T* __rest
         o[j] = fmaf(Vec4<T>::round(v[i][j] * rstd), Vec4<T>::round(1.f + b[j]), a[j]);
         o2[j] = fmaf(Vec4<T>::round(v[i][4 + j] * rstd), Vec4<T>::round(1.f + b[4 + j]), a[4 + j]);
       }
-      Vec4<T>::store(y + (long long)m * C + c, o);
-      Vec4<T>::store(y + (long long)m * C + c + 4, o2);
+      const uint4 u = make_uint4(Pack2<T>::from_f2(o[0], o[1]), Pack2<T>::from_f2(o[2], o[3]),
+                                 Pack2<T>::from_f2(o2[0], o2[1]), Pack2<T>::from_f2(o2[2], o2[3]));
+      *reinterpret_cast<uint4*>(y + (long long)m * C + c) = u;
+      if (RB) amax = fmaxf(amax, smoothed_absmax8<T>(u, smooth_rcp + c));
     }
   }
+  if (RB) write_row_base<LN_THREADS>(amax, red, rowbase, m, M, Mp);
 }
 
 bool aligned(const void* p, int bytes) { return p && (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
@@ -274,6 +349,22 @@ SVDQ_API int svdq_concat_rows(const void* a, long long lda, int ka, const void* 
   return (int)cudaGetLastError();
 }
 
+template <bool RB>
+static int launch_ln_modulate(const void* x, long long ldx, const void* shift, const void* scale, long long mod_ld,
+                              void* y, int M, int C, int rows, float eps, const float* smooth_rcp, float* rowbase,
+                              int Mp, int dtype, cudaStream_t st) {
+  if (dtype == DT_BF16)
+    ln_modulate_kernel<__nv_bfloat16, RB><<<M, LN_THREADS, 0, st>>>((const __nv_bfloat16*)x, ldx,
+        (const __nv_bfloat16*)shift, (const __nv_bfloat16*)scale, mod_ld, (__nv_bfloat16*)y, C, rows, eps, smooth_rcp,
+        rowbase, M, Mp);
+  else if (dtype == DT_F16)
+    ln_modulate_kernel<__half, RB><<<M, LN_THREADS, 0, st>>>((const __half*)x, ldx, (const __half*)shift,
+        (const __half*)scale, mod_ld, (__half*)y, C, rows, eps, smooth_rcp, rowbase, M, Mp);
+  else
+    return ERR_BAD_ARG;
+  return (int)cudaGetLastError();
+}
+
 // y (M, C) contiguous = LayerNorm(x) (no affine) * (1 + scale[m / rows]) + shift[m / rows]; x rows with element
 // stride ldx; shift/scale (B, C) with element row stride mod_ld. C a multiple of 8, at most 4096; 16-byte alignment.
 SVDQ_API int svdq_ln_modulate(const void* x, long long ldx, const void* shift, const void* scale, long long mod_ld,
@@ -283,13 +374,44 @@ SVDQ_API int svdq_ln_modulate(const void* x, long long ldx, const void* shift, c
     return ERR_BAD_ARG;
   if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  if (dtype == DT_BF16)
-    ln_modulate_kernel<__nv_bfloat16><<<M, LN_THREADS, 0, st>>>((const __nv_bfloat16*)x, ldx,
-        (const __nv_bfloat16*)shift, (const __nv_bfloat16*)scale, mod_ld, (__nv_bfloat16*)y, C, rows, eps);
-  else if (dtype == DT_F16)
-    ln_modulate_kernel<__half><<<M, LN_THREADS, 0, st>>>((const __half*)x, ldx, (const __half*)shift,
-        (const __half*)scale, mod_ld, (__half*)y, C, rows, eps);
-  else
+  return launch_ln_modulate<false>(x, ldx, shift, scale, mod_ld, y, M, C, rows, eps, nullptr, nullptr, M, dtype, st);
+}
+
+// svdq_ln_modulate, and the next linear's row bases (AF_I8_ROW_GIVEN): rowbase (Mp,) fp32, Mp = M rounded up to 4
+// (rows M..Mp-1 get 0), from smooth_rcp (C,) fp32 = that linear's 1/lambda; both 16-byte aligned.
+SVDQ_API int svdq_ln_modulate_rowbase(const void* x, long long ldx, const void* shift, const void* scale,
+                                      long long mod_ld, void* y, int M, int C, int rows, float eps,
+                                      const float* smooth_rcp, float* rowbase, int Mp, int dtype, int device,
+                                      void* stream) {
+  if (M < 1 || C < 8 || C % 8 || C > LN_THREADS * LN_VPT * 8 || rows < 1 || ldx < C || ldx % 8 || mod_ld % 8 ||
+      !aligned(x, 16) || !aligned(shift, 16) || !aligned(scale, 16) || !aligned(y, 16) || !aligned(smooth_rcp, 16) ||
+      !aligned(rowbase, 16) || Mp < M || Mp - M >= LN_THREADS)
     return ERR_BAD_ARG;
+  if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
+  return launch_ln_modulate<true>(x, ldx, shift, scale, mod_ld, y, M, C, rows, eps, smooth_rcp, rowbase, Mp, dtype,
+                                  static_cast<cudaStream_t>(stream));
+}
+
+// svdq_concat_rows (ka may be 0 here: b alone), and the next linear's row bases as svdq_ln_modulate_rowbase's;
+// smooth_rcp has ka + kb entries.
+SVDQ_API int svdq_concat_rows_rowbase(const void* a, long long lda, int ka, const void* b, long long ldb, int kb,
+                                      int gelu_b, void* out, int rows, const float* smooth_rcp, float* rowbase, int Mp,
+                                      int dtype, int device, void* stream) {
+  if (rows < 1 || ka < 0 || kb < 8 || ka % 8 || kb % 8 || ldb % 8 || ldb < kb || !aligned(b, 16) ||
+      (ka > 0 && (lda % 8 || lda < ka || !aligned(a, 16))) || !aligned(out, 16) || !aligned(smooth_rcp, 16) ||
+      !aligned(rowbase, 16) || Mp < rows || Mp - rows >= CR_THREADS || (dtype != DT_BF16 && dtype != DT_F16))
+    return ERR_BAD_ARG;
+  if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const uint4 *pa = (const uint4*)a, *pb = (const uint4*)b;
+  uint4* po = (uint4*)out;
+#define CRB(T, G) \
+  concat_rows_rowbase_kernel<T, G><<<rows, CR_THREADS, 0, st>>>(pa, lda, ka, pb, ldb, kb, po, smooth_rcp, rowbase, rows, Mp)
+  if (dtype == DT_BF16) {
+    if (gelu_b) CRB(__nv_bfloat16, true); else CRB(__nv_bfloat16, false);
+  } else {
+    if (gelu_b) CRB(__half, true); else CRB(__half, false);
+  }
+#undef CRB
   return (int)cudaGetLastError();
 }

@@ -40,7 +40,9 @@
 
 enum { FMT_INT4 = 0, FMT_E4M3 = 1, FMT_I8 = 2 };
 // ABI activation formats of svdq_quantize_act_lora_down (kernel 1's FMT x float/int_ratio scales)
-enum { AF_INT4 = 0, AF_E4M3 = 1, AF_INT4_RATIO = 2, AF_I8_RATIO = 3, AF_I8_ROW = 4 };
+// AF_I8_ROW_GIVEN: AF_I8_ROW whose row bases the caller already wrote into ascales (the op that produced X computed
+// them: kernels/csrc/flux_ops.cu ln_modulate / concat_rows), so kernel 1 skips its row-base pass
+enum { AF_INT4 = 0, AF_E4M3 = 1, AF_INT4_RATIO = 2, AF_I8_RATIO = 3, AF_I8_ROW = 4, AF_I8_ROW_GIVEN = 5 };
 static constexpr int G = 64;  // group size (the only one the kernels implement)
 static constexpr int QF = 4;
 // Steps below the smallest normal float get step 1: rcp.approx.ftz would flush them to 0 and return inf (their
@@ -1573,7 +1575,8 @@ static void quant_grid_i8(int M, int K, int rp, int dev, int* rowblocks_out, int
 
 template <typename T, int RP>
 static int launch_quant_i8(const T* x, const float* smooth, const T* pd, uint8_t* q, float* ascales, float* lora,
-                           float* part, int* cnt, int M, int K, int Mp, int dev, cudaStream_t st, bool row = false) {
+                           float* part, int* cnt, int M, int K, int Mp, int dev, cudaStream_t st, bool row = false,
+                           bool row_pass = true) {
   static unsigned long long configured = 0;  // devices whose dynamic smem limit is raised (idempotent)
   const int smem = QI8<RP>::SMEM;
   if (dev >= 0 && dev < 64 && !(configured & (1ull << dev))) {
@@ -1587,7 +1590,7 @@ static int launch_quant_i8(const T* x, const float* smooth, const T* pd, uint8_t
   int rowblocks, splits, gpc;
   quant_grid_i8(M, K, RP, dev, &rowblocks, &splits, &gpc);
   if (RP > 0 && splits > 1 && (!part || !cnt || ((uintptr_t)part & 15))) return ERR_BAD_ARG;
-  if (row) {  // AF_I8_ROW: the rows' bases first (ascales (1, Mp)), which every K-split then reads
+  if (row && row_pass) {  // AF_I8_ROW: the rows' bases first (ascales (1, Mp)), which every K-split then reads
     row_base_kernel<T><<<(Mp + 7) / 8, 256, 0, st>>>(x, smooth, ascales, M, K, Mp);
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return (int)e;
@@ -1601,7 +1604,7 @@ static int launch_quant_i8(const T* x, const float* smooth, const T* pd, uint8_t
 template <typename T, int FMT, bool RATIO>
 static int launch_quant(const void* x, const float* smooth, const void* pdown, void* qact, float* ascales, float* lora,
                         float* part, int* cnt, int M, int K, int Mp, int rp, int dev, cudaStream_t st,
-                        bool row = false) {
+                        bool row = false, bool row_pass = true) {
   const T* xx = (const T*)x;
   const T* pd = (const T*)pdown;
   uint8_t* q = (uint8_t*)qact;
@@ -1609,7 +1612,8 @@ static int launch_quant(const void* x, const float* smooth, const void* pdown, v
     // SVDQ_I8_QUANT_KERNEL1=1 runs kernel 1 instead: tests/gpu/test_ratio_gpu.py compares the two bit for bit
     const char* legacy = getenv("SVDQ_I8_QUANT_KERNEL1");
     if (qi8_ctas_per_sm(rp, dev) > 0 && !(!row && legacy && legacy[0] == '1')) {
-#define QI(RPV) return launch_quant_i8<T, RPV>(xx, smooth, pd, q, ascales, lora, part, cnt, M, K, Mp, dev, st, row)
+#define QI(RPV) \
+  return launch_quant_i8<T, RPV>(xx, smooth, pd, q, ascales, lora, part, cnt, M, K, Mp, dev, st, row, row_pass)
       switch (rp) {
         case 0: QI(0);
         case 32: QI(32);
@@ -1664,7 +1668,8 @@ SVDQ_API int svdq_quant_workspace(int M, int K, int rp, int device, long long* p
 // fmt (AF_*): AF_INT4 qact (M, K/2) packed int4 + ascales fp32 (K/64, Mp) absmax/7; AF_E4M3 qact (M, K) e4m3 +
 // the same scales; AF_INT4_RATIO packed int4 + per-group int_ratio steps base*f (K/64, Mp); AF_I8_RATIO qact
 // (M, K) int8 = code*f + ascales = bases (ceil(K/256), Mp); AF_I8_ROW the same codes with one base per row for all
-// of K, ascales (1, Mp) (kernel 2e's input). lora fp32 (M, rp), every element written (need not
+// of K, ascales (1, Mp) (kernel 2e's input); AF_I8_ROW_GIVEN those codes from the row bases already in ascales
+// (rows M..Mp-1 zero; written by the op that produced x). lora fp32 (M, rp), every element written (need not
 // be zeroed); part/cnt: the workspace of svdq_quant_workspace (NULL where it is 0).
 SVDQ_API int svdq_quantize_act_lora_down(const void* x, const float* smooth, const void* pdown, void* qact,
                                          float* ascales, float* lora, float* part, int* cnt, int M, int K, int Mp,
@@ -1675,14 +1680,15 @@ SVDQ_API int svdq_quantize_act_lora_down(const void* x, const float* smooth, con
   if (rp > 0 && ((uintptr_t)lora & 15)) return ERR_BAD_ARG;
   cudaStream_t st = (cudaStream_t)stream;
 #define QARGS x, smooth, pdown, qact, ascales, lora, part, cnt, M, K, Mp, rp, device, st
-#define QDISPATCH(T)                                                    \
-  switch (fmt) {                                                        \
-    case AF_INT4: return launch_quant<T, FMT_INT4, false>(QARGS);       \
-    case AF_E4M3: return launch_quant<T, FMT_E4M3, false>(QARGS);       \
-    case AF_INT4_RATIO: return launch_quant<T, FMT_INT4, true>(QARGS);  \
-    case AF_I8_RATIO: return launch_quant<T, FMT_I8, true>(QARGS);      \
-    case AF_I8_ROW: return launch_quant<T, FMT_I8, true>(QARGS, true);  \
-    default: return ERR_BAD_ARG;                                        \
+#define QDISPATCH(T)                                                                \
+  switch (fmt) {                                                                    \
+    case AF_INT4: return launch_quant<T, FMT_INT4, false>(QARGS);                   \
+    case AF_E4M3: return launch_quant<T, FMT_E4M3, false>(QARGS);                   \
+    case AF_INT4_RATIO: return launch_quant<T, FMT_INT4, true>(QARGS);              \
+    case AF_I8_RATIO: return launch_quant<T, FMT_I8, true>(QARGS);                  \
+    case AF_I8_ROW: return launch_quant<T, FMT_I8, true>(QARGS, true);              \
+    case AF_I8_ROW_GIVEN: return launch_quant<T, FMT_I8, true>(QARGS, true, false); \
+    default: return ERR_BAD_ARG;                                                    \
   }
   if (dtype == DT_BF16) { QDISPATCH(__nv_bfloat16) }
   if (dtype == DT_F16) { QDISPATCH(__half) }
