@@ -71,6 +71,36 @@ def time_eager(fn, iters=30):
     return a.elapsed_time(b) * 1000.0 / iters
 
 
+def time_producers(dev, dtype):
+    """The FLUX ops that produce a linear's input, alone and also writing its row bases (kernels/flux_ops.py
+    ln_modulate_rowbase / concat_rows_rowbase): what the row-base pass of kernel 1 is traded for."""
+    from comfyui_svdquant.kernels import _lib, flux_ops, ops
+    if not _lib.has_row_base_producers():
+        return []
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def slot(lead, k):
+        act, stream, index = ops._act_buffer(lead, lead[0] * lead[1], k, 32, _lib.FMT_I8_ROW, dev, fresh=True)
+        return ops.RowBaseSlot(act, stream, index, 0.5 + torch.rand(k, generator=g, device=dev), k)
+
+    out = []
+    x = torch.randn(1, 4608, 3072, generator=g, device=dev).to(dtype)
+    mod = torch.randn(1, 1, 6 * 3072, generator=g, device=dev).to(dtype)
+    shift, scale, s1 = mod[..., :3072], mod[..., 3072:6144], slot((1, 4608), 3072)
+    out.append(("ln_modulate 4608x3072", time_graph(lambda: flux_ops._ln_any(x, shift, scale, 1e-6)),
+                time_graph(lambda: flux_ops.ln_modulate_rowbase(x, shift, scale, 1e-6, s1))))
+    a = torch.randn(1, 4608, 3072, generator=g, device=dev).to(dtype)
+    h = torch.randn(1, 4608, 21504, generator=g, device=dev).to(dtype)
+    b, s2 = h[..., 9216:], slot((1, 4608), 15360)
+    out.append(("concat+GELU 4608x15360", time_graph(lambda: flux_ops._concat_any(a, b, True)),
+                time_graph(lambda: flux_ops.concat_rows_rowbase(a, b, True, s2))))
+    f = torch.randn(1, 4096, 12288, generator=g, device=dev).to(dtype)
+    s3 = slot((1, 4096), 12288)
+    out.append(("GELU 4096x12288", time_graph(lambda: F.gelu(f, approximate="tanh")),
+                time_graph(lambda: flux_ops.concat_rows_rowbase(None, f, True, s3))))
+    return [{"op": name, "plain_us": t0, "with_row_bases_us": t1} for name, t0, t1 in out]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
@@ -130,6 +160,14 @@ def main():
                     row["row_us"] = time_graph(lambda: (quant_row(), ops.gemm_into(
                         qr, sr, p["_qw"], p["_wscales"], lr, p["_proj_up"], p["_bias"], outb, 91, variant=20)))
                     row["row_ratio"] = t_bf16 / row["row_us"]
+                    # the same with the bases already written by the op producing x (AF_I8_ROW_GIVEN: no row pass;
+                    # sr holds the bases quant_row wrote)
+                    quant_given = lambda: ops.quantize_into(x, p["_smooth_rcp"], p["_proj_down"], qr, sr, lr,
+                                                            _lib.FMT_I8_ROW_GIVEN)
+                    row["given_quant_us"] = time_graph(quant_given)
+                    row["given_us"] = time_graph(lambda: (quant_given(), ops.gemm_into(
+                        qr, sr, p["_qw"], p["_wscales"], lr, p["_proj_up"], p["_bias"], outb, 91, variant=20)))
+                    row["given_ratio"] = t_bf16 / row["given_us"]
             del p, qa, sa, la
         rows.append(row)
         del x, w, xf8, wf8
@@ -141,18 +179,25 @@ def main():
             ("fp8x", "ratio_fp8"), ("intx", "int_ratio"), ("i.gemmx", "int_ratio_gemm"), ("fltx", "flt_ratio"),
             ("i.TF", "int_gemm_tflops"), ("v7_1", "gemm_v7_1_us"), ("v7_2", "gemm_v7_2_us"), ("v7_3", "gemm_v7_3_us"),
             ("2e.n256", "gemm_2e_21_us"), ("2e.m192", "gemm_2e_22_us"), ("2e.n192", "gemm_2e_23_us"),
-            ("2e.128", "gemm_2e_24_us"), ("row", "row_us"), ("r.quant", "row_quant_us"), ("rowx", "row_ratio")]
+            ("2e.128", "gemm_2e_24_us"), ("row", "row_us"), ("r.quant", "row_quant_us"), ("rowx", "row_ratio"),
+            ("given", "given_us"), ("g.quant", "given_quant_us"), ("givenx", "given_ratio")]
     print(f"{'shape':14s} {'M':>5s} {'K':>6s} {'N':>6s} | " + " ".join(f"{c:>7s}" for c, _ in cols))
     for r in rows:
         vals = []
         for c, key in cols:
             v = r.get(key)
-            vals.append(f"{v:7.2f}" if isinstance(v, float) and key.startswith(("ratio", "int_ratio", "flt_ratio", "row_ratio"))
+            vals.append(f"{v:7.2f}" if isinstance(v, float) and key.startswith(("ratio", "int_ratio", "flt_ratio", "row_ratio", "given_ratio"))
                         else (f"{v:7.1f}" if isinstance(v, float) else f"{'-':>7s}"))
         print(f"{r['label']:14s} {r['M']:5d} {r['K']:6d} {r['N']:6d} | " + " ".join(vals))
+    producers = time_producers(dev, dtype)
+    if producers:
+        print("producers of a linear's input (us; 'plain' GELU = torch's F.gelu):")
+        for r in producers:
+            print(f"  {r['op']:24s} plain {r['plain_us']:7.1f}  with row bases {r['with_row_bases_us']:7.1f}")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "backend": backend,
-                                                       "rank": args.rank, "rows": rows}, indent=1))
+                                                       "rank": args.rank, "rows": rows, "producers": producers},
+                                                      indent=1))
 
 
 if __name__ == "__main__":
