@@ -5,7 +5,12 @@ of (graph time / REPS). "ours" = the whole 4-bit linear (quantize + LoRA-down, G
 rank 32, bias, through kernels.linear (the path ComfyUI uses), for both scale modes: "int" = int_ratio
 scales (Hopper: s8 wgmma, the default of new files), "flt" = float scales (Hopper: e4m3 wgmma with
 per-group promotion); "quant" and "gemm" are the two kernels alone. gemm_v7_1/2/3 = the int_ratio tile
-shapes 192x128 / 128x192 / 128x128 on the same inputs (the default picks one by a cost model). Ratios are bf16 time / method time (>1 = faster than bf16), from the same run.
+shapes 192x128 / 128x192 / 128x128 on the same inputs (the default picks one by a cost model); 2e.* = kernel 2e's
+tiles (one activation base per row); "row" = the whole linear with row bases (row-base pass + kernel 1b + 2e),
+"given" = the same with the bases already written by the op producing x (AF_I8_ROW_GIVEN), "codes" = with the codes
+written there too (AF_I8_ROW_CODES: kernel 1 does the LoRA-down alone); the producers' own times (FLUX's
+ln_modulate, concat_rows, GELU, plain and writing bases / bases and codes) follow in a second table. Ratios are bf16
+time / method time (>1 = faster than bf16), from the same run.
 Usage: python3 bench/bench_kernels.py [--json out.json] [--quick]
 """
 import argparse
@@ -79,26 +84,29 @@ def time_producers(dev, dtype):
         return []
     g = torch.Generator(device=dev).manual_seed(0)
 
-    def slot(lead, k):
+    def slot(lead, k, codes):
         act, stream, index = ops._act_buffer(lead, lead[0] * lead[1], k, 32, _lib.FMT_I8_ROW, dev, fresh=True)
-        return ops.RowBaseSlot(act, stream, index, 0.5 + torch.rand(k, generator=g, device=dev), k)
+        return ops.RowBaseSlot(act, stream, index, 0.5 + torch.rand(k, generator=g, device=dev), k, codes)
+
+    def both(lead, k, fn):  # (bases only, bases and codes)
+        return tuple(time_graph(lambda s=slot(lead, k, codes): fn(s)) for codes in (False, True))
 
     out = []
     x = torch.randn(1, 4608, 3072, generator=g, device=dev).to(dtype)
     mod = torch.randn(1, 1, 6 * 3072, generator=g, device=dev).to(dtype)
-    shift, scale, s1 = mod[..., :3072], mod[..., 3072:6144], slot((1, 4608), 3072)
+    shift, scale = mod[..., :3072], mod[..., 3072:6144]
     out.append(("ln_modulate 4608x3072", time_graph(lambda: flux_ops._ln_any(x, shift, scale, 1e-6)),
-                time_graph(lambda: flux_ops.ln_modulate_rowbase(x, shift, scale, 1e-6, s1))))
+                *both((1, 4608), 3072, lambda s: flux_ops.ln_modulate_rowbase(x, shift, scale, 1e-6, s))))
     a = torch.randn(1, 4608, 3072, generator=g, device=dev).to(dtype)
     h = torch.randn(1, 4608, 21504, generator=g, device=dev).to(dtype)
-    b, s2 = h[..., 9216:], slot((1, 4608), 15360)
+    b = h[..., 9216:]
     out.append(("concat+GELU 4608x15360", time_graph(lambda: flux_ops._concat_any(a, b, True)),
-                time_graph(lambda: flux_ops.concat_rows_rowbase(a, b, True, s2))))
+                *both((1, 4608), 15360, lambda s: flux_ops.concat_rows_rowbase(a, b, True, s))))
     f = torch.randn(1, 4096, 12288, generator=g, device=dev).to(dtype)
-    s3 = slot((1, 4096), 12288)
     out.append(("GELU 4096x12288", time_graph(lambda: F.gelu(f, approximate="tanh")),
-                time_graph(lambda: flux_ops.concat_rows_rowbase(None, f, True, s3))))
-    return [{"op": name, "plain_us": t0, "with_row_bases_us": t1} for name, t0, t1 in out]
+                *both((1, 4096), 12288, lambda s: flux_ops.concat_rows_rowbase(None, f, True, s))))
+    return [{"op": name, "plain_us": t0, "with_row_bases_us": t1, "with_bases_and_codes_us": t2}
+            for name, t0, t1, t2 in out]
 
 
 def main():
@@ -168,6 +176,13 @@ def main():
                     row["given_us"] = time_graph(lambda: (quant_given(), ops.gemm_into(
                         qr, sr, p["_qw"], p["_wscales"], lr, p["_proj_up"], p["_bias"], outb, 91, variant=20)))
                     row["given_ratio"] = t_bf16 / row["given_us"]
+                    # and with the codes written by that op too (AF_I8_ROW_CODES: kernel 1 computes the LoRA-down only)
+                    quant_codes = lambda: ops.quantize_into(x, p["_smooth_rcp"], p["_proj_down"], qr, sr, lr,
+                                                            _lib.FMT_I8_ROW_CODES)
+                    row["codes_quant_us"] = time_graph(quant_codes)
+                    row["codes_us"] = time_graph(lambda: (quant_codes(), ops.gemm_into(
+                        qr, sr, p["_qw"], p["_wscales"], lr, p["_proj_up"], p["_bias"], outb, 91, variant=20)))
+                    row["codes_ratio"] = t_bf16 / row["codes_us"]
             del p, qa, sa, la
         rows.append(row)
         del x, w, xf8, wf8
@@ -180,20 +195,23 @@ def main():
             ("i.TF", "int_gemm_tflops"), ("v7_1", "gemm_v7_1_us"), ("v7_2", "gemm_v7_2_us"), ("v7_3", "gemm_v7_3_us"),
             ("2e.n256", "gemm_2e_21_us"), ("2e.m192", "gemm_2e_22_us"), ("2e.n192", "gemm_2e_23_us"),
             ("2e.128", "gemm_2e_24_us"), ("row", "row_us"), ("r.quant", "row_quant_us"), ("rowx", "row_ratio"),
-            ("given", "given_us"), ("g.quant", "given_quant_us"), ("givenx", "given_ratio")]
+            ("given", "given_us"), ("g.quant", "given_quant_us"), ("givenx", "given_ratio"),
+            ("codes", "codes_us"), ("c.lora", "codes_quant_us"), ("codesx", "codes_ratio")]
     print(f"{'shape':14s} {'M':>5s} {'K':>6s} {'N':>6s} | " + " ".join(f"{c:>7s}" for c, _ in cols))
     for r in rows:
         vals = []
         for c, key in cols:
             v = r.get(key)
-            vals.append(f"{v:7.2f}" if isinstance(v, float) and key.startswith(("ratio", "int_ratio", "flt_ratio", "row_ratio", "given_ratio"))
+            vals.append(f"{v:7.2f}" if isinstance(v, float) and key.startswith(("ratio", "int_ratio", "flt_ratio", "row_ratio", "given_ratio",
+                                                                           "codes_ratio"))
                         else (f"{v:7.1f}" if isinstance(v, float) else f"{'-':>7s}"))
         print(f"{r['label']:14s} {r['M']:5d} {r['K']:6d} {r['N']:6d} | " + " ".join(vals))
     producers = time_producers(dev, dtype)
     if producers:
         print("producers of a linear's input (us; 'plain' GELU = torch's F.gelu):")
         for r in producers:
-            print(f"  {r['op']:24s} plain {r['plain_us']:7.1f}  with row bases {r['with_row_bases_us']:7.1f}")
+            print(f"  {r['op']:24s} plain {r['plain_us']:7.1f}  with row bases {r['with_row_bases_us']:7.1f}"
+                  f"  with bases and codes {r['with_bases_and_codes_us']:7.1f}")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "backend": backend,
                                                        "rank": args.rank, "rows": rows, "producers": producers},

@@ -19,6 +19,8 @@ DT_F16, DT_BF16 = 0, 1
 FMT_INT4, FMT_E4M3, FMT_INT4_RATIO, FMT_I8_RATIO = 0, 1, 2, 3
 FMT_I8_ROW = 4  # FMT_I8_RATIO's codes with one base per row for all of K (kernel 2e, path 91 variants 20-24)
 FMT_I8_ROW_GIVEN = 5  # FMT_I8_ROW from row bases the op that produced x already wrote (has_row_base_producers)
+FMT_I8_ROW_CODES = 6  # FMT_I8_ROW whose bases and codes that op wrote: kernel 1 computes only the LoRA-down
+FMT_ROW = (FMT_I8_ROW, FMT_I8_ROW_GIVEN, FMT_I8_ROW_CODES)  # one base per row (kernel 2e's input)
 RATIO_CHUNK = 4  # groups per int_ratio activation base (kernels/reference.py ACT_CHUNK_GROUPS)
 
 _lock = threading.Lock()
@@ -100,11 +102,11 @@ def _bind(lib):
         c_ll = ctypes.c_longlong
         lib.svdq_ln_modulate_rowbase.restype = c_int
         lib.svdq_ln_modulate_rowbase.argtypes = [c_void_p, c_ll, c_void_p, c_void_p, c_ll, c_void_p, c_int, c_int,
-                                                 c_int, ctypes.c_float, c_void_p, c_void_p, c_int, c_int, c_int,
-                                                 c_void_p]
+                                                 c_int, ctypes.c_float, c_void_p, c_void_p, c_void_p, c_int, c_int,
+                                                 c_int, c_void_p]
         lib.svdq_concat_rows_rowbase.restype = c_int
         lib.svdq_concat_rows_rowbase.argtypes = [c_void_p, c_ll, c_int, c_void_p, c_ll, c_int, c_int, c_void_p, c_int,
-                                                 c_void_p, c_void_p, c_int, c_int, c_int, c_void_p]
+                                                 c_void_p, c_void_p, c_void_p, c_int, c_int, c_int, c_void_p]
     return lib
 
 
@@ -119,7 +121,8 @@ def has_flux_ops() -> bool:
 
 
 def has_row_base_producers() -> bool:
-    """Whether the loaded library's FLUX kernels can also write the next linear's row bases (FMT_I8_ROW_GIVEN)."""
+    """Whether the loaded library's FLUX kernels can also write the next linear's row bases and codes
+    (FMT_I8_ROW_GIVEN, FMT_I8_ROW_CODES)."""
     return _has("svdq_ln_modulate_rowbase")
 
 

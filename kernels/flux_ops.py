@@ -154,6 +154,9 @@ def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: 
     return _ln_any(x, shift, scale, eps)
 
 
+CONCAT_ROWBASE_MAX_K = 16384  # flux_ops.cu: 256 threads x 8 pieces of 8 columns held per row
+
+
 def _slot_fits(slot, lead, k: int, device) -> bool:
     """The slot (kernels/ops.py RowBaseSlot) is for an input of this leading shape and width on this device."""
     return (tuple(slot.act[6]) == tuple(lead) and slot.k == k and slot.smooth.device == device
@@ -162,9 +165,10 @@ def _slot_fits(slot, lead, k: int, device) -> bool:
 
 def ln_modulate_rowbase(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, slot
                         ) -> Optional[torch.Tensor]:
-    """`ln_modulate`, also writing the next linear's row bases where `slot` (kernels.row_base_slot) says (the
-    kernel's pass over the row computes them for free: the row-base pass of that linear's kernel 1 is skipped).
-    None where the kernel does not take these inputs: call `ln_modulate` and the linear without the slot."""
+    """`ln_modulate`, also writing the next linear's row bases and (slot.codes) int8 codes where `slot`
+    (kernels.row_base_slot) says: the kernel holds each row, so its base costs no extra pass, and that linear's
+    kernel 1 is left only the LoRA-down. None where the kernel does not take these inputs: call `ln_modulate` and
+    the linear without the slot."""
     if x.dim() != 3 or not _ln_fits(x, shift, scale) or not _slot_fits(slot, x.shape[:-1], x.shape[2], x.device):
         return None
     b, l, c = x.shape
@@ -172,15 +176,16 @@ def ln_modulate_rowbase(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
     index = x.device.index
     code = _lib.load().svdq_ln_modulate_rowbase(x.data_ptr(), x.stride(1), shift.data_ptr(), scale.data_ptr(),
                                                 shift.stride(0), out.data_ptr(), b * l, c, l, eps,
-                                                slot.smooth.data_ptr(), slot.rowbase, slot.mp, _dt(x.dtype), index,
-                                                _raw_stream(index))
+                                                slot.smooth.data_ptr(), slot.rowbase, slot.qact if slot.codes else None,
+                                                slot.mp, _dt(x.dtype), index, _raw_stream(index))
     _lib.check(code, "svdq_ln_modulate_rowbase")
     return out
 
 
 def concat_rows_rowbase(a: Optional[torch.Tensor], b: torch.Tensor, gelu_b: bool, slot) -> Optional[torch.Tensor]:
     """`concat_rows` (a None: b alone, through GELU when gelu_b), also writing the next linear's row bases where
-    `slot` says, as `ln_modulate_rowbase`; None where the kernel does not take these inputs."""
+    `slot` says, as `ln_modulate_rowbase` (K = Ka + Kb at most CONCAT_ROWBASE_MAX_K); None where the kernel does
+    not take these inputs."""
     b2 = b.flatten(0, -2) if b.dim() > 2 else b
     a2 = b2[:, :0] if a is None else a.flatten(0, -2) if a.dim() > 2 else a
     if b2.dim() != 2 or (a is not None and a.shape[:-1] != b.shape[:-1]):
@@ -191,14 +196,14 @@ def concat_rows_rowbase(a: Optional[torch.Tensor], b: torch.Tensor, gelu_b: bool
     if a is None and not (b2.dtype in (torch.bfloat16, torch.float16) and b2.stride(1) == 1 and kb % 8 == 0
                           and b2.stride(0) % 8 == 0 and b2.data_ptr() % 16 == 0 and _kernel_ok(b2.device)):
         return None
-    if not _slot_fits(slot, b.shape[:-1], ka + kb, b.device):
+    if ka + kb > CONCAT_ROWBASE_MAX_K or not _slot_fits(slot, b.shape[:-1], ka + kb, b.device):
         return None
     out = torch.empty((*b.shape[:-1], ka + kb), dtype=b.dtype, device=b.device)
     index = b.device.index
     code = _lib.load().svdq_concat_rows_rowbase(None if a is None else a2.data_ptr(), a2.stride(0) if ka else 0, ka,
                                                 b2.data_ptr(), b2.stride(0), kb, int(gelu_b), out.data_ptr(), m,
-                                                slot.smooth.data_ptr(), slot.rowbase, slot.mp, _dt(b.dtype), index,
-                                                _raw_stream(index))
+                                                slot.smooth.data_ptr(), slot.rowbase, slot.qact if slot.codes else None,
+                                                slot.mp, _dt(b.dtype), index, _raw_stream(index))
     _lib.check(code, "svdq_concat_rows_rowbase")
     return out
 

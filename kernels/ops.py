@@ -35,7 +35,7 @@ def padded_rows(m: int) -> int:
 
 def act_shapes(m: int, k: int, fmt: int):
     """(qact shape, ascales shape) kernel 1 writes for activation format `fmt` (svdq.cu AF_*)."""
-    row = fmt in (_lib.FMT_I8_ROW, _lib.FMT_I8_ROW_GIVEN)
+    row = fmt in _lib.FMT_ROW
     byte_codes = row or fmt in (_lib.FMT_E4M3, _lib.FMT_I8_RATIO)  # one byte per code, else two per byte
     groups = k // GROUP
     # bases per chunk / per row / scales per group
@@ -166,7 +166,7 @@ def _k_of(path: int, qweight, wscales) -> int:
 
 def gemm_variant(fmt: int) -> int:
     """The GEMM variant for kernel 1's format: kernel 2e (20, its cost model's tile) reads FMT_I8_ROW's row bases."""
-    return 20 if fmt in (_lib.FMT_I8_ROW, _lib.FMT_I8_ROW_GIVEN) else 0
+    return 20 if fmt in _lib.FMT_ROW else 0
 
 
 def gemm_into(qact, ascales, qweight, wscales, lora, proj_up, bias, out, path: int, variant: int = 0,
@@ -402,15 +402,16 @@ def _run_linear_call(x: torch.Tensor, c: tuple) -> torch.Tensor:
 
 
 class RowBaseSlot:
-    """Where the op that produces a row-base layer's input writes the layer's row bases (FMT_I8_ROW_GIVEN): the
-    ascales part of the layer's kernel-1 buffer (`act`, which the layer's call then uses), `smooth` the layer's 1/λ
-    (fp32, K) the bases are taken with, `mp` the padded row count. Made by `row_base_slot` for one input shape,
-    used by one call right after the producer (the buffer is the stream's kept one)."""
-    __slots__ = ("act", "stream", "index", "smooth", "rowbase", "mp", "k")
+    """Where the op that produces a row-base layer's input writes the layer's row bases and, with `codes`, its int8
+    codes (FMT_I8_ROW_CODES; else FMT_I8_ROW_GIVEN, bases only): the ascales and qact parts of the layer's kernel-1
+    buffer (`act`, which the layer's call then uses); `smooth` the layer's 1/λ (fp32, K) they are taken with, `mp`
+    the padded row count. Made by `row_base_slot` for one input shape, used by one call right after the producer
+    (the buffer is the stream's kept one)."""
+    __slots__ = ("act", "stream", "index", "smooth", "rowbase", "qact", "mp", "k", "codes")
 
-    def __init__(self, act, stream, index, smooth: torch.Tensor, k):
-        self.act, self.stream, self.index, self.smooth, self.k = act, stream, index, smooth, k
-        self.rowbase, self.mp = act[2], act[5]  # the ascales address, its padded row count
+    def __init__(self, act, stream, index, smooth: torch.Tensor, k, codes: bool = True):
+        self.act, self.stream, self.index, self.smooth, self.k, self.codes = act, stream, index, smooth, k, codes
+        self.qact, self.rowbase, self.mp = act[1], act[2], act[5]  # addresses of qact and ascales, padded row count
 
 
 def row_base_slot(p: dict, lead, m: int, dtype, device) -> Optional[RowBaseSlot]:
@@ -427,12 +428,13 @@ def row_base_slot(p: dict, lead, m: int, dtype, device) -> Optional[RowBaseSlot]
 
 
 def _run_linear_given_bases(x: torch.Tensor, c: tuple, slot: RowBaseSlot) -> torch.Tensor:
-    """`_run_linear_call` on the slot's buffer, whose row bases the producer of x wrote: kernel 1 skips its row pass."""
+    """`_run_linear_call` on the slot's buffer, whose row bases (and codes) the producer of x wrote: kernel 1 skips
+    its row pass (and its codes: then only the LoRA-down is left to it)."""
     buf, qa, sa, lora, m, mp, lead = slot.act
     a = c[1]
     a.part, a.cnt, _ = _workspace(m, slot.k, c[5], slot.index, slot.stream)
     out = torch.empty((*lead, c[3]), dtype=x.dtype, device=x.device)
-    a.fmt = _lib.FMT_I8_ROW_GIVEN
+    a.fmt = _lib.FMT_I8_ROW_CODES if slot.codes else _lib.FMT_I8_ROW_GIVEN
     try:
         _invoke(a, c[2], x.data_ptr(), qa, sa, lora, out.data_ptr(), m, mp, slot.stream, slot.index)
     finally:

@@ -130,9 +130,10 @@ def test_group_calls_run_one_kernel_each(shim, monkeypatch):
 
 def test_a_producers_row_bases_reach_the_call(shim, monkeypatch):
     """A row-base layer called with a producer's slot (kernels.row_base_slot): the call goes out as
-    FMT_I8_ROW_GIVEN (kernel 1 skips its row pass) on the slot's buffer, whose ascales are where the producer wrote
-    the bases, with kernel 2e's variant; the layer's struct is back to FMT_I8_ROW afterwards. An input of another
-    shape ignores the slot; a chunk-base layer gets no slot."""
+    FMT_I8_ROW_CODES (the producer wrote bases and codes: kernel 1 computes only the LoRA-down), or FMT_I8_ROW_GIVEN
+    for a bases-only slot, on the slot's buffer, whose qact and ascales are where the producer wrote, with kernel 2e's
+    variant; the layer's struct is back to FMT_I8_ROW afterwards. An input of another shape ignores the slot; a
+    chunk-base layer gets no slot."""
     monkeypatch.setattr(_lib, "_lib", shim)
     monkeypatch.setattr(_lib, "_tried", True)
     monkeypatch.setattr(_lib, "has_linear_call", lambda: True)
@@ -146,17 +147,20 @@ def test_a_producers_row_bases_reach_the_call(shim, monkeypatch):
     p = {"_smooth_rcp": t(k), "_proj_down": t(k, rp, dt=torch.bfloat16), "_qw": t(n, k, dt=torch.uint8),
          "_wscales": t(n), "_proj_up": t(n, rp), "_bias": None, "_rp": rp, "_afmt": _lib.FMT_I8_ROW, "_path": 91}
     slot = ops.row_base_slot(p, (2, 7), 14, torch.bfloat16, torch.device("cpu"))
-    assert slot is not None and slot.smooth is p["_smooth_rcp"] and slot.k == k and slot.mp == 16
+    assert slot is not None and slot.smooth is p["_smooth_rcp"] and slot.k == k and slot.mp == 16 and slot.codes
     off_s = ops._act_layout(14, k, _lib.FMT_I8_ROW, rp)[0]
-    assert slot.rowbase == slot.act[1] + off_s
+    assert slot.rowbase == slot.act[1] + off_s and slot.qact == slot.act[1]
     x = torch.zeros(2, 7, k, dtype=torch.bfloat16)
     y = ops.linear_direct(x, p, slot)
     got = {f: shim.last_field(f.encode()) for f in FIELDS}
     assert y.shape == (2, 7, n) and got["out"] == y.data_ptr() and got["x"] == x.data_ptr()
-    assert (got["fmt"], got["variant"]) == (_lib.FMT_I8_ROW_GIVEN, 20)
-    assert got["ascales"] == slot.rowbase and got["qact"] == slot.act[1] and (got["M"], got["Mp"]) == (14, 16)
+    assert (got["fmt"], got["variant"]) == (_lib.FMT_I8_ROW_CODES, 20)
+    assert got["ascales"] == slot.rowbase and got["qact"] == slot.qact and (got["M"], got["Mp"]) == (14, 16)
     ops.linear_direct(x, p)  # the layer alone: its own row pass
     assert shim.last_field(b"fmt") == _lib.FMT_I8_ROW
+    slot.codes = False  # a producer that wrote the bases only
+    ops.linear_direct(x, p, slot)
+    assert shim.last_field(b"fmt") == _lib.FMT_I8_ROW_GIVEN and shim.last_field(b"ascales") == slot.rowbase
     x3 = torch.zeros(3, 7, k, dtype=torch.bfloat16)
     ops.linear_direct(x3, p, slot)  # not the slot's shape
     assert shim.last_field(b"fmt") == _lib.FMT_I8_ROW and shim.last_field(b"M") == 21

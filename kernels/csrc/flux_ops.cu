@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #include "half_pair.h"
+#include "ratio_codes.h"
 #include "svdq_abi.h"
 
 namespace {
@@ -124,22 +125,25 @@ __device__ __forceinline__ uint4 gelu_piece(uint4 u) {
   return o;
 }
 
-// The next linear's row base (kernels/csrc/svdq.cu AF_I8_ROW_GIVEN), computed where a row of its input is made: the
-// max over the row of |y * (1/lambda)| on the values as stored (16-bit, read back exactly as kernel 1b reads them),
-// times fp32(1/126), the same float operations as svdq.cu's row_base_kernel, so the bases are bit for bit its own.
+// The next linear's activation row base and codes (kernels/csrc/svdq.cu AF_I8_ROW_GIVEN / AF_I8_ROW_CODES),
+// computed where a row of its input is made. The base: the max over the row of |y * (1/lambda)| on the values as
+// stored (16-bit, read back exactly as kernel 1b reads them), times fp32(1/126), as svdq.cu's row_base_kernel; the
+// codes: kernel 1b's, from ratio_codes.h. Same float operations, so bases and codes are bit for bit kernel 1b's.
 template <typename T>
-__device__ __forceinline__ float smoothed_absmax8(const uint4& stored, const float* __restrict__ smooth_rcp) {
+__device__ __forceinline__ void smoothed8(const uint4& stored, const float* __restrict__ smooth_rcp, float (&v)[8]) {
   const float4 l0 = __ldg(reinterpret_cast<const float4*>(smooth_rcp));
   const float4 l1 = __ldg(reinterpret_cast<const float4*>(smooth_rcp + 4));
   const float lam[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
-  const uint32_t* u = reinterpret_cast<const uint32_t*>(&stored);
+  smooth8<T>(stored, lam, v);
+}
+
+template <typename T>
+__device__ __forceinline__ float smoothed_absmax8(const uint4& stored, const float* __restrict__ smooth_rcp) {
+  float v[8];
+  smoothed8<T>(stored, smooth_rcp, v);
   float a = 0.f;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 f = Pack2<T>::to_f2(u[j]);
-    a = fmaxf(a, fabsf(f.x * lam[2 * j]));
-    a = fmaxf(a, fabsf(f.y * lam[2 * j + 1]));
-  }
+  for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
   return a;
 }
 
@@ -149,22 +153,44 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Block-wide max of v (NT threads), then thread 0 writes row m's base; block 0 also zeroes rows M..Mp-1, which
-// kernel 2e's padded base vector holds. red: NT / 32 floats of shared memory.
+// The row's base from each thread's max (NT threads, red: NT / 32 floats of shared memory), returned to every thread;
+// thread 0 writes it to rowbase[m], and block 0 zeroes rows M..Mp-1, which kernel 2e's padded base vector holds.
 template <int NT>
-__device__ __forceinline__ void write_row_base(float v, float* red, float* __restrict__ rowbase, int m, int M, int Mp) {
+__device__ __forceinline__ float row_base(float v, float* red, float* __restrict__ rowbase, int m, int M, int Mp) {
   v = warp_max(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();  // red may still be read by an earlier reduction
   if (lane == 0) red[warp] = v;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    float t = 0.f;
+  float t = 0.f;
 #pragma unroll
-    for (int w = 0; w < NT / 32; ++w) t = fmaxf(t, red[w]);
-    rowbase[m] = t * (1.0f / 126.0f);
-  }
+  for (int w = 0; w < NT / 32; ++w) t = fmaxf(t, red[w]);
+  const float base = t * (1.0f / 126.0f);
+  if (threadIdx.x == 0) rowbase[m] = base;
   if (m == 0 && threadIdx.x < Mp - M) rowbase[M + threadIdx.x] = 0.f;
+  return base;
+}
+
+// Codes x multipliers (int8) of one 16-byte piece of the row, 8 columns of a 64-column group whose other 56 columns
+// are held by the 7 neighbouring lanes (lanes differing in bits 0-2; every lane of the warp must call, `active` says
+// whether this one holds a piece): the group's absmax over those 8 lanes, its multiplier, the 8 code bytes to dst.
+template <typename T>
+__device__ __forceinline__ void write_codes8(const uint4& stored, const float* __restrict__ smooth_rcp, float base,
+                                             bool active, uint8_t* __restrict__ dst) {
+  float v[8];
+  float a = 0.f;
+  if (active) {
+    smoothed8<T>(stored, smooth_rcp, v);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
+  }
+  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
+  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
+  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 4));
+  if (active) {
+    const float mult = ratio_mult(a, base);
+    *reinterpret_cast<uint2*>(dst) = ratio_codes8(v, ratio_step_rcp(base * mult), static_cast<uint32_t>(mult));
+  }
 }
 
 // out[m, :ka] = a[m, :ka], out[m, ka:ka+kb] = b[m, :kb] (GELU on b's part when GELU); 16-byte pieces, grid-stride.
@@ -185,29 +211,45 @@ __global__ void concat_rows_kernel(const uint4* __restrict__ a, long long lda, i
   }
 }
 
-// concat_rows_kernel's output with the next linear's row bases: one block per row (a block-wide max needs the row
-// in one block), the same pieces and GELU. ka may be 0 (b alone: the double block's MLP GELU).
-constexpr int CR_THREADS = 256;
+// concat_rows_kernel's output with the next linear's row base (and codes where qact is not null): one block per row
+// (the base needs the whole row), the same pieces and GELU, each thread's pieces held in registers until the base is
+// known (up to CR_PIECES per thread: K <= 16384). ka may be 0 (b alone: the double block's MLP GELU).
+constexpr int CR_THREADS = 256, CR_PIECES = 8;
 
 template <typename T, bool GELU>
 __global__ void __launch_bounds__(CR_THREADS) concat_rows_rowbase_kernel(
     const uint4* __restrict__ a, long long lda, int ka, const uint4* __restrict__ b, long long ldb, int kb,
-    uint4* __restrict__ out, const float* __restrict__ smooth_rcp, float* __restrict__ rowbase, int rows, int Mp) {
+    uint4* __restrict__ out, const float* __restrict__ smooth_rcp, float* __restrict__ rowbase,
+    uint8_t* __restrict__ qact, int rows, int Mp) {
   __shared__ float red[CR_THREADS / 32];
   const int m = blockIdx.x, pa = ka / 8, pw = (ka + kb) / 8;
+  uint4 held[CR_PIECES];
   float amax = 0.f;
-  for (int p = threadIdx.x; p < pw; p += CR_THREADS) {
-    uint4 u;
-    if (p < pa) {
-      u = a[m * (lda / 8) + p];
-    } else {
-      u = b[m * (ldb / 8) + (p - pa)];
-      if (GELU) u = gelu_piece<T>(u);
+#pragma unroll
+  for (int s = 0; s < CR_PIECES; ++s) {
+    const int p = threadIdx.x + s * CR_THREADS;
+    if (p < pw) {
+      uint4 u;
+      if (p < pa) {
+        u = a[m * (lda / 8) + p];
+      } else {
+        u = b[m * (ldb / 8) + (p - pa)];
+        if (GELU) u = gelu_piece<T>(u);
+      }
+      out[(long long)m * pw + p] = u;
+      held[s] = u;
+      amax = fmaxf(amax, smoothed_absmax8<T>(u, smooth_rcp + p * 8));
     }
-    out[(long long)m * pw + p] = u;
-    amax = fmaxf(amax, smoothed_absmax8<T>(u, smooth_rcp + p * 8));
   }
-  write_row_base<CR_THREADS>(amax, red, rowbase, m, rows, Mp);
+  const float base = row_base<CR_THREADS>(amax, red, rowbase, m, rows, Mp);
+  if (qact == nullptr) return;
+  uint8_t* qr = qact + (long long)m * (ka + kb);
+#pragma unroll
+  for (int s = 0; s < CR_PIECES; ++s) {
+    const int p = threadIdx.x + s * CR_THREADS;
+    if (s * CR_THREADS < pw)  // block-uniform: every lane of a warp with any piece left takes part in the shuffles
+      write_codes8<T>(held[s], smooth_rcp + p * 8, base, p < pw, qr + p * 8);
+  }
 }
 
 // y = LayerNorm(x) · (1 + scale) + shift, the FLUX blocks' modulated input of a linear (ComfyUI: an affine-free
@@ -239,14 +281,16 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   return t;
 }
 
-// RB: also the next linear's row bases (smooth_rcp its 1/lambda (C,), rowbase (Mp,)); else both are null.
+// RB: also the next linear's row base (smooth_rcp its 1/lambda (C,), rowbase (Mp,)) and, where qact is not null, its
+// codes (M, C) int8; else all three are null.
 template <typename T, bool RB>
 __global__ void __launch_bounds__(LN_THREADS) ln_modulate_kernel(const T* __restrict__ x, long long ldx,
                                                                  const T* __restrict__ shift,
                                                                  const T* __restrict__ scale, long long mod_ld,
                                                                  T* __restrict__ y, int C, int rows, float eps,
                                                                  const float* __restrict__ smooth_rcp,
-                                                                 float* __restrict__ rowbase, int M, int Mp) {
+                                                                 float* __restrict__ rowbase,
+                                                                 uint8_t* __restrict__ qact, int M, int Mp) {
   __shared__ float red[LN_THREADS / 32];
   const int m = blockIdx.x, sample = m / rows;
   const T* xr = x + (long long)m * ldx;
@@ -274,6 +318,7 @@ __global__ void __launch_bounds__(LN_THREADS) ln_modulate_kernel(const T* __rest
   const T* sh = shift + (long long)sample * mod_ld;
   const T* sc = scale + (long long)sample * mod_ld;
   float amax = 0.f;
+  uint4 held[LN_VPT];  // the stored values, for the codes once the row's base is known
 #pragma unroll
   for (int i = 0; i < LN_VPT; ++i) {
     const int c = (threadIdx.x + i * LN_THREADS) * 8;
@@ -289,10 +334,20 @@ __global__ void __launch_bounds__(LN_THREADS) ln_modulate_kernel(const T* __rest
       const uint4 u = make_uint4(Pack2<T>::from_f2(o[0], o[1]), Pack2<T>::from_f2(o[2], o[3]),
                                  Pack2<T>::from_f2(o2[0], o2[1]), Pack2<T>::from_f2(o2[2], o2[3]));
       *reinterpret_cast<uint4*>(y + (long long)m * C + c) = u;
+      held[i] = u;
       if (RB) amax = fmaxf(amax, smoothed_absmax8<T>(u, smooth_rcp + c));
     }
   }
-  if (RB) write_row_base<LN_THREADS>(amax, red, rowbase, m, M, Mp);
+  if constexpr (RB) {
+    const float base = row_base<LN_THREADS>(amax, red, rowbase, m, M, Mp);
+    if (qact == nullptr) return;
+#pragma unroll
+    for (int i = 0; i < LN_VPT; ++i) {
+      const int c = (threadIdx.x + i * LN_THREADS) * 8;
+      if (i * LN_THREADS * 8 < C)  // block-uniform (C is a multiple of 64: a group's 8 lanes are all in or all out)
+        write_codes8<T>(held[i], smooth_rcp + c, base, c < C, qact + (long long)m * C + c);
+    }
+  }
 }
 
 bool aligned(const void* p, int bytes) { return p && (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
@@ -352,14 +407,14 @@ SVDQ_API int svdq_concat_rows(const void* a, long long lda, int ka, const void* 
 template <bool RB>
 static int launch_ln_modulate(const void* x, long long ldx, const void* shift, const void* scale, long long mod_ld,
                               void* y, int M, int C, int rows, float eps, const float* smooth_rcp, float* rowbase,
-                              int Mp, int dtype, cudaStream_t st) {
+                              uint8_t* qact, int Mp, int dtype, cudaStream_t st) {
   if (dtype == DT_BF16)
     ln_modulate_kernel<__nv_bfloat16, RB><<<M, LN_THREADS, 0, st>>>((const __nv_bfloat16*)x, ldx,
         (const __nv_bfloat16*)shift, (const __nv_bfloat16*)scale, mod_ld, (__nv_bfloat16*)y, C, rows, eps, smooth_rcp,
-        rowbase, M, Mp);
+        rowbase, qact, M, Mp);
   else if (dtype == DT_F16)
     ln_modulate_kernel<__half, RB><<<M, LN_THREADS, 0, st>>>((const __half*)x, ldx, (const __half*)shift,
-        (const __half*)scale, mod_ld, (__half*)y, C, rows, eps, smooth_rcp, rowbase, M, Mp);
+        (const __half*)scale, mod_ld, (__half*)y, C, rows, eps, smooth_rcp, rowbase, qact, M, Mp);
   else
     return ERR_BAD_ARG;
   return (int)cudaGetLastError();
@@ -374,39 +429,43 @@ SVDQ_API int svdq_ln_modulate(const void* x, long long ldx, const void* shift, c
     return ERR_BAD_ARG;
   if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
   cudaStream_t st = static_cast<cudaStream_t>(stream);
-  return launch_ln_modulate<false>(x, ldx, shift, scale, mod_ld, y, M, C, rows, eps, nullptr, nullptr, M, dtype, st);
+  return launch_ln_modulate<false>(x, ldx, shift, scale, mod_ld, y, M, C, rows, eps, nullptr, nullptr, nullptr, M,
+                                   dtype, st);
 }
 
 // svdq_ln_modulate, and the next linear's row bases (AF_I8_ROW_GIVEN): rowbase (Mp,) fp32, Mp = M rounded up to 4
-// (rows M..Mp-1 get 0), from smooth_rcp (C,) fp32 = that linear's 1/lambda; both 16-byte aligned.
+// (rows M..Mp-1 get 0), from smooth_rcp (C,) fp32 = that linear's 1/lambda; both 16-byte aligned. With qact (M, C)
+// (8-byte aligned, C a multiple of 64) also its int8 codes (AF_I8_ROW_CODES); qact null: bases only.
 SVDQ_API int svdq_ln_modulate_rowbase(const void* x, long long ldx, const void* shift, const void* scale,
                                       long long mod_ld, void* y, int M, int C, int rows, float eps,
-                                      const float* smooth_rcp, float* rowbase, int Mp, int dtype, int device,
-                                      void* stream) {
+                                      const float* smooth_rcp, float* rowbase, void* qact, int Mp, int dtype,
+                                      int device, void* stream) {
   if (M < 1 || C < 8 || C % 8 || C > LN_THREADS * LN_VPT * 8 || rows < 1 || ldx < C || ldx % 8 || mod_ld % 8 ||
       !aligned(x, 16) || !aligned(shift, 16) || !aligned(scale, 16) || !aligned(y, 16) || !aligned(smooth_rcp, 16) ||
-      !aligned(rowbase, 16) || Mp < M || Mp - M >= LN_THREADS)
+      !aligned(rowbase, 16) || Mp < M || Mp - M >= LN_THREADS || (qact && (C % 64 || !aligned(qact, 8))))
     return ERR_BAD_ARG;
   if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
-  return launch_ln_modulate<true>(x, ldx, shift, scale, mod_ld, y, M, C, rows, eps, smooth_rcp, rowbase, Mp, dtype,
-                                  static_cast<cudaStream_t>(stream));
+  return launch_ln_modulate<true>(x, ldx, shift, scale, mod_ld, y, M, C, rows, eps, smooth_rcp, rowbase,
+                                  (uint8_t*)qact, Mp, dtype, static_cast<cudaStream_t>(stream));
 }
 
-// svdq_concat_rows (ka may be 0 here: b alone), and the next linear's row bases as svdq_ln_modulate_rowbase's;
-// smooth_rcp has ka + kb entries.
+// svdq_concat_rows (ka may be 0 here: b alone; ka + kb at most CR_THREADS * CR_PIECES * 8 = 16384), and the next
+// linear's row bases and, with qact, codes as svdq_ln_modulate_rowbase's; smooth_rcp has ka + kb entries.
 SVDQ_API int svdq_concat_rows_rowbase(const void* a, long long lda, int ka, const void* b, long long ldb, int kb,
-                                      int gelu_b, void* out, int rows, const float* smooth_rcp, float* rowbase, int Mp,
-                                      int dtype, int device, void* stream) {
+                                      int gelu_b, void* out, int rows, const float* smooth_rcp, float* rowbase,
+                                      void* qact, int Mp, int dtype, int device, void* stream) {
   if (rows < 1 || ka < 0 || kb < 8 || ka % 8 || kb % 8 || ldb % 8 || ldb < kb || !aligned(b, 16) ||
       (ka > 0 && (lda % 8 || lda < ka || !aligned(a, 16))) || !aligned(out, 16) || !aligned(smooth_rcp, 16) ||
-      !aligned(rowbase, 16) || Mp < rows || Mp - rows >= CR_THREADS || (dtype != DT_BF16 && dtype != DT_F16))
+      !aligned(rowbase, 16) || Mp < rows || Mp - rows >= CR_THREADS || (dtype != DT_BF16 && dtype != DT_F16) ||
+      ka + kb > CR_THREADS * CR_PIECES * 8 || (qact && ((ka + kb) % 64 || !aligned(qact, 8))))
     return ERR_BAD_ARG;
   if (cudaSetDevice(device) != cudaSuccess) return (int)cudaGetLastError();
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const uint4 *pa = (const uint4*)a, *pb = (const uint4*)b;
   uint4* po = (uint4*)out;
 #define CRB(T, G) \
-  concat_rows_rowbase_kernel<T, G><<<rows, CR_THREADS, 0, st>>>(pa, lda, ka, pb, ldb, kb, po, smooth_rcp, rowbase, rows, Mp)
+  concat_rows_rowbase_kernel<T, G><<<rows, CR_THREADS, 0, st>>>(pa, lda, ka, pb, ldb, kb, po, smooth_rcp, rowbase, \
+                                                                 (uint8_t*)qact, rows, Mp)
   if (dtype == DT_BF16) {
     if (gelu_b) CRB(__nv_bfloat16, true); else CRB(__nv_bfloat16, false);
   } else {

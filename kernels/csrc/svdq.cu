@@ -34,6 +34,7 @@
 #include <string.h>
 
 #include "half_pair.h"
+#include "ratio_codes.h"
 #include "svdq_abi.h"
 #include "tma_cache.h"
 #include "wgmma_gen.h"
@@ -41,13 +42,12 @@
 enum { FMT_INT4 = 0, FMT_E4M3 = 1, FMT_I8 = 2 };
 // ABI activation formats of svdq_quantize_act_lora_down (kernel 1's FMT x float/int_ratio scales)
 // AF_I8_ROW_GIVEN: AF_I8_ROW whose row bases the caller already wrote into ascales (the op that produced X computed
-// them: kernels/csrc/flux_ops.cu ln_modulate / concat_rows), so kernel 1 skips its row-base pass
-enum { AF_INT4 = 0, AF_E4M3 = 1, AF_INT4_RATIO = 2, AF_I8_RATIO = 3, AF_I8_ROW = 4, AF_I8_ROW_GIVEN = 5 };
+// them: kernels/csrc/flux_ops.cu ln_modulate / concat_rows), so kernel 1 skips its row-base pass. AF_I8_ROW_CODES:
+// that op wrote the codes (qact) too, so kernel 1 computes only the LoRA-down.
+enum { AF_INT4 = 0, AF_E4M3 = 1, AF_INT4_RATIO = 2, AF_I8_RATIO = 3, AF_I8_ROW = 4, AF_I8_ROW_GIVEN = 5,
+       AF_I8_ROW_CODES = 6 };
 static constexpr int G = 64;  // group size (the only one the kernels implement)
 static constexpr int QF = 4;
-// Steps below the smallest normal float get step 1: rcp.approx.ftz would flush them to 0 and return inf (their
-// chunk's values are below ~1e-36, so their codes are 0 either way; the old `sc > 0` test let such a step through).
-static constexpr float FLT_MIN_NORMAL = 1.17549435e-38f;
 static constexpr int RATIO_CHUNK = 4;  // groups sharing one int_ratio activation base (kernels/reference.py ACT_CHUNK_GROUPS)  // fan-in of kernel 1's fixed LoRA-down reduction tree over K-splits
 
 // ------------------------------------------------------------------------------------------------
@@ -153,17 +153,6 @@ __device__ __forceinline__ void lora_split_tree(float* __restrict__ part, int* _
   }
 }
 
-// x * (1/lambda) for 8 columns (16 bytes) of one row: 1/lambda is prepared once per layer, at most 1 ulp from x / lambda
-template <typename T>
-__device__ __forceinline__ void smooth8(const uint4& raw, const float (&lam)[8], float (&v)[8]) {
-  const uint32_t* u = reinterpret_cast<const uint32_t*>(&raw);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    float2 f = Pack2<T>::to_f2(u[j]);
-    v[2 * j] = f.x * lam[2 * j];
-    v[2 * j + 1] = f.y * lam[2 * j + 1];
-  }
-}
 
 // max |x * (1/lambda)| over one row's 64-column group, held as 8 columns per lane by the 8 lanes that share the
 // row (lanes differing in bits 0-2); every one of them gets the result
@@ -335,11 +324,8 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
 #pragma unroll
         for (int j = 0; j < CH; ++j) cm = fmaxf(cm, amax[j][i]);
         base[i] = cm * (1.0f / 126.0f);  // the reference's fp32 multiply by the fp32 constant 1/126
-        const float unit = base[i] * 7.0f;
 #pragma unroll
-        for (int j = 0; j < CH; ++j) {
-          mult[j][i] = unit > 0.f ? fminf(fmaxf(ceilf(__fdiv_rn(amax[j][i], unit)), 1.f), 18.f) : 1.f;
-        }
+        for (int j = 0; j < CH; ++j) mult[j][i] = ratio_mult(amax[j][i], base[i]);
       } else {
 #pragma unroll
         for (int j = 0; j < CH; ++j)
@@ -370,8 +356,7 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
         float v[8];
         smooth8<T>(raw[j][i], lam, v);
         const float sc = RATIO ? base[i] * mult[j][i] : mult[j][i];
-        float inv;
-        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv) : "f"(sc >= FLT_MIN_NORMAL ? sc : 1.0f));
+        const float inv = ratio_step_rcp(sc);
         if (ch == 0) {
           if (FMT == FMT_I8) {
             if (j == 0) ascales[(size_t)(c0 / CH) * Mp + m] = base[i];
@@ -501,7 +486,7 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
                                                                 float* __restrict__ ascales, float* __restrict__ lora,
                                                                 float* __restrict__ part, int* __restrict__ cnt, int M,
                                                                 int K, int Mp, int gpc,
-                                                                const float* __restrict__ rowbase) {
+                                                                const float* __restrict__ rowbase, bool lora_only) {
   using C = QI8<RP>;
   extern __shared__ __align__(16) uint8_t smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -526,7 +511,7 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
       const bool ok = gok && rb0 + warp + 8 * k < M;
       cp_async16(dst + k * 8 * C::XS, ok ? x_thr + k * x_step + c0 * G : x, ok);
     }
-    if (tid < C::CK / 4) {
+    if (tid < C::CK / 4 && !lora_only) {
       const bool ok = c0 + (tid >> 4) < g_end;
       cp_async16(s0 + C::L_OFF + buf * C::L_BYTES + tid * 16, smooth_rcp + (ok ? c0 * G + tid * 4 : 0), ok);
     }
@@ -571,75 +556,60 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
     const uint8_t* xt = smem + xb * C::X_BYTES;
     const float* lt = reinterpret_cast<const float*>(smem + C::L_OFF + xb * C::L_BYTES);
 
-    // per (group, row) absmax over the 8 lanes that share the row
-    float amax[2][4];
+    if (!lora_only) {  // (block-uniform) AF_I8_ROW_CODES: the codes are already written
+      // per (group, row) absmax over the 8 lanes that share the row
+      float amax[2][4];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      float lam[8];
-      load_lam(lt, 2 * half + j, lam);
+      for (int j = 0; j < 2; ++j) {
+        float lam[8];
+        load_lam(lt, 2 * half + j, lam);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = wr * 16 + i * 4 + (lane >> 3);
-        const uint4 raw = *reinterpret_cast<const uint4*>(xt + r * C::XS + (2 * half + j) * (G * 2) + ch * 16);
-        amax[j][i] = smoothed_row_absmax<T>(raw, lam);
-      }
-    }
-    // chunk max per row = max of both halves' maxima (max is exact: any order gives the same float)
-    float pm[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      pm[i] = fmaxf(amax[0][i], amax[1][i]);
-      if (ch == 0) cms[half * C::ROWS + wr * 16 + i * 4 + (lane >> 3)] = pm[i];
-    }
-    // the two warps of this 16-row slab (w and w^4); cms is rewritten only after the next __syncthreads
-    bar_sync_slab(wr);
-    float mult[2][4], base[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float cm = fmaxf(pm[i], cms[(half ^ 1) * C::ROWS + wr * 16 + i * 4 + (lane >> 3)]);
-      const int m = rb0 + wr * 16 + i * 4 + (lane >> 3);
-      // the reference's fp32 multiply by the fp32 constant 1/126; AF_I8_ROW: the row's base, made by row_base_kernel
-      // (rowbase then is ascales itself, which this kernel does not write in that format)
-      base[i] = rowbase ? (m < M ? rowbase[m] : 0.f) : cm * (1.0f / 126.0f);
-      const float unit = base[i] * 7.0f;
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        mult[j][i] = unit > 0.f ? fminf(fmaxf(ceilf(__fdiv_rn(amax[j][i], unit)), 1.f), 18.f) : 1.f;
-      if (!rowbase && half == 0 && ch == 0 && m < M) ascales[(size_t)(c0 / RATIO_CHUNK) * Mp + m] = base[i];
-    }
-    // codes x multipliers as int8 (round-half-even by the 1.5*2^23 trick, as kernel 1)
-    constexpr float MAGIC = 12582912.0f;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int gl = 2 * half + j, g = c0 + gl;
-      if (g >= g_end) break;  // warp-uniform
-      float lam[8];
-      load_lam(lt, gl, lam);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = wr * 16 + i * 4 + (lane >> 3), m = rb0 + r;
-        if (m >= M) continue;
-        const uint4 raw = *reinterpret_cast<const uint4*>(xt + r * C::XS + gl * (G * 2) + ch * 16);
-        float v[8];
-        smooth8<T>(raw, lam, v);
-        const float sc = base[i] * mult[j][i];
-        float inv;
-        asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(inv) : "f"(sc >= FLT_MIN_NORMAL ? sc : 1.0f));
-        const uint32_t f = static_cast<uint32_t>(mult[j][i]);
-        uint32_t w[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          // The bits of round(v / sc) + 1.5*2^23 times f hold code x f in their low byte (the constant's is 0): one
-          // IMAD where a clamp, an FADD and an FFMA were. No clamp: the multiplier makes |v / sc| <= 7 up to a few
-          // ulps for finite inputs (ceil(amax / 7 base), and at its cap 18 amax <= 126 base), so round() <= 7.
-          w[e] = __float_as_uint(__fadd_rn(__fmul_rn(v[e], inv), MAGIC)) * f;
+        for (int i = 0; i < 4; ++i) {
+          const int r = wr * 16 + i * 4 + (lane >> 3);
+          const uint4 raw = *reinterpret_cast<const uint4*>(xt + r * C::XS + (2 * half + j) * (G * 2) + ch * 16);
+          amax[j][i] = smoothed_row_absmax<T>(raw, lam);
         }
-        // low bytes of w[0..3] / w[4..7] -> one word each (3 PRMT per 4 codes)
-        const uint32_t lo = __byte_perm(__byte_perm(w[0], w[1], 0x0040), __byte_perm(w[2], w[3], 0x0040), 0x5410);
-        const uint32_t hi = __byte_perm(__byte_perm(w[4], w[5], 0x0040), __byte_perm(w[6], w[7], 0x0040), 0x5410);
-        *reinterpret_cast<uint2*>(qact + (size_t)m * K + g * G + ch * 8) = make_uint2(lo, hi);
       }
-    }
+      // chunk max per row = max of both halves' maxima (max is exact: any order gives the same float)
+      float pm[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        pm[i] = fmaxf(amax[0][i], amax[1][i]);
+        if (ch == 0) cms[half * C::ROWS + wr * 16 + i * 4 + (lane >> 3)] = pm[i];
+      }
+      // the two warps of this 16-row slab (w and w^4); cms is rewritten only after the next __syncthreads
+      bar_sync_slab(wr);
+      float mult[2][4], base[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float cm = fmaxf(pm[i], cms[(half ^ 1) * C::ROWS + wr * 16 + i * 4 + (lane >> 3)]);
+        const int m = rb0 + wr * 16 + i * 4 + (lane >> 3);
+        // the reference's fp32 multiply by the fp32 constant 1/126; AF_I8_ROW: the row's base, made by row_base_kernel
+        // (rowbase then is ascales itself, which this kernel does not write in that format)
+        base[i] = rowbase ? (m < M ? rowbase[m] : 0.f) : cm * (1.0f / 126.0f);
+#pragma unroll
+        for (int j = 0; j < 2; ++j) mult[j][i] = ratio_mult(amax[j][i], base[i]);
+        if (!rowbase && half == 0 && ch == 0 && m < M) ascales[(size_t)(c0 / RATIO_CHUNK) * Mp + m] = base[i];
+      }
+      // codes x multipliers as int8 (round-half-even by the 1.5*2^23 trick, as kernel 1)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int gl = 2 * half + j, g = c0 + gl;
+        if (g >= g_end) break;  // warp-uniform
+        float lam[8];
+        load_lam(lt, gl, lam);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = wr * 16 + i * 4 + (lane >> 3), m = rb0 + r;
+          if (m >= M) continue;
+          const uint4 raw = *reinterpret_cast<const uint4*>(xt + r * C::XS + gl * (G * 2) + ch * 16);
+          float v[8];
+          smooth8<T>(raw, lam, v);
+          *reinterpret_cast<uint2*>(qact + (size_t)m * K + g * G + ch * 8) =
+              ratio_codes8(v, ratio_step_rcp(base[i] * mult[j][i]), static_cast<uint32_t>(mult[j][i]));
+        }
+      }
+    }  // !lora_only
     if constexpr (RP > 0) {
       // LoRA-down of this warp's 16 rows x 128 columns (the half's two groups) on mma.sync m16n8k16
       const uint8_t* pt = smem + C::P_OFF + pb * C::P_BYTES;
@@ -1576,7 +1546,8 @@ static void quant_grid_i8(int M, int K, int rp, int dev, int* rowblocks_out, int
 template <typename T, int RP>
 static int launch_quant_i8(const T* x, const float* smooth, const T* pd, uint8_t* q, float* ascales, float* lora,
                            float* part, int* cnt, int M, int K, int Mp, int dev, cudaStream_t st, bool row = false,
-                           bool row_pass = true) {
+                           bool row_pass = true, bool lora_only = false) {
+  if (lora_only && RP == 0) return 0;  // AF_I8_ROW_CODES without a low-rank branch: nothing left to compute
   static unsigned long long configured = 0;  // devices whose dynamic smem limit is raised (idempotent)
   const int smem = QI8<RP>::SMEM;
   if (dev >= 0 && dev < 64 && !(configured & (1ull << dev))) {
@@ -1597,14 +1568,14 @@ static int launch_quant_i8(const T* x, const float* smooth, const T* pd, uint8_t
   }
   quant_i8_ratio_kernel<T, RP><<<dim3(rowblocks, splits), QI8<RP>::NTH, smem, st>>>(x, smooth, pd, q, ascales, lora,
                                                                                     part, cnt, M, K, Mp, gpc,
-                                                                                    row ? ascales : nullptr);
+                                                                                    row ? ascales : nullptr, lora_only);
   return (int)cudaGetLastError();
 }
 
 template <typename T, int FMT, bool RATIO>
 static int launch_quant(const void* x, const float* smooth, const void* pdown, void* qact, float* ascales, float* lora,
                         float* part, int* cnt, int M, int K, int Mp, int rp, int dev, cudaStream_t st,
-                        bool row = false, bool row_pass = true) {
+                        bool row = false, bool row_pass = true, bool lora_only = false) {
   const T* xx = (const T*)x;
   const T* pd = (const T*)pdown;
   uint8_t* q = (uint8_t*)qact;
@@ -1613,7 +1584,8 @@ static int launch_quant(const void* x, const float* smooth, const void* pdown, v
     const char* legacy = getenv("SVDQ_I8_QUANT_KERNEL1");
     if (qi8_ctas_per_sm(rp, dev) > 0 && !(!row && legacy && legacy[0] == '1')) {
 #define QI(RPV) \
-  return launch_quant_i8<T, RPV>(xx, smooth, pd, q, ascales, lora, part, cnt, M, K, Mp, dev, st, row, row_pass)
+  return launch_quant_i8<T, RPV>(xx, smooth, pd, q, ascales, lora, part, cnt, M, K, Mp, dev, st, row, row_pass, \
+                                 lora_only)
       switch (rp) {
         case 0: QI(0);
         case 32: QI(32);
@@ -1669,7 +1641,8 @@ SVDQ_API int svdq_quant_workspace(int M, int K, int rp, int device, long long* p
 // the same scales; AF_INT4_RATIO packed int4 + per-group int_ratio steps base*f (K/64, Mp); AF_I8_RATIO qact
 // (M, K) int8 = code*f + ascales = bases (ceil(K/256), Mp); AF_I8_ROW the same codes with one base per row for all
 // of K, ascales (1, Mp) (kernel 2e's input); AF_I8_ROW_GIVEN those codes from the row bases already in ascales
-// (rows M..Mp-1 zero; written by the op that produced x). lora fp32 (M, rp), every element written (need not
+// (rows M..Mp-1 zero; written by the op that produced x); AF_I8_ROW_CODES the codes in qact too (only lora is
+// computed). lora fp32 (M, rp), every element written (need not
 // be zeroed); part/cnt: the workspace of svdq_quant_workspace (NULL where it is 0).
 SVDQ_API int svdq_quantize_act_lora_down(const void* x, const float* smooth, const void* pdown, void* qact,
                                          float* ascales, float* lora, float* part, int* cnt, int M, int K, int Mp,
@@ -1680,15 +1653,16 @@ SVDQ_API int svdq_quantize_act_lora_down(const void* x, const float* smooth, con
   if (rp > 0 && ((uintptr_t)lora & 15)) return ERR_BAD_ARG;
   cudaStream_t st = (cudaStream_t)stream;
 #define QARGS x, smooth, pdown, qact, ascales, lora, part, cnt, M, K, Mp, rp, device, st
-#define QDISPATCH(T)                                                                \
-  switch (fmt) {                                                                    \
-    case AF_INT4: return launch_quant<T, FMT_INT4, false>(QARGS);                   \
-    case AF_E4M3: return launch_quant<T, FMT_E4M3, false>(QARGS);                   \
-    case AF_INT4_RATIO: return launch_quant<T, FMT_INT4, true>(QARGS);              \
-    case AF_I8_RATIO: return launch_quant<T, FMT_I8, true>(QARGS);                  \
-    case AF_I8_ROW: return launch_quant<T, FMT_I8, true>(QARGS, true);              \
-    case AF_I8_ROW_GIVEN: return launch_quant<T, FMT_I8, true>(QARGS, true, false); \
-    default: return ERR_BAD_ARG;                                                    \
+#define QDISPATCH(T)                                                                      \
+  switch (fmt) {                                                                          \
+    case AF_INT4: return launch_quant<T, FMT_INT4, false>(QARGS);                         \
+    case AF_E4M3: return launch_quant<T, FMT_E4M3, false>(QARGS);                         \
+    case AF_INT4_RATIO: return launch_quant<T, FMT_INT4, true>(QARGS);                    \
+    case AF_I8_RATIO: return launch_quant<T, FMT_I8, true>(QARGS);                        \
+    case AF_I8_ROW: return launch_quant<T, FMT_I8, true>(QARGS, true);                    \
+    case AF_I8_ROW_GIVEN: return launch_quant<T, FMT_I8, true>(QARGS, true, false);       \
+    case AF_I8_ROW_CODES: return launch_quant<T, FMT_I8, true>(QARGS, true, false, true); \
+    default: return ERR_BAD_ARG;                                                          \
   }
   if (dtype == DT_BF16) { QDISPATCH(__nv_bfloat16) }
   if (dtype == DT_F16) { QDISPATCH(__half) }
