@@ -67,6 +67,7 @@ class QuantizedLinearMixin:
         self.register_parameter(ACT_BITS, None if bits is None else nn.Parameter(bits, requires_grad=False))
         self.quantized = True
         self._prepared = None
+        self._direct = None  # the eager fast path's call, valid while _prepared is the one it was made with
         self._lora = None
         self._input_group = None  # set by core/input_group.attach_input_groups
         if not getattr(self, "_weight_key_hook", None):
@@ -133,13 +134,21 @@ class QuantizedLinearMixin:
 
     def row_base_slot(self, lead, m: int, dtype, device):
         """Where the op producing this layer's next input (leading shape `lead`, m rows) may write the layer's
-        activation row bases (kernels.row_base_slot), or None; pass it to the call as `row_base=`."""
+        activation row bases and codes (kernels.row_base_slot), or None; pass it to the call as `row_base=`."""
         if getattr(self, "_input_group", None) is not None or getattr(self, ACT_BITS, None) is not None or \
                 self.qweight.device != device:  # offloaded: prepared per call, the slot would outlive its tensors
             return None
         return kernels.row_base_slot(self.kernel_tensors(dtype, device), lead, m, dtype, device)
 
     def forward_quantized(self, x: torch.Tensor, row_base=None) -> torch.Tensor:
+        # Eager fast path: the call the previous one resolved to (kernels.direct_call), while the prepared tensors
+        # are still the cached ones it was made with (a move or re-preparation replaces them) and nothing was
+        # attached since; SD steps are host-bound and run hundreds of these per step.
+        d = self._direct
+        if (d is not None and d[0] is self._prepared and x.dtype is d[1] and row_base is None and self._lora is None
+                and self._input_group is None and x.device == d[2] and x.is_contiguous() and x.numel()
+                and not torch.compiler.is_compiling()):
+            return d[3](x, d[4])
         prepared = self.kernel_tensors(x.dtype, x.device)
         group = getattr(self, "_input_group", None)  # layers sharing this input's quantization (core/input_group.py)
         y = None
@@ -147,6 +156,10 @@ class QuantizedLinearMixin:
             y = group.forward(self, x, prepared)
         if y is None:
             y = kernels.linear(x, prepared, self.group_size, row_base=row_base)
+            cached = getattr(self, "_prepared", None)
+            if group is None and cached is not None and cached[1] is prepared:
+                fn = kernels.direct_call(x, prepared, self.group_size)
+                self._direct = None if fn is None else (cached, x.dtype, x.device, fn, prepared)
         lora = getattr(self, "_lora", None)
         if lora is not None:
             d, u = lora

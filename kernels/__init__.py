@@ -436,13 +436,22 @@ def gptq_block(w, steps, hb, q_out, err_out, qmax: float) -> None:
 
 
 def row_base_slot(prepared: dict, lead, m: int, dtype, device):
-    """Where the op producing this layer's input (leading shape `lead`, m rows) can write the layer's row bases
-    (kernels/ops.py RowBaseSlot; kernels/flux_ops.py's producers take it), or None: the layer then computes them
-    itself, or reads no row bases. Eager CUDA calls only."""
+    """Where the op producing this layer's input (leading shape `lead`, m rows) can write the layer's row bases and
+    int8 codes (kernels/ops.py RowBaseSlot; kernels/flux_ops.py's producers take it), or None: the layer then computes
+    them itself, or reads no row bases. Eager CUDA calls only."""
     if prepared.get("_path") != 91 or prepared.get("_afmt") != _lib.FMT_I8_ROW or _compiling() or m == 0 or \
             prepared["_qw"].device != device:
         return None
     return (_ops or _get_ops()).row_base_slot(prepared, lead, m, dtype, device)
+
+
+def direct_call(x, prepared: dict, group_size: int = 64):
+    """What `linear` runs for inputs like x (dtype, device, contiguous, non-empty) when that is the eager CUDA fast
+    path (ops.linear_direct, called as fn(x, prepared)), else None. Layers keep it to skip the dispatch below."""
+    if (prepared.get("act16") or group_size != 64 or not _use_cuda(x, prepared) or _compiling()
+            or "_logged" not in prepared):
+        return None
+    return (_ops or _get_ops()).linear_direct
 
 
 def linear(x, prepared: dict, group_size: int = 64, row_base=None):

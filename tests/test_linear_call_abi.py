@@ -166,3 +166,48 @@ def test_a_producers_row_bases_reach_the_call(shim, monkeypatch):
     assert shim.last_field(b"fmt") == _lib.FMT_I8_ROW and shim.last_field(b"M") == 21
     chunk = dict(p, _afmt=_lib.FMT_I8_RATIO)
     assert ops.row_base_slot(chunk, (2, 7), 14, torch.bfloat16, torch.device("cpu")) is None
+
+
+def test_a_layer_keeps_its_eager_call_until_something_changes(shim, monkeypatch):
+    """core/qlinear.py's eager fast path: after one call through kernels.linear a 4-bit layer calls ops.linear_direct
+    directly (same library call, same buffers); a LoRA, an input group, another dtype or a new preparation (a move:
+    _apply drops the cached tensors) sends the call through kernels.linear again."""
+    import sys
+    sys.path.insert(0, str(ROOT / "tests" / "gpu"))
+    from _layers import make_ratio_layer
+    from comfyui_svdquant import kernels
+    from comfyui_svdquant.core.qlinear import SVDQuantLinear
+    monkeypatch.setattr(_lib, "_lib", shim)
+    monkeypatch.setattr(_lib, "_tried", True)
+    monkeypatch.setattr(_lib, "has_linear_call", lambda: True)
+    monkeypatch.setattr(ops, "_raw_stream", lambda index: 0xABC0)
+    monkeypatch.setattr(kernels, "_use_cuda", lambda x, prepared: prepared.get("_path") == 91)
+    monkeypatch.setattr(ops, "_act_scratch", lambda index, stream, size: torch.empty(size, dtype=torch.uint8))
+    n, k, rp = 128, 320, 32
+    q = SVDQuantLinear.from_tensors(make_ratio_layer(n, k, rp, torch.bfloat16, "cpu"))
+    t = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt)  # noqa: E731
+    p = {"_smooth_rcp": t(k), "_proj_down": t(k, rp, dt=torch.bfloat16), "_qw": t(n, k, dt=torch.uint8),
+         "_wscales": t(n), "_proj_up": t(n, rp), "_bias": None, "_rp": rp, "_afmt": _lib.FMT_I8_RATIO, "_path": 91}
+    x = torch.zeros(2, 5, k, dtype=torch.bfloat16)
+    q._prepared = ((x.device, x.dtype), p)  # what kernel_tensors caches on a GPU
+    slow = []
+    real = kernels.linear
+    monkeypatch.setattr(kernels, "linear", lambda *a, **kw: slow.append(1) or real(*a, **kw))
+
+    def call(inp):
+        y = q(inp)
+        assert shim.last_field(b"x") == inp.data_ptr() and y.shape == (*inp.shape[:-1], n)
+        return len(slow)
+
+    assert call(x) == 1 and call(x) == 1 and call(torch.zeros(3, k, dtype=torch.bfloat16)) == 1  # fast from the 2nd
+    q.set_lora((torch.zeros(k, 2, dtype=torch.bfloat16), torch.zeros(n, 2, dtype=torch.bfloat16)))
+    assert call(x) == 2
+    q.set_lora(None)
+    assert call(x) == 2
+    # an attached input group takes the call first (core/input_group.py; this one declines: kernels.linear runs)
+    q._input_group = type("Group", (), {"forward": lambda self, m, x_, p_: None})()
+    assert call(x) == 3 and call(x) == 4
+    q._input_group = None
+    assert call(x) == 4
+    q._prepared = ((x.device, x.dtype), dict(p))  # re-prepared (as after a move): the old call is not reused
+    assert call(x) == 5 and call(x) == 5

@@ -10,8 +10,8 @@ SingleStreamBlock forward, with the block's own modules (the 4-bit linears, LoRA
 - the single block's [attention | GELU(MLP)] input of linear2 comes from `concat_rows`, the GELU inside the copy
   (torch's GELU and cat take slow non-vectorised paths on the MLP part, a column slice of linear1's output).
 With row bases (SVDQ_ROW_BASE=1, kernels/__init__.py) the producers of a 4-bit linear's input also write that linear's
-activation row bases (`ln_modulate_rowbase`, `concat_rows_rowbase`; the double block's MLP GELU then runs in
-`concat_rows_rowbase` too): its kernel 1 skips the pass over X that would compute them (docs/KERNELS.md §6c).
+activation row bases and int8 codes (`ln_modulate_rowbase`, `concat_rows_rowbase`; the double block's MLP GELU then
+runs in `concat_rows_rowbase` too): its kernel 1 is left only the LoRA-down (docs/KERNELS.md §6d).
 A call the fused forward does not cover (an attention mask, FLUX variants without per-block modulation, img-before-txt
 order, inputs a newer ComfyUI passes that 0.3.75 did not) runs the original block; fp16 models keep ComfyUI's overflow guards. On the CPU the references are ComfyUI's
 own ops, so the patched model's output is bitwise the original's there.
@@ -47,7 +47,7 @@ def _tanh_gelu(m) -> bool:
 
 def _slot(linear, lead, like):
     """Where the op producing `linear`'s input (leading shape `lead`, dtype and device of `like`) may write the
-    linear's row bases (a 4-bit layer on row bases, core/qlinear.py row_base_slot), else None."""
+    linear's row bases and codes (a 4-bit layer on row bases, core/qlinear.py row_base_slot), else None."""
     fn = getattr(linear, "row_base_slot", None)
     if fn is None or not getattr(linear, "quantized", False) or like.device.type != "cuda" or \
             torch.compiler.is_compiling():
@@ -56,12 +56,12 @@ def _slot(linear, lead, like):
 
 
 def _call(linear, x, slot):
-    """linear(x), passing the slot whose row bases x's producer wrote."""
+    """linear(x), passing the slot x's producer wrote the row bases and codes into."""
     return linear(x) if slot is None else linear(x, row_base=slot)
 
 
 def _modulated_input(linear, norm, x, mod):
-    """(`linear`'s modulated input, the slot whose row bases ln_modulate wrote for it or None)."""
+    """(`linear`'s modulated input, the slot ln_modulate wrote its row bases and codes into, or None)."""
     if _plain_layer_norm(norm):
         slot = _slot(linear, x.shape[:-1], x)
         y = None if slot is None else ln_modulate_rowbase(x, mod.shift, mod.scale, norm.eps, slot)
@@ -85,7 +85,7 @@ def _mlp(mlp, norm, x, mod):
 
 
 def _joined_input(linear, a, b, gelu_b: bool):
-    """(concat_rows(a, b, gelu_b), the slot whose row bases it wrote for `linear` or None)."""
+    """(concat_rows(a, b, gelu_b), the slot it wrote `linear`'s row bases and codes into, or None)."""
     slot = _slot(linear, b.shape[:-1], b)
     y = None if slot is None else concat_rows_rowbase(a, b, gelu_b, slot)
     if y is not None:
