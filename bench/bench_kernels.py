@@ -159,30 +159,18 @@ def main():
                     for v in (21, 22, 23, 24):
                         row[f"gemm_2e_{v}_us"] = time_graph(lambda: ops.gemm_into(
                             qa, sa_row, p["_qw"], p["_wscales"], la, p["_proj_up"], p["_bias"], outb, 91, variant=v))
-                    # the whole linear with row bases: kernel 1 in AF_I8_ROW (row-base pass + kernel 1b), kernel 2e
-                    # with the cost model's tile (variant 20)
+                    # the whole linear with row bases, kernel 2e with the cost model's tile (variant 20) after kernel 1
+                    # in: "row" AF_I8_ROW (row-base pass + kernel 1b); "given" AF_I8_ROW_GIVEN (the bases already
+                    # written by the op producing x: no row pass); "codes" AF_I8_ROW_CODES (codes written there too:
+                    # kernel 1 does the LoRA-down alone). "row" runs first: its bases and codes serve the other two.
                     qr, sr, lr = (torch.empty_like(qa), torch.empty((1, sa.shape[1]), device=dev), torch.empty_like(la))
-                    quant_row = lambda: ops.quantize_into(x, p["_smooth_rcp"], p["_proj_down"], qr, sr, lr,
-                                                          _lib.FMT_I8_ROW)
-                    row["row_quant_us"] = time_graph(quant_row)
-                    row["row_us"] = time_graph(lambda: (quant_row(), ops.gemm_into(
-                        qr, sr, p["_qw"], p["_wscales"], lr, p["_proj_up"], p["_bias"], outb, 91, variant=20)))
-                    row["row_ratio"] = t_bf16 / row["row_us"]
-                    # the same with the bases already written by the op producing x (AF_I8_ROW_GIVEN: no row pass;
-                    # sr holds the bases quant_row wrote)
-                    quant_given = lambda: ops.quantize_into(x, p["_smooth_rcp"], p["_proj_down"], qr, sr, lr,
-                                                            _lib.FMT_I8_ROW_GIVEN)
-                    row["given_quant_us"] = time_graph(quant_given)
-                    row["given_us"] = time_graph(lambda: (quant_given(), ops.gemm_into(
-                        qr, sr, p["_qw"], p["_wscales"], lr, p["_proj_up"], p["_bias"], outb, 91, variant=20)))
-                    row["given_ratio"] = t_bf16 / row["given_us"]
-                    # and with the codes written by that op too (AF_I8_ROW_CODES: kernel 1 computes the LoRA-down only)
-                    quant_codes = lambda: ops.quantize_into(x, p["_smooth_rcp"], p["_proj_down"], qr, sr, lr,
-                                                            _lib.FMT_I8_ROW_CODES)
-                    row["codes_quant_us"] = time_graph(quant_codes)
-                    row["codes_us"] = time_graph(lambda: (quant_codes(), ops.gemm_into(
-                        qr, sr, p["_qw"], p["_wscales"], lr, p["_proj_up"], p["_bias"], outb, 91, variant=20)))
-                    row["codes_ratio"] = t_bf16 / row["codes_us"]
+                    for name, fmt in (("row", _lib.FMT_I8_ROW), ("given", _lib.FMT_I8_ROW_GIVEN),
+                                      ("codes", _lib.FMT_I8_ROW_CODES)):
+                        quant = lambda fmt=fmt: ops.quantize_into(x, p["_smooth_rcp"], p["_proj_down"], qr, sr, lr, fmt)
+                        row[f"{name}_quant_us"] = time_graph(quant)
+                        row[f"{name}_us"] = time_graph(lambda: (quant(), ops.gemm_into(
+                            qr, sr, p["_qw"], p["_wscales"], lr, p["_proj_up"], p["_bias"], outb, 91, variant=20)))
+                        row[f"{name}_ratio"] = t_bf16 / row[f"{name}_us"]
             del p, qa, sa, la
         rows.append(row)
         del x, w, xf8, wf8

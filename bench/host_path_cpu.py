@@ -86,7 +86,12 @@ def main():
     rows = {}
     with torch.no_grad():
         assert _lib.has_linear_call()
-        rows["module forward, one library call"] = per_call_us(lambda: q(x))
+        rows["module forward, one library call"] = per_call_us(lambda: q(x))  # the layer's kept call (core/qlinear.py)
+        direct_call = kernels.direct_call
+        kernels.direct_call = lambda *a: None  # every call through kernels.linear, as before the kept call
+        q._direct = None
+        rows["module forward, through kernels.linear"] = per_call_us(lambda: q(x))
+        kernels.direct_call = direct_call
         rows["ops.linear_direct, one library call"] = per_call_us(lambda: ops.linear_direct(x, p))
         d = ops._direct(p, x.dtype)[1:]
         rows["ops._run_linear, two library calls"] = per_call_us(lambda: ops._run_linear(x, *d))
