@@ -144,19 +144,19 @@ class QuantizedLinearMixin:
         # Eager fast path: the call the previous one resolved to (kernels.direct_call), while the prepared tensors
         # are still the cached ones it was made with (a move or re-preparation replaces them) and nothing was
         # attached since; SD steps are host-bound and run hundreds of these per step.
-        d = self._direct
+        compiling = torch.compiler.is_compiling()  # first: a traced forward reads none of this
+        d = None if compiling else self._direct
         if (d is not None and d[0] is self._prepared and x.dtype is d[1] and row_base is None and self._lora is None
-                and self._input_group is None and x.device == d[2] and x.is_contiguous() and x.numel()
-                and not torch.compiler.is_compiling()):
+                and self._input_group is None and x.device == d[2] and x.is_contiguous() and x.numel()):
             return d[3](x, d[4])
         prepared = self.kernel_tensors(x.dtype, x.device)
         group = getattr(self, "_input_group", None)  # layers sharing this input's quantization (core/input_group.py)
         y = None
-        if group is not None and not torch.compiler.is_compiling():
+        if group is not None and not compiling:
             y = group.forward(self, x, prepared)
         if y is None:
             y = kernels.linear(x, prepared, self.group_size, row_base=row_base)
-            cached = getattr(self, "_prepared", None)
+            cached = None if compiling else self._prepared
             if group is None and cached is not None and cached[1] is prepared:
                 fn = kernels.direct_call(x, prepared, self.group_size)
                 self._direct = None if fn is None else (cached, x.dtype, x.device, fn, prepared)
