@@ -30,6 +30,7 @@
 #include <stdint.h>
 #include <mutex>
 #include <type_traits>
+#include <utility>
 #include <stdlib.h>
 #include <string.h>
 
@@ -53,6 +54,21 @@ static constexpr int RATIO_CHUNK = 4;  // groups sharing one int_ratio activatio
 // ------------------------------------------------------------------------------------------------
 // small device helpers
 // ------------------------------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90+; launch_pdl below): a kernel launched with it may start while the kernel
+// before it in the stream is still running, and must wait here before it touches memory that kernel writes (or any
+// earlier one: that kernel completed only after its own wait). A no-op for a kernel launched without it.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+// Lets the next kernel in the stream, if launched with PDL, start its prologue as SMs free up (it still waits for
+// this kernel's completion in pdl_wait before reading anything).
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -489,6 +505,8 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
                                                                 const float* __restrict__ rowbase, bool lora_only) {
   using C = QI8<RP>;
   extern __shared__ __align__(16) uint8_t smem[];
+  pdl_wait();               // x, and AF_I8_ROW's bases, come from the kernels before this one
+  pdl_launch_dependents();  // kernel 2 may set up its pipeline as this kernel's CTAs leave their SMs
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int half = warp >> 2, wr = warp & 3;  // K half of the chunk (groups 2*half, 2*half+1), 16-row slab
   const int gid = lane >> 2, tig = lane & 3, ch = lane & 7;
@@ -657,6 +675,8 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
 template <typename T>
 __global__ void __launch_bounds__(256) row_base_kernel(const T* __restrict__ x, const float* __restrict__ smooth_rcp,
                                                        float* __restrict__ abase, int M, int K, int Mp) {
+  pdl_wait();
+  pdl_launch_dependents();  // kernel 1b follows
   const int row = blockIdx.x * 8 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   if (row >= Mp) return;
   float a = 0.f;
@@ -879,6 +899,7 @@ struct WsCta {
     total = nstages + nkb;
     if (threadIdx.x == 0) init_ring<STAGES>(bar_base, consumers, full_count, raw_ring);
     __syncthreads();
+    pdl_wait();  // launched with PDL (launch_pdl): the ring is set up while kernel 1 finishes; its outputs from here on
   }
   __device__ __forceinline__ uint32_t full_bar(int i) const { return bar_base + 8 * i; }
   __device__ __forceinline__ uint32_t empty_bar(int i) const { return bar_base + 8 * (STAGES + i); }
@@ -1543,6 +1564,35 @@ static void quant_grid_i8(int M, int K, int rp, int dev, int* rowblocks_out, int
   *splits_out = (ngroups + *gpc_out - 1) / *gpc_out;
 }
 
+// SVDQ_PDL=1 (read once): kernels 1b and 2c/2e of a linear are launched with programmatic dependent launch, so each
+// one's launch and prologue overlap the tail of the kernel before it (the kernels wait in pdl_wait before reading
+// its outputs). Off by default until measured.
+static bool pdl_enabled() {
+  static const bool on = [] {
+    const char* v = getenv("SVDQ_PDL");
+    return v && v[0] == '1';
+  }();
+  return on;
+}
+
+template <typename... KArgs, typename... Args>
+static cudaError_t launch_pdl(void (*kern)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t st,
+                              Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_enabled() ? 1 : 0;
+  const cudaError_t e = cudaLaunchKernelEx(&cfg, kern, std::forward<Args>(args)...);
+  const cudaError_t last = cudaGetLastError();  // as after a <<<>>> launch: the error state is read and cleared
+  return e != cudaSuccess ? e : last;
+}
+
 template <typename T, int RP>
 static int launch_quant_i8(const T* x, const float* smooth, const T* pd, uint8_t* q, float* ascales, float* lora,
                            float* part, int* cnt, int M, int K, int Mp, int dev, cudaStream_t st, bool row = false,
@@ -1562,14 +1612,12 @@ static int launch_quant_i8(const T* x, const float* smooth, const T* pd, uint8_t
   quant_grid_i8(M, K, RP, dev, &rowblocks, &splits, &gpc);
   if (RP > 0 && splits > 1 && (!part || !cnt || ((uintptr_t)part & 15))) return ERR_BAD_ARG;
   if (row && row_pass) {  // AF_I8_ROW: the rows' bases first (ascales (1, Mp)), which every K-split then reads
-    row_base_kernel<T><<<(Mp + 7) / 8, 256, 0, st>>>(x, smooth, ascales, M, K, Mp);
-    const cudaError_t e = cudaGetLastError();
+    const cudaError_t e = launch_pdl(row_base_kernel<T>, dim3((Mp + 7) / 8), dim3(256), 0, st, x, smooth, ascales, M, K, Mp);
     if (e != cudaSuccess) return (int)e;
   }
-  quant_i8_ratio_kernel<T, RP><<<dim3(rowblocks, splits), QI8<RP>::NTH, smem, st>>>(x, smooth, pd, q, ascales, lora,
-                                                                                    part, cnt, M, K, Mp, gpc,
-                                                                                    row ? ascales : nullptr, lora_only);
-  return (int)cudaGetLastError();
+  return (int)launch_pdl(quant_i8_ratio_kernel<T, RP>, dim3(rowblocks, splits), dim3(QI8<RP>::NTH), smem, st, x, smooth,
+                         pd, q, ascales, lora, part, cnt, M, K, Mp, gpc, (const float*)(row ? ascales : nullptr),
+                         lora_only);
 }
 
 template <typename T, int FMT, bool RATIO>
@@ -1812,9 +1860,8 @@ static int launch_sm90_i8(const Sm90Params& p, cudaStream_t st, const uint8_t* w
   cudaError_t e = smem_limit_once((const void*)kern, S::TOTAL);
   if (e != cudaSuccess) return (int)e;
   int tiles = ((p.N + BN - 1) / BN) * ((p.M + BM - 1) / BM);
-  kern<<<tiles, 128 * (NC + 1), S::TOTAL, st>>>(maps, p.sw, p.bias, (OutT*)p.out, p.M, p.N, p.K, p.rp,
-                                                 ROWB ? p.sa : nullptr);
-  return (int)cudaGetLastError();
+  return (int)launch_pdl(kern, dim3(tiles), dim3(128 * (NC + 1)), S::TOTAL, st, maps, p.sw, p.bias, (OutT*)p.out, p.M,
+                         p.N, p.K, p.rp, ROWB ? p.sa : nullptr);
 }
 
 // Tile shape for the int_ratio GEMM by a wave-quantisation cost model: waves = ceil(tiles / SMs), cost = waves x
