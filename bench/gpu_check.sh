@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests + benchmark (+ ncu profile). Logs and JSON go to $OUT (or ./out).
 # Expects kernels/_build/libsvdq_kernels.so (built here with kernels/build.sh, carried).
-# Usage: bench/gpu_check.sh [all|test|bench|prof]...
+# Usage: bench/gpu_check.sh [all|test|bench|pdl|prof]...   (pdl: the kernel table without and with SVDQ_PDL=1)
 set -uo pipefail
 OUT="${OUT:-out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -15,6 +15,12 @@ if [[ "$MODE" == prof ]]; then
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
     python3 bench/profile_one.py > "$OUT/ncu.txt" 2>&1
   grep -E "^  [a-z_]+.*\(|Duration|Throughput|Busy|Issued|Eligible|No Eligible|Stall|L2 Hit|Active Warps" "$OUT/ncu.txt" | head -70
+fi
+if [[ "$MODE" == pdl ]]; then
+  for PDL in 0 1; do
+    SVDQ_PDL=$PDL timeout 300 python3 bench/bench_kernels.py --json "$OUT/bench_pdl$PDL.json" 2>&1 \
+      | tee "$OUT/bench_pdl$PDL.log" | tail -16
+  done
 fi
 if [[ "$MODE" == all || "$MODE" == bench ]]; then
   timeout 300 python3 bench/bench_kernels.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -16
