@@ -140,6 +140,15 @@ class QuantizedLinearMixin:
             return None
         return kernels.row_base_slot(self.kernel_tensors(dtype, device), lead, m, dtype, device)
 
+    def _keep_direct_call(self, x: torch.Tensor, prepared: dict) -> None:
+        """Keep the eager fast path's call for inputs like x, if `prepared` is the cached preparation."""
+        cached = self._prepared
+        if cached is None or cached[1] is not prepared:
+            return
+        fn = kernels.direct_call(x, prepared, self.group_size)
+        if fn is not None:  # object.__setattr__: nn.Module's own costs ~1 µs, and this is a plain tuple
+            object.__setattr__(self, "_direct", (cached, x.dtype, x.device, fn, prepared))
+
     def forward_quantized(self, x: torch.Tensor, row_base=None) -> torch.Tensor:
         # Eager fast path: the call the previous one resolved to (kernels.direct_call), while the prepared tensors
         # are still the cached ones it was made with (a move or re-preparation replaces them) and nothing was
@@ -151,16 +160,14 @@ class QuantizedLinearMixin:
             return d[3](x, d[4])
         prepared = self.kernel_tensors(x.dtype, x.device)
         group = getattr(self, "_input_group", None)  # layers sharing this input's quantization (core/input_group.py)
+        lora = getattr(self, "_lora", None)
         y = None
         if group is not None and not compiling:
             y = group.forward(self, x, prepared)
         if y is None:
             y = kernels.linear(x, prepared, self.group_size, row_base=row_base)
-            cached = None if compiling else self._prepared
-            if group is None and cached is not None and cached[1] is prepared:
-                fn = kernels.direct_call(x, prepared, self.group_size)
-                self._direct = None if fn is None else (cached, x.dtype, x.device, fn, prepared)
-        lora = getattr(self, "_lora", None)
+            if group is None and lora is None and not compiling and prepared.get("_path"):
+                self._keep_direct_call(x, prepared)
         if lora is not None:
             d, u = lora
             y = y + (x @ d.to(x.device, x.dtype)) @ u.to(x.device, x.dtype).t()
