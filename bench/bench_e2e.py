@@ -22,6 +22,8 @@ GPU time).
 FLUX 4-bit models run the fused block forward (wrappers/flux_blocks.py, as the loader installs it);
 --unfused-too also times the 4-bit model through ComfyUI's own block forward, --fused-16bit the 16-bit model
 through the fused one, so the quantization's share and the fusion's share of the speed-up are both on record.
+--interleave N times N alternating rounds of (16-bit, 4-bit) per batch size with both models kept: each round's
+4-bit / 16-bit ratio and their median, for the host-bound SD steps whose single timings drift by tens of percent.
 
   python3 bench/bench_e2e.py --family sd15 sdxl --json out.json          # on the GPU machine
   python3 bench/bench_e2e.py --family sd15 --tiny --steps 2              # plumbing check (CPU ok)
@@ -34,6 +36,7 @@ import gc
 import json
 import os
 import pathlib
+import statistics
 import sys
 import tempfile
 import time
@@ -270,6 +273,20 @@ def host_profile(patcher, family, res, cfg, device, steps=5, top=25):
             "pack_top_cum": [{"own_ms": o, "cum_ms": c, "calls": n, "function": w} for o, c, n, w, _ in pack[:10]]}
 
 
+def interleaved(row, p16, q, family, args, res, steps, cfg_scale, device):
+    """--interleave N: N rounds of (16-bit run, 4-bit run) per batch size, alternating, so that the host's drift
+    (batch-1 SD timings moved by up to 40 % between single runs on the H200 machine) hits both models alike; each
+    round's ratio, and their median and range. Both models stay loaded (ComfyUI moves them as memory allows)."""
+    for b in args.batch:
+        t16, t4 = [], []
+        for _ in range(args.interleave):
+            t16.append(sample(p16, family, b, res, steps, cfg_scale, device)[0] / steps)
+            t4.append(sample(q, family, b, res, steps, cfg_scale, device)[0] / steps)
+        ratios = sorted(a / c for a, c in zip(t4, t16))
+        row[f"b{b}_ab_step16_s"], row[f"b{b}_ab_step4_s"], row[f"b{b}_ab_ratios"] = t16, t4, ratios
+        row[f"b{b}_ab_ratio_median"] = statistics.median(ratios)
+
+
 def sample_capped(row, patcher, family, res, steps, cfg_scale, device, cap_gib):
     """Batch-1 sampling as on a GPU with `cap_gib` GiB for this process (see the module docstring):
     ComfyUI's free-memory query answers cap − what torch holds, and the allocator refuses more than cap."""
@@ -365,7 +382,8 @@ def run_family(family, args, dtype, device, checkpoint=lambda row: None):
         checkpoint(row)
         del q
         p16.model.to("cpu")
-        del p16
+        if not args.interleave:
+            del p16
         mm.soft_empty_cache()
         t0 = time.perf_counter()
         q, _ = load_svdquant_model(path, compute_dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype],
@@ -415,6 +433,10 @@ def run_family(family, args, dtype, device, checkpoint=lambda row: None):
             row["profile4r"] = profile_step(q, family, 1, res, cfg_scale, device)
         del os.environ["SVDQ_ROW_BASE"]
         checkpoint(row)
+    if args.interleave:
+        interleaved(row, p16, q, family, args, res, steps, cfg_scale, device)
+        del p16
+        checkpoint(row)
     if args.vram_cap:
         sample_capped(row, q, family, res, steps, cfg_scale, device, args.vram_cap)
     row["bytes_ratio"] = row["bytes_4"] / row["bytes_16"]
@@ -460,6 +482,8 @@ def main():
                     help="FLUX: also time the 4-bit model without the fused block forward (wrappers/flux_blocks.py)")
     ap.add_argument("--fused-16bit", action="store_true",
                     help="FLUX: also time the 16-bit model with the fused block forward (wrappers/flux_blocks.py)")
+    ap.add_argument("--interleave", type=int, default=0, metavar="N",
+                    help="also time N alternating (16-bit, 4-bit) rounds per batch size (both models kept loaded)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if (args.vram_cap or args.comfy_allocator) and args.alloc_conf and \
@@ -508,6 +532,12 @@ def main():
                       f"{r[f'b{b}_step4c_s'] * 1e3:8.1f} ms ({r[f'b{b}_step_ratio_compiled']:.2f}x), compile "
                       f"{r[f'b{b}_compile16_s']:.0f} / {r[f'b{b}_compile4_s']:.0f} s, compiled vs eager "
                       f"{r[f'b{b}_compiled_vs_eager16']:.1e} / {r[f'b{b}_compiled_vs_eager4']:.1e}", flush=True)
+        for b in args.batch:
+            if f"b{b}_ab_ratios" in r:
+                t16, t4, q = r[f"b{b}_ab_step16_s"], r[f"b{b}_ab_step4_s"], r[f"b{b}_ab_ratios"]
+                print(f"   batch {b}, {len(q)} interleaved rounds: step 16-bit {statistics.median(t16) * 1e3:.1f} ms, "
+                      f"4-bit {statistics.median(t4) * 1e3:.1f} ms (medians); 4-bit / 16-bit per round: median "
+                      f"{r[f'b{b}_ab_ratio_median']:.2f}x, range {q[0]:.2f}-{q[-1]:.2f}x", flush=True)
         print("   quantize phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["quantize_phases_s"].items()), flush=True)
         if args.vram_cap and "b1_step4cap_s" in r:
             print(f"   batch 1 with {r['vram_cap_gib']:g} GiB free (low-VRAM load): step {r['b1_step4cap_s'] * 1e3:8.1f} ms, "
