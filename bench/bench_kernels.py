@@ -190,8 +190,8 @@ def main():
         vals = []
         for c, key in cols:
             v = r.get(key)
-            vals.append(f"{v:7.2f}" if isinstance(v, float) and key.startswith(("ratio", "int_ratio", "flt_ratio", "row_ratio", "given_ratio",
-                                                                           "codes_ratio"))
+            ratio = key.startswith(("ratio", "int_ratio", "flt_ratio", "row_ratio", "given_ratio", "codes_ratio"))
+            vals.append(f"{v:7.2f}" if isinstance(v, float) and ratio
                         else (f"{v:7.1f}" if isinstance(v, float) else f"{'-':>7s}"))
         print(f"{r['label']:14s} {r['M']:5d} {r['K']:6d} {r['N']:6d} | " + " ".join(vals))
     producers = time_producers(dev, dtype)

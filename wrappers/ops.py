@@ -49,7 +49,8 @@ class _SVDQuantLinear(QuantizedLinearMixin):
             setattr(self, name, nn.Parameter(t, requires_grad=False))
 
     def forward(self, *args, row_base=None, **kwargs):
-        if self.quantized:  # row_base: where the op that produced the input wrote its row bases (wrappers/flux_blocks.py)
+        # row_base: where the op that produced the input wrote its row bases and codes (wrappers/flux_blocks.py)
+        if self.quantized:
             return self.forward_quantized(args[0], row_base)
         return super().forward(*args, **kwargs)
 
