@@ -448,8 +448,7 @@ def row_base_slot(prepared: dict, lead, m: int, dtype, device):
 def direct_call(x, prepared: dict, group_size: int = 64):
     """What `linear` runs for inputs like x (dtype, device, contiguous, non-empty) when that is the eager CUDA fast
     path (ops.linear_direct, called as fn(x, prepared)), else None. Layers keep it to skip the dispatch below."""
-    if (prepared.get("act16") or group_size != 64 or not _use_cuda(x, prepared) or _compiling()
-            or "_logged" not in prepared):
+    if prepared.get("act16") or group_size != 64 or not _use_cuda(x, prepared) or _compiling():
         return None
     return (_ops or _get_ops()).linear_direct
 

@@ -160,8 +160,7 @@ CONCAT_ROWBASE_MAX_K = 16384  # flux_ops.cu: 256 threads x 8 pieces of 8 columns
 def _slot_fits(slot, lead, k: int, device) -> bool:
     """The slot (kernels/ops.py RowBaseSlot) is for an input of this leading shape and width on this device."""
     return (tuple(slot.act[6]) == tuple(lead) and slot.k == k and slot.smooth.device == device
-            and slot.smooth.dtype == torch.float32 and slot.smooth.data_ptr() % 16 == 0
-            and _lib.has_row_base_producers())
+            and slot.smooth.dtype == torch.float32 and slot.smooth.data_ptr() % 16 == 0)
 
 
 def ln_modulate_rowbase(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, slot

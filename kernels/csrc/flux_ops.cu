@@ -130,21 +130,10 @@ __device__ __forceinline__ uint4 gelu_piece(uint4 u) {
 // stored (16-bit, read back exactly as kernel 1b reads them), times fp32(1/126), as svdq.cu's row_base_kernel; the
 // codes: kernel 1b's, from ratio_codes.h. Same float operations, so bases and codes are bit for bit kernel 1b's.
 template <typename T>
-__device__ __forceinline__ void smoothed8(const uint4& stored, const float* __restrict__ smooth_rcp, float (&v)[8]) {
-  const float4 l0 = __ldg(reinterpret_cast<const float4*>(smooth_rcp));
-  const float4 l1 = __ldg(reinterpret_cast<const float4*>(smooth_rcp + 4));
-  const float lam[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
-  smooth8<T>(stored, lam, v);
-}
-
-template <typename T>
 __device__ __forceinline__ float smoothed_absmax8(const uint4& stored, const float* __restrict__ smooth_rcp) {
   float v[8];
-  smoothed8<T>(stored, smooth_rcp, v);
-  float a = 0.f;
-#pragma unroll
-  for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
-  return a;
+  smooth8_ldg<T>(stored, smooth_rcp, v);
+  return absmax8(v);
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -165,7 +154,7 @@ __device__ __forceinline__ float row_base(float v, float* red, float* __restrict
   float t = 0.f;
 #pragma unroll
   for (int w = 0; w < NT / 32; ++w) t = fmaxf(t, red[w]);
-  const float base = t * (1.0f / 126.0f);
+  const float base = ratio_base(t);
   if (threadIdx.x == 0) rowbase[m] = base;
   if (m == 0 && threadIdx.x < Mp - M) rowbase[M + threadIdx.x] = 0.f;
   return base;
@@ -180,13 +169,10 @@ __device__ __forceinline__ void write_codes8(const uint4& stored, const float* _
   float v[8];
   float a = 0.f;
   if (active) {
-    smoothed8<T>(stored, smooth_rcp, v);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
+    smooth8_ldg<T>(stored, smooth_rcp, v);
+    a = absmax8(v);
   }
-  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
-  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
-  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 4));
+  a = lanes8_max(a);
   if (active) {
     const float mult = ratio_mult(a, base);
     *reinterpret_cast<uint2*>(dst) = ratio_codes8(v, ratio_step_rcp(base * mult), static_cast<uint32_t>(mult));

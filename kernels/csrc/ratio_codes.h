@@ -21,6 +21,33 @@ __device__ __forceinline__ void smooth8(const uint4& raw, const float (&lam)[8],
   }
 }
 
+// max of a and |v| over 8 values (max is exact: any order gives the same float)
+__device__ __forceinline__ float absmax8(const float (&v)[8], float a = 0.f) {
+#pragma unroll
+  for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
+  return a;
+}
+
+// the max over the 8 lanes that differ in lane bits 0-2 (the lanes holding one row's 64-column group); every lane
+// of the warp must call it
+__device__ __forceinline__ float lanes8_max(float a) {
+  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
+  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
+  return fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 4));
+}
+
+// smooth8 with 1/lambda read from global memory (16-byte aligned): 8 columns of one row, x * (1/lambda)
+template <typename T>
+__device__ __forceinline__ void smooth8_ldg(const uint4& raw, const float* __restrict__ smooth_rcp, float (&v)[8]) {
+  const float4 l0 = __ldg(reinterpret_cast<const float4*>(smooth_rcp));
+  const float4 l1 = __ldg(reinterpret_cast<const float4*>(smooth_rcp + 4));
+  const float lam[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
+  smooth8<T>(raw, lam, v);
+}
+
+// A row's or chunk's base from its absmax of smoothed values: the reference's fp32 multiply by fp32(1/126)
+__device__ __forceinline__ float ratio_base(float amax) { return amax * (1.0f / 126.0f); }
+
 // A group's multiplier from its absmax and its base: clamp(ceil(amax / (7 base)), 1, 18) by IEEE division (the
 // reference's op sequence); 1 for a zero base
 __device__ __forceinline__ float ratio_mult(float amax, float base) {

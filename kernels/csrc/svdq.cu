@@ -176,12 +176,7 @@ template <typename T>
 __device__ __forceinline__ float smoothed_row_absmax(const uint4& raw, const float (&lam)[8]) {
   float v[8];
   smooth8<T>(raw, lam, v);
-  float a = 0.f;
-#pragma unroll
-  for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
-  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 1));
-  a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 2));
-  return fmaxf(a, __shfl_xor_sync(0xffffffffu, a, 4));
+  return lanes8_max(absmax8(v));
 }
 
 // One k16 step of kernel 1's LoRA-down on mma.sync m16n8k16 (fp32 accumulate): A = this warp's 16 rows of smoothed
@@ -339,7 +334,7 @@ __global__ void __launch_bounds__(128) quant_lora_down_kernel(const T* __restric
         float cm = 0.f;
 #pragma unroll
         for (int j = 0; j < CH; ++j) cm = fmaxf(cm, amax[j][i]);
-        base[i] = cm * (1.0f / 126.0f);  // the reference's fp32 multiply by the fp32 constant 1/126
+        base[i] = ratio_base(cm);
 #pragma unroll
         for (int j = 0; j < CH; ++j) mult[j][i] = ratio_mult(amax[j][i], base[i]);
       } else {
@@ -604,7 +599,7 @@ __global__ void __launch_bounds__(256, QI8_MIN_BLOCKS(RP)) quant_i8_ratio_kernel
         const int m = rb0 + wr * 16 + i * 4 + (lane >> 3);
         // the reference's fp32 multiply by the fp32 constant 1/126; AF_I8_ROW: the row's base, made by row_base_kernel
         // (rowbase then is ascales itself, which this kernel does not write in that format)
-        base[i] = rowbase ? (m < M ? rowbase[m] : 0.f) : cm * (1.0f / 126.0f);
+        base[i] = rowbase ? (m < M ? rowbase[m] : 0.f) : ratio_base(cm);
 #pragma unroll
         for (int j = 0; j < 2; ++j) mult[j][i] = ratio_mult(amax[j][i], base[i]);
         if (!rowbase && half == 0 && ch == 0 && m < M) ascales[(size_t)(c0 / RATIO_CHUNK) * Mp + m] = base[i];
@@ -695,19 +690,15 @@ __global__ void __launch_bounds__(256) row_base_kernel(const T* __restrict__ x, 
       for (int u = 0; u < U; ++u) {
         const int k = k0 + 256 * u;
         if (k >= K) break;
-        const float4 l0 = __ldg(reinterpret_cast<const float4*>(smooth_rcp + k));
-        const float4 l1 = __ldg(reinterpret_cast<const float4*>(smooth_rcp + k + 4));
-        const float lam[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
         float v[8];
-        smooth8<T>(raw[u], lam, v);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) a = fmaxf(a, fabsf(v[e]));
+        smooth8_ldg<T>(raw[u], smooth_rcp + k, v);
+        a = absmax8(v, a);
       }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
   }
-  if (lane == 0) abase[row] = a * (1.0f / 126.0f);
+  if (lane == 0) abase[row] = ratio_base(a);
 }
 
 // ------------------------------------------------------------------------------------------------
